@@ -1,0 +1,1 @@
+"""Lightning callbacks of m2ib-lightning (attribution export, TensorBoard logging)."""

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+EOS = 99
+
+
+def tiny_clip(seed: int = 0, *, layers: int = 4, eos_token_id: int = EOS):
+    """A small random CLIP built from a config (nothing downloaded)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, max_position_embeddings=16, eos_token_id=eos_token_id,
+            bos_token_id=98, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=24,
+        initializer_factor=4.0,
+    )
+    return CLIPModel(config).eval()
+
+
+def make_texts(lengths: list[int], width: int | None = None, seed: int = 0, eos: int = EOS):
+    """Right-padded token ids (BOS ... EOS, pad 0) and their attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    width = width or max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(3, 90, (length,), generator=gen)
+        ids[row, 0], ids[row, length - 1] = 98, eos
+        mask[row, :length] = 1
+    return ids, mask
+
+
+def make_images(batch: int, size: int = 32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=gen)
+
+
+@pytest.fixture(scope="session")
+def clip():
+    return tiny_clip()
