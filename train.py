@@ -1,25 +1,29 @@
 """The one entry point: python train.py [CONFIG.yaml] [key=value ...].
 
-The configured runs (the embedded default, manifests, training the shipped
-model) are being built; until then this prints what exists.
+Without a config file it runs configs/default.yaml: M2IB on held-out pairs of
+the shapes world with the shipped small CLIP, offline.
 """
+
+from __future__ import annotations
 
 import sys
 
-NOTICE = """m2ib-lightning: the default run is not there yet.
-
-What works today is the attribution engine:
-
-    import m2ib_lightning
-    result = m2ib_lightning.attribute(clip_model, pixel_values, input_ids, attention_mask)
-    result.image_maps, result.text_maps
-
-See README.md. `make test` runs the tests, `make bench` the engine benchmark.
-"""
+from m2ib_lightning.config import ConfigError, load_config
 
 
 def main(argv: list[str]) -> int:
-    print(NOTICE)
+    path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
+    overrides = argv[1:] if path else argv
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cfg.task == "fit_clip":
+        from m2ib_lightning.tasks.fit_clip import run
+    else:
+        from m2ib_lightning.tasks.attribute import run
+    run(cfg)
     return 0
 
 

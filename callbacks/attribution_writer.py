@@ -1,0 +1,104 @@
+"""Export of attribution maps: per-rank safetensors shards, an index, optional PNG overlays."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors.torch import save_file
+
+from m2ib_lightning.engine import image_maps_from_capacity, minmax
+from m2ib_lightning.results import OVERLAY_DIR, SHARD_DIR, index_path, safe_name
+from m2ib_lightning.visualize import pair_figure, to_uint8_image
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _cut_partial_line(path: Path) -> None:
+    """Drop a last line left half-written by a killed run, so that new lines start clean."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        _atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
+
+
+class AttributionWriter(BasePredictionWriter):
+    """Writes each predict batch as it finishes; see ``m2ib_lightning.results`` for the layout.
+
+    ``image_mean``/``image_std`` undo the processor's normalisation for overlays.
+    """
+
+    def __init__(self, output_dir: str | Path, *, overlays: bool = True, image_mean=None, image_std=None):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.overlays = overlays and image_mean is not None
+        self.image_mean, self.image_std = image_mean, image_std
+        self.run_token = f"{time.time_ns():x}"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        (self.output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        if self.overlays:
+            (self.output_dir / OVERLAY_DIR).mkdir(exist_ok=True)
+        _cut_partial_line(index_path(self.output_dir, trainer.global_rank))
+
+    def write_on_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
+        batch_indices: Any, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        rank = trainer.global_rank
+        shard = f"rank{rank}-{self.run_token}-{batch_idx:06d}.safetensors"
+        capacity = prediction["image_capacity"]
+        tensors = {
+            "image_capacity": capacity.contiguous(),
+            "image_map_grid": minmax(capacity).contiguous(),
+            "text_capacity": prediction["text_capacity"].contiguous(),
+            "text_map": prediction["text_maps"].contiguous(),
+        }
+        tmp = self.output_dir / SHARD_DIR / f".{shard}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.output_dir / SHARD_DIR / shard)
+
+        lines = []
+        for row, sample_id in enumerate(prediction["id"]):
+            length = int(prediction["lengths"][row])
+            lines.append(json.dumps({
+                "id": sample_id,
+                "text": prediction["text"][row],
+                "tokens": prediction["tokens"][row][:length],
+                "shard": shard,
+                "row": row,
+                "length": length,
+                "image_size": list(prediction["image_size"]),
+                "patch_grid": list(prediction["patch_grid"]),
+                "image_fit": float(prediction["image_fit"][row]),
+                "text_fit": float(prediction["text_fit"][row]),
+            }) + "\n")
+            if self.overlays:
+                self._write_overlay(prediction, batch, row, length)
+        with open(index_path(self.output_dir, rank), "a") as handle:
+            handle.write("".join(lines))  # one write: the batch's lines land together
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _write_overlay(self, prediction: dict[str, Any], batch: dict[str, Any], row: int, length: int) -> None:
+        capacity = prediction["image_capacity"][row]
+        heat = image_maps_from_capacity(capacity.flatten()[None], tuple(capacity.shape), prediction["image_size"])[0]
+        image = to_uint8_image(batch["pixel_values"][row], self.image_mean, self.image_std)
+        figure = pair_figure(image, heat.numpy(), prediction["tokens"][row][:length], prediction["text_maps"][row, :length].tolist())
+        path = self.output_dir / OVERLAY_DIR / f"{safe_name(prediction['id'][row])}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        figure.save(tmp, format="PNG")
+        os.replace(tmp, path)

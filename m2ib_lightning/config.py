@@ -1,0 +1,134 @@
+"""Typed run configurations: YAML files in configs/ plus ``key=value`` overrides, checked before any work.
+
+Each task has a schema (dataclasses below); an unknown key or a value of the
+wrong type fails with a message that names the key. ``trainer`` is passed to
+``lightning.Trainer`` as it is, so every Trainer argument is available there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    heldout_seed: int = 1  # the world of validation, attribution and evaluation samples
+    image_size: int = 64
+    max_objects: int = 3
+    noise: float = 0.03
+
+
+@dataclass
+class FitData:
+    train_samples: int = 200_000
+    val_samples: int = 512
+    batch_size: int = 128
+    num_workers: int = 1
+
+
+@dataclass
+class FitModel:
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    projection_dim: int = 128
+
+
+@dataclass
+class FitOptim:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+
+
+@dataclass
+class FitClipConfig:
+    task: str = "fit_clip"
+    seed: int = 0
+    output_dir: str = "runs/fit_shapes_clip"
+    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: FitData = field(default_factory=FitData)
+    model: FitModel = field(default_factory=FitModel)
+    optim: FitOptim = field(default_factory=FitOptim)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttributeData:
+    num_samples: int = 64  # held-out pairs of the shapes world
+    batch_size: int = 8
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:shapes-clip"
+
+
+@dataclass
+class M2IBSettings:
+    vision_layer: int = 9
+    text_layer: int = 9
+    beta: float = 0.1
+    steps: int = 10
+    lr: float = 1.0
+    num_noise: int = 10
+
+
+@dataclass
+class ExportConfig:
+    overlays: bool = True  # PNG overlays next to the maps
+    tensorboard_every_n_batches: int = 2
+
+
+@dataclass
+class AttributeConfig:
+    task: str = "attribute"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: AttributeData = field(default_factory=AttributeData)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    m2ib: M2IBSettings = field(default_factory=M2IBSettings)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig}
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit its schema."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
+    """Schema defaults, then the YAML file, then ``key=value`` overrides; validated at each merge."""
+    path = Path(path) if path else CONFIG_DIR / "default.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = OmegaConf.load(path)
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"cannot read the config: {err}") from err
+    task = OmegaConf.select(dotlist, "task") or OmegaConf.select(data, "task") or "attribute"
+    if task not in SCHEMAS:
+        raise ConfigError(f"task={task!r} is unknown; choose from {sorted(SCHEMAS)}")
+    config = OmegaConf.structured(SCHEMAS[task])
+    for source, layer in ((str(path), data), ("the command line", dotlist)):
+        try:
+            config = OmegaConf.merge(config, layer)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or "?"
+            raise ConfigError(f"bad config key {key!r} in {source}: {err.msg if hasattr(err, 'msg') else err}") from err
+    return config

@@ -1,0 +1,115 @@
+"""Image-text pairs to attribute, preprocessed by the backbone's own processor.
+
+A sample's noise seed derives from the run seed and the sample id alone, so
+its maps do not depend on order, batch size, worker count or device count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .world import ShapesWorld
+from .world_dataset import pad_token_ids
+
+
+def sample_seed(run_seed: int, sample_id: str) -> int:
+    """A 63-bit seed from (run seed, sample id): stable across machines and Python versions."""
+    digest = hashlib.sha256(f"{run_seed}\x00{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class PairRecord:
+    """One pair to attribute; ``load_image`` is called in the data loader's worker."""
+
+    id: str
+    text: str
+    load_image: Callable[[], Image.Image]
+
+
+def world_records(world: ShapesWorld, count: int) -> list[PairRecord]:
+    """The first ``count`` samples of a (held-out) world as records."""
+    return [PairRecord(f"shapes-{world.seed}-{i}", world.sample(i).text, partial(_world_image, world, i)) for i in range(count)]
+
+
+def _world_image(world: ShapesWorld, index: int) -> Image.Image:
+    return world.sample(index).image
+
+
+def world_index(sample_id: str) -> int:
+    """Index of a world sample from its id (``shapes-SEED-INDEX``)."""
+    return int(sample_id.rsplit("-", 1)[1])
+
+
+class PairDataset(Dataset):
+    """Records minus those already done, as model inputs."""
+
+    def __init__(self, records: Sequence[PairRecord], processor: Any, run_seed: int, skip_ids: set[str] = frozenset()):
+        self.records = [r for r in records if r.id not in skip_ids]
+        self.processor, self.run_seed = processor, run_seed
+        self.max_length = processor.tokenizer.model_max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = record.load_image().convert("RGB")
+        pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        ids = self.processor.tokenizer(record.text, truncation=True, max_length=self.max_length)["input_ids"]
+        return {
+            "id": record.id,
+            "text": record.text,
+            "pixel_values": pixels,
+            "input_ids": ids,
+            "tokens": self.processor.tokenizer.convert_ids_to_tokens(ids),
+            "seed": sample_seed(self.run_seed, record.id),
+        }
+
+
+def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    ids, mask = pad_token_ids([item["input_ids"] for item in items], pad_id)
+    return {
+        "id": [item["id"] for item in items],
+        "text": [item["text"] for item in items],
+        "tokens": [item["tokens"] for item in items],
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "seed": torch.tensor([item["seed"] for item in items], dtype=torch.long),
+    }
+
+
+class PairDataModule(L.LightningDataModule):
+    """Predict-only data module over a list of records."""
+
+    def __init__(
+        self,
+        records: Sequence[PairRecord],
+        processor: Any,
+        *,
+        run_seed: int,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        skip_ids: set[str] = frozenset(),
+    ):
+        super().__init__()
+        self.dataset = PairDataset(records, processor, run_seed, skip_ids)
+        self.pad_id = processor.tokenizer.pad_token_id or 0
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate_attribution, pad_id=self.pad_id),
+        )

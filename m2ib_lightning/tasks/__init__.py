@@ -1,0 +1,1 @@
+"""The runs behind ``train.py``: one function per task, taking a validated config."""

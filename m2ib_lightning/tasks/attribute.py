@@ -1,0 +1,133 @@
+"""An attribution run: M2IB over held-out pairs of the shapes world, exported, logged and scored."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.attribution_writer import AttributionWriter
+from callbacks.tensorboard_maps import TensorBoardAttributionLogger
+
+from ..data.attribution import PairDataModule, world_index, world_records
+from ..data.world import ShapesWorld
+from ..engine import M2IBConfig
+from ..metrics import MaskEnergy, PointingGame
+from ..models.shapes_clip import load_clip
+from ..module import M2IBModule
+from ..results import done_ids, read_attributions
+
+#: Settings that change the maps: a rerun into the same output_dir must keep them.
+RESULT_KEYS = ("seed", "model", "m2ib", "world")
+
+
+def _check_resumable(out: Path, cfg: DictConfig) -> None:
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    current = OmegaConf.to_container(cfg)
+    for key in RESULT_KEYS:
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"output_dir={str(out)!r} holds a run with other `{key}` settings ({saved.get(key)}); "
+                "resume it with the same settings or choose another output_dir"
+            )
+
+
+def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict[str, float]]:
+    """Pointing game and mask energy of the M2IB maps and of uniformly random maps, against the caption's objects."""
+    metrics = {name: (PointingGame(), MaskEnergy()) for name in ("m2ib", "random")}
+    gen = torch.Generator().manual_seed(seed)
+    for record in records:
+        mask = torch.from_numpy(world.sample(world_index(record.id)).target_mask)[None]
+        if mask.shape[-2:] != record.image_map.shape:
+            raise ValueError(f"maps are {tuple(record.image_map.shape)} but the world's masks {tuple(mask.shape[-2:])}")
+        maps = {"m2ib": record.image_map[None], "random": torch.rand(mask.shape, generator=gen)}
+        for name, (pointing, energy) in metrics.items():
+            pointing.update(maps[name], mask)
+            energy.update(maps[name], mask)
+    return {
+        name: {"pointing_game": round(p.compute().item(), 4), "energy": round(e.compute().item(), 4)}
+        for name, (p, e) in metrics.items()
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, cfg)
+    model, processor = load_clip(cfg.model.name_or_path)
+    world = ShapesWorld(
+        seed=cfg.world.heldout_seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects, noise=cfg.world.noise
+    )
+    records = world_records(world, cfg.data.num_samples)
+    already = done_ids(out)
+    datamodule = PairDataModule(
+        records, processor, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers, skip_ids=already,
+    )
+    module = M2IBModule(model, M2IBConfig(**cfg.m2ib))
+    image_processor = processor.image_processor
+    colours = dict(image_mean=image_processor.image_mean, image_std=image_processor.image_std)
+    trainer = L.Trainer(
+        inference_mode=False,
+        logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
+        callbacks=[
+            AttributionWriter(out, overlays=cfg.export.overlays, **colours),
+            TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, **colours),
+        ],
+        **OmegaConf.to_container(cfg.trainer),
+    )
+    if trainer.global_rank == 0:
+        OmegaConf.save(cfg, out / "config.yaml")
+    start = time.perf_counter()
+    if len(datamodule.dataset):
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    wall = time.perf_counter() - start
+    if trainer.global_rank != 0:
+        return {}
+
+    results = list(read_attributions(out))
+    todo = len(datamodule.dataset)
+    summary = {
+        "output_dir": str(out),
+        "done": todo,
+        "skipped": len(already & {r.id for r in records}),
+        "failed": 0,
+        "total_in_output": len(results),
+        "wall_time_s": round(wall, 2),
+        "samples_per_s": round(todo / wall, 3) if todo and wall > 0 else None,
+        "localisation": localisation(results, world, cfg.seed),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    _write_json(out / "summary.json", summary)
+    _print_report(summary)
+    return summary
+
+
+def _print_report(summary: dict[str, Any]) -> None:
+    loc = summary["localisation"]
+    print(f"\nM2IB attribution run: {summary['output_dir']}")
+    print(f"  {summary['done']} attributed, {summary['skipped']} already done, {summary['failed']} failed; "
+          f"{summary['wall_time_s']} s ({summary['samples_per_s']} samples/s)")
+    print(f"  localisation over {summary['total_in_output']} held-out pairs (caption's objects as ground truth):")
+    print("  | map | pointing game | energy in mask |")
+    print("  |---|---|---|")
+    for name, values in loc.items():
+        print(f"  | {name} | {values['pointing_game']:.3f} | {values['energy']:.3f} |")
+    print(f"  maps: {summary['output_dir']}/shards, overlays: {summary['output_dir']}/overlays, "
+          f"TensorBoard: tensorboard --logdir {summary['output_dir']}/tensorboard\n")

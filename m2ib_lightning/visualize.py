@@ -1,0 +1,75 @@
+"""Pictures of maps: heat-map overlays and coloured tokens (Pillow only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+_FONT = ImageFont.load_default()
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB uint8 along a blue-cyan-yellow-red ramp."""
+    stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
+    position = np.clip(values, 0, 1) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    frac = (position - low)[..., None]
+    return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
+
+
+def to_uint8_image(pixel_values: Tensor, mean: list[float], std: list[float]) -> np.ndarray:
+    """Undo the processor's normalisation: (3, H, W) float -> (H, W, 3) uint8."""
+    image = pixel_values.detach().cpu().float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The image with the heat map blended on top, both (H, W[, 3])."""
+    blended = image.astype(np.float32) * (1 - alpha) + heat_colours(heat).astype(np.float32) * alpha
+    return Image.fromarray(blended.round().astype(np.uint8), "RGB")
+
+
+def text_strip(tokens: list[str], weights: list[float], width: int) -> Image.Image:
+    """Tokens on a white strip, each on a red background as strong as its weight, wrapped to ``width``."""
+    pad, line = 4, 14
+    boxes, x, y = [], pad, pad
+    for token, weight in zip(tokens, weights):
+        w = int(_FONT.getlength(token)) + 2 * pad
+        if x + w > width and x > pad:
+            x, y = pad, y + line + pad
+        boxes.append((token, weight, x, y, w))
+        x += w + 2
+    strip = Image.new("RGB", (width, y + line + 2 * pad), "white")
+    draw = ImageDraw.Draw(strip)
+    for token, weight, x, y, w in boxes:
+        shade = int(255 * (1 - float(np.clip(weight, 0, 1))))
+        draw.rectangle((x, y, x + w - 2, y + line), fill=(255, shade, shade))
+        draw.text((x + pad, y + 1), token, fill="black", font=_FONT)
+    return strip
+
+
+def pair_figure(image: np.ndarray, heat: np.ndarray, tokens: list[str], weights: list[float], scale: int = 3) -> Image.Image:
+    """Image, its overlay side by side, and the coloured caption below."""
+    h, w = image.shape[:2]
+    size = (w * scale, h * scale)
+    left = Image.fromarray(image, "RGB").resize(size, Image.NEAREST)
+    right = overlay(image, heat).resize(size, Image.NEAREST)
+    strip = text_strip(tokens, weights, 2 * size[0])
+    figure = Image.new("RGB", (2 * size[0], size[1] + strip.height), "white")
+    figure.paste(left, (0, 0))
+    figure.paste(right, (size[0], 0))
+    figure.paste(strip, (0, size[1]))
+    return figure
+
+
+def grid(figures: list[Image.Image], columns: int = 4) -> Image.Image:
+    """Figures tiled in rows of ``columns``."""
+    width = max(f.width for f in figures)
+    height = max(f.height for f in figures)
+    rows = (len(figures) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, figure in enumerate(figures):
+        sheet.paste(figure, ((i % columns) * width, (i // columns) * height))
+    return sheet

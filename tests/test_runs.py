@@ -1,0 +1,146 @@
+"""Attribution runs through train.py's config path: export, resume, safe names, TensorBoard, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2ib_lightning import attribute
+from m2ib_lightning.config import ConfigError, load_config
+from m2ib_lightning.data.attribution import sample_seed
+from m2ib_lightning.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer, load_clip
+from m2ib_lightning.results import done_ids, index_entries, read_attributions, safe_name
+from m2ib_lightning.tasks.attribute import run
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A small CLIP saved in the hub layout, as a user's local model directory."""
+    from transformers import CLIPProcessor
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = build_tokenizer()
+    model = build_shapes_clip(tokenizer, width=32, layers=2, heads=2, projection_dim=16, seed=1)
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=build_image_processor(64), tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def _config(tmp_path: Path, bundle: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}", f"model.name_or_path={bundle}", "data.num_samples=6",
+            "data.batch_size=4", "m2ib.vision_layer=0", "m2ib.text_layer=0", "m2ib.steps=3", "m2ib.num_noise=2",
+            "trainer.enable_progress_bar=false", *overrides,
+        ],
+    )
+
+
+def test_run_exports_maps_that_read_back_equal_to_the_engine(tmp_path, tiny_bundle):
+    summary = run(_config(tmp_path, tiny_bundle))
+    out = tmp_path / "run"
+    assert summary["done"] == 6 and summary["skipped"] == 0 and summary["total_in_output"] == 6
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["localisation"]) == {"m2ib", "random"}
+    assert saved["config"]["m2ib"]["steps"] == 3
+    assert (out / "config.yaml").exists()
+    assert len(list((out / "overlays").glob("*.png"))) == 6
+
+    records = list(read_attributions(out))
+    assert len(records) == 6 and len({r.id for r in records}) == 6
+    model, processor = load_clip(str(tiny_bundle))
+    first = records[0]
+    from m2ib_lightning.data.world import ShapesWorld
+
+    sample = ShapesWorld(seed=1).sample(int(first.id.rsplit("-", 1)[1]))
+    inputs = processor(images=sample.image, text=sample.text, return_tensors="pt")
+    direct = attribute(
+        model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], vision_layer=0, text_layer=0,
+        steps=3, num_noise=2, seed=sample_seed(0, first.id),
+    )
+    torch.testing.assert_close(first.image_map, direct.image_maps[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(first.text_map, direct.text_maps[0], atol=1e-5, rtol=0)
+    assert first.tokens == processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+
+
+def test_rerun_skips_done_ids_and_adds_the_rest_once(tmp_path, tiny_bundle):
+    run(_config(tmp_path, tiny_bundle, "data.num_samples=4"))
+    before = {r.id: r.image_map for r in read_attributions(tmp_path / "run")}
+    summary = run(_config(tmp_path, tiny_bundle, "data.num_samples=7"))
+    assert summary["done"] == 3 and summary["skipped"] == 4
+    ids = [entry["id"] for entry in index_entries(tmp_path / "run")]
+    assert len(ids) == len(set(ids)) == 7
+    after = {r.id: r.image_map for r in read_attributions(tmp_path / "run")}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, tiny_bundle):
+    run(_config(tmp_path, tiny_bundle, "data.num_samples=2"))
+    with pytest.raises(ValueError, match="holds a run with other `m2ib` settings"):
+        run(_config(tmp_path, tiny_bundle, "data.num_samples=2", "m2ib.beta=0.5"))
+
+
+def test_partial_index_line_from_a_killed_run_is_ignored_and_cut(tmp_path, tiny_bundle):
+    run(_config(tmp_path, tiny_bundle, "data.num_samples=4"))
+    index = tmp_path / "run" / "index-rank0.jsonl"
+    with open(index, "a") as handle:
+        handle.write('{"id": "shapes-1-9", "text": "half a li')
+    assert len(done_ids(tmp_path / "run")) == 4
+    run(_config(tmp_path, tiny_bundle, "data.num_samples=5"))
+    assert [e["id"] for e in index_entries(tmp_path / "run")].count("shapes-1-4") == 1
+    assert index.read_text().endswith("\n") and len(index.read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("sample_id", ["../../escape", "a/b", "/etc/passwd", "..", "", "x" * 500, "a\\b:c"])
+def test_safe_names_stay_inside_the_directory(tmp_path, sample_id):
+    name = safe_name(sample_id)
+    target = (tmp_path / f"{name}.png").resolve()
+    assert target.parent == tmp_path.resolve()
+    assert not name.startswith(".") and "/" not in name and "\\" not in name and len(name) < 100
+    assert safe_name(sample_id) != safe_name(sample_id + "_")
+
+
+def test_tensorboard_holds_scalars_and_images(tmp_path, tiny_bundle):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(_config(tmp_path, tiny_bundle, "export.tensorboard_every_n_batches=1"))
+    events = list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents*"))
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert {"fit/image/fit", "fit/text/capacity", "throughput/run_samples_per_s"} <= set(tags["scalars"])
+    assert len(accumulator.Scalars("fit/image/fit")) == 2 * 3  # two batches of three fit steps
+    assert "maps" in tags["images"] and len(accumulator.Images("maps")) == 2
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("m2ib.vision_layr=1", r"bad config key 'm2ib.vision_layr' in the command line"),
+        ("data.batch_size=eight", r"bad config key 'data.batch_size'"),
+        ("nonsense=1", r"bad config key 'nonsense'"),
+        ("task=dance", r"task='dance' is unknown"),
+    ],
+)
+def test_bad_config_fails_fast_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_train_py_reports_a_bad_key_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"output_dir={tmp_path / 'never'}", "m2ib.bta=0.2"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "m2ib.bta" in proc.stderr
+    assert not (tmp_path / "never").exists()
