@@ -1,1 +1,6 @@
-"""Lightning callbacks of m2ib-lightning (attribution export, TensorBoard logging)."""
+"""Lightning callbacks of m2ib-lightning: attribution export and TensorBoard logging."""
+
+from .attribution_writer import AttributionWriter
+from .tensorboard_maps import TensorBoardAttributionLogger
+
+__all__ = ["AttributionWriter", "TensorBoardAttributionLogger"]

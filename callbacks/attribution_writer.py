@@ -12,9 +12,9 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import save_file
 
-from m2ib_lightning.engine import image_maps_from_capacity, minmax
-from m2ib_lightning.results import OVERLAY_DIR, SHARD_DIR, index_path, safe_name
-from m2ib_lightning.visualize import pair_figure, to_uint8_image
+from m2ib_lightning.engine import minmax
+from m2ib_lightning.results import OVERLAY_DIR, SHARD_DIR, failures_path, index_path, safe_name
+from m2ib_lightning.visualize import prediction_figure
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -24,6 +24,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    """Append in one write, flushed to disk: a batch's lines land together."""
+    with open(path, "a") as handle:
+        handle.write("".join(lines))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _cut_partial_line(path: Path) -> None:
@@ -52,13 +60,18 @@ class AttributionWriter(BasePredictionWriter):
         (self.output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         if self.overlays:
             (self.output_dir / OVERLAY_DIR).mkdir(exist_ok=True)
-        _cut_partial_line(index_path(self.output_dir, trainer.global_rank))
+        for path in (index_path(self.output_dir, trainer.global_rank), failures_path(self.output_dir, trainer.global_rank)):
+            _cut_partial_line(path)
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
         batch_indices: Any, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0,
     ) -> None:
         rank = trainer.global_rank
+        if prediction["failures"]:
+            _append_lines(failures_path(self.output_dir, rank), [json.dumps(f) + "\n" for f in prediction["failures"]])
+        if not prediction["id"]:
+            return
         shard = f"rank{rank}-{self.run_token}-{batch_idx:06d}.safetensors"
         capacity = prediction["image_capacity"]
         tensors = {
@@ -87,17 +100,11 @@ class AttributionWriter(BasePredictionWriter):
                 "text_fit": float(prediction["text_fit"][row]),
             }) + "\n")
             if self.overlays:
-                self._write_overlay(prediction, batch, row, length)
-        with open(index_path(self.output_dir, rank), "a") as handle:
-            handle.write("".join(lines))  # one write: the batch's lines land together
-            handle.flush()
-            os.fsync(handle.fileno())
+                self._write_overlay(prediction, batch, row)
+        _append_lines(index_path(self.output_dir, rank), lines)
 
-    def _write_overlay(self, prediction: dict[str, Any], batch: dict[str, Any], row: int, length: int) -> None:
-        capacity = prediction["image_capacity"][row]
-        heat = image_maps_from_capacity(capacity.flatten()[None], tuple(capacity.shape), prediction["image_size"])[0]
-        image = to_uint8_image(batch["pixel_values"][row], self.image_mean, self.image_std)
-        figure = pair_figure(image, heat.numpy(), prediction["tokens"][row][:length], prediction["text_maps"][row, :length].tolist())
+    def _write_overlay(self, prediction: dict[str, Any], batch: dict[str, Any], row: int) -> None:
+        figure = prediction_figure(prediction, batch["pixel_values"][row], row, self.image_mean, self.image_std)
         path = self.output_dir / OVERLAY_DIR / f"{safe_name(prediction['id'][row])}.png"
         tmp = path.with_name(f".{path.name}.tmp")
         figure.save(tmp, format="PNG")

@@ -9,8 +9,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from m2ib_lightning.engine import image_maps_from_capacity
-from m2ib_lightning.visualize import grid, pair_figure, to_uint8_image
+from m2ib_lightning.visualize import grid, prediction_figure
 
 
 class TensorBoardAttributionLogger(L.Callback):
@@ -32,7 +31,7 @@ class TensorBoardAttributionLogger(L.Callback):
     ) -> None:
         self.samples += len(outputs["id"])
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is None or trainer.global_rank != 0:
+        if logger is None or trainer.global_rank != 0 or not outputs["id"]:
             return
         writer = logger.experiment
         steps = None
@@ -48,12 +47,5 @@ class TensorBoardAttributionLogger(L.Callback):
             writer.add_image("maps", np.asarray(self._figures(outputs, batch)), batch_idx, dataformats="HWC")
 
     def _figures(self, outputs: dict[str, Any], batch: Any):
-        figures = []
-        for row in range(min(self.max_figures, len(outputs["id"]))):
-            capacity, length = outputs["image_capacity"][row], int(outputs["lengths"][row])
-            heat = image_maps_from_capacity(capacity.flatten()[None], tuple(capacity.shape), outputs["image_size"])[0]
-            image = to_uint8_image(batch["pixel_values"][row], self.image_mean, self.image_std)
-            figures.append(
-                pair_figure(image, heat.numpy(), outputs["tokens"][row][:length], outputs["text_maps"][row, :length].tolist())
-            )
-        return grid(figures)
+        rows = range(min(self.max_figures, len(outputs["id"])))
+        return grid([prediction_figure(outputs, batch["pixel_values"][r], r, self.image_mean, self.image_std) for r in rows])

@@ -28,10 +28,10 @@ class WorldConfig:
 
 @dataclass
 class FitData:
-    train_samples: int = 200_000
+    train_samples: int = 300_000
     val_samples: int = 512
     batch_size: int = 128
-    num_workers: int = 1
+    num_workers: int = 0
 
 
 @dataclass
@@ -65,7 +65,8 @@ class FitClipConfig:
 
 @dataclass
 class AttributeData:
-    num_samples: int = 64  # held-out pairs of the shapes world
+    manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
+    num_samples: int = 64  # without a manifest: this many held-out pairs of the shapes world
     batch_size: int = 8
     num_workers: int = 0
 
@@ -83,6 +84,7 @@ class M2IBSettings:
     steps: int = 10
     lr: float = 1.0
     num_noise: int = 10
+    batch_invariant: bool = True  # each sample fitted alone: bitwise the same maps for any batch size or device count
 
 
 @dataclass
@@ -131,4 +133,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
             raise ConfigError(f"bad config key {key!r} in {source}: {err.msg if hasattr(err, 'msg') else err}") from err
+    # A merge keeps the schema default under a "???" of the file: ask the file itself what it leaves unset.
+    missing = sorted(key for key in OmegaConf.missing_keys(data) if OmegaConf.select(dotlist, key) is None)
+    if missing:
+        raise ConfigError(f"config keys {missing} must be set (e.g. {missing[0]}=...)")
     return config

@@ -36,8 +36,14 @@ class M2IBConfig:
     steps: int = 10
     lr: float = 1.0
     num_noise: int = 10
+    #: Fit each sample on its own (same shapes as a solo run), so that its maps are bitwise the same
+    #: whatever its batch-mates, batch size or device count. False fits the batch at once: faster on
+    #: GPUs, equal in exact arithmetic, but float32 rounding then differs with the batch (~1e-6 on maps).
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.batch_invariant, bool):
+            raise TypeError(f"batch_invariant must be a bool, got {type(self.batch_invariant).__name__}")
         for name in ("vision_layer", "text_layer", "steps", "num_noise"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -63,6 +69,16 @@ class TowerFit:
     fit: Tensor  # (B,): mean cosine similarity of the last forward pass
     capacity_curve: Tensor  # (steps, B): capacity term per step
     fit_curve: Tensor  # (steps, B): fit term per step
+
+    @staticmethod
+    def concat(parts: list["TowerFit"], tokens: int) -> "TowerFit":
+        """Fits of sample groups as one batch, capacities zero-padded to ``tokens`` positions."""
+        return TowerFit(
+            capacity=torch.cat([F.pad(p.capacity, (0, tokens - p.capacity.shape[1])) for p in parts]),
+            fit=torch.cat([p.fit for p in parts]),
+            capacity_curve=torch.cat([p.capacity_curve for p in parts], dim=1),
+            fit_curve=torch.cat([p.fit_curve for p in parts], dim=1),
+        )
 
 
 @dataclass
@@ -308,15 +324,18 @@ class M2IB:
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         self.backbone.validate_inputs(pixel_values, input_ids, attention_mask)
 
-        fits: dict[Modality, TowerFit] = {}
         with eval_mode(self.backbone.module):
-            with torch.no_grad():
-                inputs = {m: tower_inputs(m, pixel_values, input_ids, attention_mask) for m in MODALITIES}
-                targets = {m: self.backbone.embed(m, inputs[m]) for m in MODALITIES}
-                states = {m: self.backbone.prefix(m, inputs[m], self.config.layer(m)) for m in MODALITIES}
-            with torch.enable_grad():
-                for m in MODALITIES:
-                    fits[m] = fit_tower(self.backbone, m, states[m], targets[other(m)], seeds, self.config)
+            if self.config.batch_invariant:
+                # Each sample alone, its text cut after its last real token: the shapes of its solo run.
+                extents = attention_mask.shape[1] - attention_mask.flip(1).argmax(1)
+                parts = [
+                    self._fit(pixel_values[b : b + 1], input_ids[b : b + 1, :n], attention_mask[b : b + 1, :n], seeds[b : b + 1])
+                    for b, n in enumerate(extents.tolist())
+                ]
+                widths = {"image": parts[0]["image"].capacity.shape[1], "text": attention_mask.shape[1]}
+                fits = {m: TowerFit.concat([p[m] for p in parts], widths[m]) for m in MODALITIES}
+            else:
+                fits = self._fit(pixel_values, input_ids, attention_mask, seeds)
 
         image, text = fits["image"], fits["text"]
         grid = self.backbone.patch_grid(pixel_values)
@@ -337,6 +356,16 @@ class M2IB:
         )
 
 
+    def _fit(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor) -> dict[Modality, TowerFit]:
+        """Both towers' fits for one group of samples, fitted together."""
+        with torch.no_grad():
+            inputs = {m: tower_inputs(m, pixel_values, input_ids, attention_mask) for m in MODALITIES}
+            targets = {m: self.backbone.embed(m, inputs[m]) for m in MODALITIES}
+            states = {m: self.backbone.prefix(m, inputs[m], self.config.layer(m)) for m in MODALITIES}
+        with torch.enable_grad():
+            return {m: fit_tower(self.backbone, m, states[m], targets[other(m)], seeds, self.config) for m in MODALITIES}
+
+
 def attribute(
     model: Any,
     pixel_values: Tensor,
@@ -350,6 +379,7 @@ def attribute(
     lr: float = 1.0,
     num_noise: int = 10,
     seed: Seeds = 0,
+    batch_invariant: bool = True,
 ) -> AttributionResult:
     """M2IB image and text maps for a batch of pairs; see :class:`M2IB`.
 
@@ -359,6 +389,7 @@ def attribute(
     ``torch.manual_seed(s)`` before each of its two map calls.
     """
     config = M2IBConfig(
-        vision_layer=vision_layer, text_layer=text_layer, beta=beta, steps=steps, lr=lr, num_noise=num_noise
+        vision_layer=vision_layer, text_layer=text_layer, beta=beta, steps=steps, lr=lr, num_noise=num_noise,
+        batch_invariant=batch_invariant,
     )
     return M2IB(model, config).attribute(pixel_values, input_ids, attention_mask, seed=seed)

@@ -27,6 +27,8 @@ class M2IBModule(L.LightningModule):
         self.last_batch_seconds = 0.0
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if not batch["id"]:  # every record of this batch failed to load
+            return {"id": [], "failures": batch["failures"]}
         start = time.perf_counter()
         with torch.enable_grad():
             result = self.explainer.attribute(
@@ -35,6 +37,7 @@ class M2IBModule(L.LightningModule):
         self.last_batch_seconds = time.perf_counter() - start
         cpu = lambda t: t.detach().cpu()  # noqa: E731
         return {
+            "failures": batch["failures"],
             "id": batch["id"],
             "text": batch["text"],
             "tokens": batch["tokens"],

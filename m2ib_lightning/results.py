@@ -27,8 +27,17 @@ OVERLAY_DIR = "overlays"
 INDEX_PATTERN = "index-rank*.jsonl"
 
 
+FAILURES_PATTERN = "failures-rank*.jsonl"
+FAILURES_FILE = "failures.jsonl"
+
+
 def index_path(output_dir: Path, rank: int) -> Path:
     return Path(output_dir) / f"index-rank{rank}.jsonl"
+
+
+def failures_path(output_dir: Path, rank: int | str) -> Path:
+    """Raw log of records that failed (or were changed) while loading on one rank."""
+    return Path(output_dir) / f"failures-{rank if isinstance(rank, str) else f'rank{rank}'}.jsonl"
 
 
 def safe_name(sample_id: str, max_length: int = 80) -> str:
@@ -37,14 +46,32 @@ def safe_name(sample_id: str, max_length: int = 80) -> str:
     return f"{stem}-{hashlib.sha1(sample_id.encode()).hexdigest()[:10]}"
 
 
-def index_entries(output_dir: str | Path) -> list[dict]:
-    """Every complete index line of every rank, in file order."""
+def _jsonl_entries(output_dir: str | Path, pattern: str) -> list[dict]:
+    """Every complete line of the matching files, in file order; a half-written last line is ignored."""
     entries = []
-    for path in sorted(Path(output_dir).glob(INDEX_PATTERN)):
+    for path in sorted(Path(output_dir).glob(pattern)):
         text = path.read_text()
         complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
         entries.extend(json.loads(line) for line in complete.splitlines() if line.strip())
     return entries
+
+
+def index_entries(output_dir: str | Path) -> list[dict]:
+    """Every index line of every rank."""
+    return _jsonl_entries(output_dir, INDEX_PATTERN)
+
+
+def merged_failures(output_dir: str | Path) -> list[dict]:
+    """The records of the latest run that were skipped or changed, one report per (id, severity).
+
+    Up-front failures (``failures-manifest.jsonl``) are those of the latest run's source; load-time
+    reports of the ranks are kept unless a later attempt attributed that id.
+    """
+    done = done_ids(output_dir)
+    upfront = _jsonl_entries(output_dir, failures_path(output_dir, "manifest").name)
+    loaded = _jsonl_entries(output_dir, FAILURES_PATTERN)
+    latest = {(f["id"], f["severity"]): f for f in loaded if f["severity"] != "error" or f["id"] not in done}
+    return upfront + list(latest.values())
 
 
 def done_ids(output_dir: str | Path) -> set[str]:

@@ -7,6 +7,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .engine import image_maps_from_capacity
+
 _FONT = ImageFont.load_default()
 
 
@@ -62,6 +64,14 @@ def pair_figure(image: np.ndarray, heat: np.ndarray, tokens: list[str], weights:
     figure.paste(right, (size[0], 0))
     figure.paste(strip, (0, size[1]))
     return figure
+
+
+def prediction_figure(prediction: dict, pixel_values: Tensor, row: int, image_mean: list[float], image_std: list[float]) -> Image.Image:
+    """The pair figure of one row of an ``M2IBModule.predict_step`` output."""
+    capacity, length = prediction["image_capacity"][row], int(prediction["lengths"][row])
+    heat = image_maps_from_capacity(capacity.flatten()[None], tuple(capacity.shape), prediction["image_size"])[0]
+    image = to_uint8_image(pixel_values, image_mean, image_std)
+    return pair_figure(image, heat.numpy(), prediction["tokens"][row][:length], prediction["text_maps"][row, :length].tolist())
 
 
 def grid(figures: list[Image.Image], columns: int = 4) -> Image.Image:

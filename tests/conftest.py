@@ -6,9 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from m2ib_lightning.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 EOS = 99
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_clip(seed: int = 0, *, layers: int = 4, eos_token_id: int = EOS):
@@ -53,3 +56,16 @@ def make_images(batch: int, size: int = 32, seed: int = 0):
 @pytest.fixture(scope="session")
 def clip():
     return tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A small CLIP saved in the hub layout, as a user's local model directory."""
+    from transformers import CLIPProcessor
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = build_tokenizer()
+    model = build_shapes_clip(tokenizer, width=32, layers=2, heads=2, projection_dim=16, seed=1)
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=build_image_processor(64), tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -64,19 +64,21 @@ def test_other_hyperparameters_match_naive_reference(clip64):
     torch.testing.assert_close(result.text_maps[0], text_map, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_batch_invariance(dtype, atol):
+@pytest.mark.parametrize(
+    "batch_invariant,dtype,atol",
+    [(True, torch.float32, 0.0), (False, torch.float64, 1e-12), (False, torch.float32, 1e-5)],
+)
+def test_batch_invariance(batch_invariant, dtype, atol):
+    """Each sample of a padded batch gets its solo maps: bitwise when batch_invariant, else up to rounding."""
     model = tiny_clip(seed=2).to(dtype)
     lengths = [5, 11, 3, 8]
     ids, mask = make_texts(lengths, width=14, seed=5)
     pixels = make_images(4, seed=5).to(dtype)
     seeds = torch.tensor([10, 20, 30, 40])
-    batch = attribute(model, pixels, ids, mask, vision_layer=1, text_layer=2, seed=seeds)
+    kwargs = dict(vision_layer=1, text_layer=2, batch_invariant=batch_invariant)
+    batch = attribute(model, pixels, ids, mask, seed=seeds, **kwargs)
     for row, length in enumerate(lengths):
-        solo = attribute(
-            model, pixels[row : row + 1], ids[row : row + 1, :length], None, vision_layer=1, text_layer=2,
-            seed=int(seeds[row]),
-        )
+        solo = attribute(model, pixels[row : row + 1], ids[row : row + 1, :length], None, seed=int(seeds[row]), **kwargs)
         torch.testing.assert_close(batch.image_maps[row], solo.image_maps[0], atol=atol, rtol=0)
         torch.testing.assert_close(batch.text_maps[row, :length], solo.text_maps[0], atol=atol, rtol=0)
         assert torch.all(batch.text_maps[row, length:] == 0)
@@ -93,6 +95,9 @@ def test_maps_are_normalised_and_shaped(clip):
         assert maps.min() >= 0 and maps.max() <= 1
         assert torch.allclose(maps.flatten(1).amax(1), torch.ones(2))
     assert result.curves["image/fit"].shape == (10, 2)
+    batched = attribute(clip, make_images(2), ids, mask, vision_layer=1, text_layer=1, seed=0, batch_invariant=False)
+    assert batched.text_capacity.shape == result.text_capacity.shape == (2, 9)
+    torch.testing.assert_close(batched.image_maps, result.image_maps, atol=1e-4, rtol=0)
 
 
 def test_same_seed_same_maps_and_seed_changes_them(clip):

@@ -11,22 +11,9 @@ import torch
 from m2ib_lightning import attribute
 from m2ib_lightning.config import ConfigError, load_config
 from m2ib_lightning.data.attribution import sample_seed
-from m2ib_lightning.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer, load_clip
+from m2ib_lightning.models.shapes_clip import load_clip
 from m2ib_lightning.results import done_ids, index_entries, read_attributions, safe_name
 from m2ib_lightning.tasks.attribute import run
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """A small CLIP saved in the hub layout, as a user's local model directory."""
-    from transformers import CLIPProcessor
-
-    path = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer = build_tokenizer()
-    model = build_shapes_clip(tokenizer, width=32, layers=2, heads=2, projection_dim=16, seed=1)
-    model.save_pretrained(path)
-    CLIPProcessor(image_processor=build_image_processor(64), tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def _config(tmp_path: Path, bundle: Path, *overrides: str):

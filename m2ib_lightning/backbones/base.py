@@ -34,10 +34,6 @@ class TowerState:
     layer: int
     attention_bias: Tensor | None = None
 
-    @property
-    def batch_size(self) -> int:
-        return self.hidden.shape[0]
-
     def repeat_interleave(self, copies: int) -> "TowerState":
         """Repeat every row ``copies`` times, in place of K noise copies per sample."""
         rep = lambda t: None if t is None else t.repeat_interleave(copies, dim=0)  # noqa: E731

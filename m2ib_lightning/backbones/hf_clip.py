@@ -23,7 +23,7 @@ def _is_hf_clip(model: Any) -> bool:
     return all(hasattr(model, name) for name in ("vision_model", "text_model", "visual_projection", "text_projection"))
 
 
-def _projected(output: Any) -> Tensor:
+def projected_features(output: Any) -> Tensor:
     """``get_*_features`` returns a tensor in 4.x and an output object in 5.x."""
     return output if isinstance(output, Tensor) else output.pooler_output
 
@@ -175,7 +175,7 @@ class HFCLIPBackbone:
 
     def embed(self, modality: Modality, inputs: dict[str, Tensor]) -> Tensor:
         if modality == "image":
-            return _projected(self.module.get_image_features(pixel_values=inputs["pixel_values"]))
-        return _projected(
+            return projected_features(self.module.get_image_features(pixel_values=inputs["pixel_values"]))
+        return projected_features(
             self.module.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         )

@@ -7,15 +7,15 @@ its maps do not depend on order, batch size, worker count or device count.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .records import BadImage, Failure, PairRecord
 from .world import ShapesWorld
 from .world_dataset import pad_token_ids
 
@@ -24,15 +24,6 @@ def sample_seed(run_seed: int, sample_id: str) -> int:
     """A 63-bit seed from (run seed, sample id): stable across machines and Python versions."""
     digest = hashlib.sha256(f"{run_seed}\x00{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@dataclass
-class PairRecord:
-    """One pair to attribute; ``load_image`` is called in the data loader's worker."""
-
-    id: str
-    text: str
-    load_image: Callable[[], Image.Image]
 
 
 def world_records(world: ShapesWorld, count: int) -> list[PairRecord]:
@@ -61,23 +52,40 @@ class PairDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """A model-ready sample, or ``{"id", "failure"}`` for a record that cannot be attributed."""
         record = self.records[index]
-        image = record.load_image().convert("RGB")
-        pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        ids = self.processor.tokenizer(record.text, truncation=True, max_length=self.max_length)["input_ids"]
-        return {
+        try:
+            image = record.load_image()
+            pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        except BadImage as err:
+            return {"id": record.id, "failure": Failure(record.id, str(err))}
+        tokenizer = self.processor.tokenizer
+        full = tokenizer(record.text)["input_ids"]
+        ids = tokenizer(record.text, truncation=True, max_length=self.max_length)["input_ids"]
+        item = {
             "id": record.id,
             "text": record.text,
             "pixel_values": pixels,
             "input_ids": ids,
-            "tokens": self.processor.tokenizer.convert_ids_to_tokens(ids),
+            "tokens": tokenizer.convert_ids_to_tokens(ids),
             "seed": sample_seed(self.run_seed, record.id),
         }
+        if len(full) > len(ids):
+            reason = f"caption truncated from {len(full)} to {len(ids)} tokens (the model's limit)"
+            item["warning"] = Failure(record.id, reason, "warning")
+        return item
 
 
 def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Batch the good samples; failed ones (and warnings) travel along in ``failures``."""
+    reports = [item.get("failure") or item.get("warning") for item in items]
+    failures = [report.to_json() for report in reports if report is not None]
+    items = [item for item in items if "failure" not in item]
+    if not items:
+        return {"id": [], "failures": failures}
     ids, mask = pad_token_ids([item["input_ids"] for item in items], pad_id)
     return {
+        "failures": failures,
         "id": [item["id"] for item in items],
         "text": [item["text"] for item in items],
         "tokens": [item["tokens"] for item in items],

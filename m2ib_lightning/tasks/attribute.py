@@ -1,4 +1,4 @@
-"""An attribution run: M2IB over held-out pairs of the shapes world, exported, logged and scored."""
+"""An attribution run: M2IB over a manifest or held-out pairs of the shapes world, exported, logged, scored."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.attribution_writer import AttributionWriter
-from callbacks.tensorboard_maps import TensorBoardAttributionLogger
+from callbacks import AttributionWriter, TensorBoardAttributionLogger
 
 from ..data.attribution import PairDataModule, world_index, world_records
+from ..data.manifest import read_pairs
 from ..data.world import ShapesWorld
 from ..engine import M2IBConfig
 from ..metrics import MaskEnergy, PointingGame
 from ..models.shapes_clip import load_clip
 from ..module import M2IBModule
-from ..results import done_ids, read_attributions
+from ..results import FAILURES_FILE, done_ids, failures_path, merged_failures, read_attributions
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
@@ -44,7 +44,8 @@ def _check_resumable(out: Path, cfg: DictConfig) -> None:
 
 def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict[str, float]]:
     """Pointing game and mask energy of the M2IB maps and of uniformly random maps, against the caption's objects."""
-    metrics = {name: (PointingGame(), MaskEnergy()) for name in ("m2ib", "random")}
+    # Rank 0 scores the maps of every rank, read back from disk: nothing to sync across processes.
+    metrics = {name: (PointingGame(sync_on_compute=False), MaskEnergy(sync_on_compute=False)) for name in ("m2ib", "random")}
     gen = torch.Generator().manual_seed(seed)
     for record in records:
         mask = torch.from_numpy(world.sample(world_index(record.id)).target_mask)[None]
@@ -60,9 +61,10 @@ def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict
     }
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write a whole file atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -71,10 +73,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, cfg)
     model, processor = load_clip(cfg.model.name_or_path)
-    world = ShapesWorld(
-        seed=cfg.world.heldout_seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects, noise=cfg.world.noise
-    )
-    records = world_records(world, cfg.data.num_samples)
+    world = None
+    if cfg.data.manifest:
+        records, upfront_failures = read_pairs(cfg.data.manifest)
+    else:
+        world = ShapesWorld(
+            seed=cfg.world.heldout_seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects,
+            noise=cfg.world.noise,
+        )
+        records, upfront_failures = world_records(world, cfg.data.num_samples), []
     already = done_ids(out)
     datamodule = PairDataModule(
         records, processor, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
@@ -93,41 +100,49 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **OmegaConf.to_container(cfg.trainer),
     )
     if trainer.global_rank == 0:
-        OmegaConf.save(cfg, out / "config.yaml")
+        _write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        lines = "".join(json.dumps(f.to_json()) + "\n" for f in upfront_failures)
+        _write_text(failures_path(out, "manifest"), lines)
     start = time.perf_counter()
     if len(datamodule.dataset):
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        trainer.strategy.barrier()  # every rank has written its shards before rank 0 reads them
     wall = time.perf_counter() - start
     if trainer.global_rank != 0:
         return {}
 
     results = list(read_attributions(out))
-    todo = len(datamodule.dataset)
+    failures = merged_failures(out)
+    _write_text(out / FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
+    run_ids = {r.id for r in records}
+    errors = {f["id"] for f in failures if f["severity"] == "error"}
     summary = {
         "output_dir": str(out),
-        "done": todo,
-        "skipped": len(already & {r.id for r in records}),
-        "failed": 0,
+        "done": len(run_ids & {r.id for r in results}) - len(already & run_ids),
+        "skipped": len(already & run_ids),
+        "failed": len(errors),
+        "warnings": sum(f["severity"] == "warning" for f in failures),
         "total_in_output": len(results),
         "wall_time_s": round(wall, 2),
-        "samples_per_s": round(todo / wall, 3) if todo and wall > 0 else None,
-        "localisation": localisation(results, world, cfg.seed),
+        "samples_per_s": round(len(datamodule.dataset) / wall, 3) if len(datamodule.dataset) and wall > 0 else None,
+        "localisation": localisation(results, world, cfg.seed) if world is not None else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    _write_json(out / "summary.json", summary)
+    _write_text(out / "summary.json", json.dumps(summary, indent=2))
     _print_report(summary)
     return summary
 
 
 def _print_report(summary: dict[str, Any]) -> None:
-    loc = summary["localisation"]
     print(f"\nM2IB attribution run: {summary['output_dir']}")
-    print(f"  {summary['done']} attributed, {summary['skipped']} already done, {summary['failed']} failed; "
+    print(f"  {summary['done']} attributed, {summary['skipped']} already done, {summary['failed']} failed "
+          f"({summary['warnings']} warnings, see {FAILURES_FILE}); "
           f"{summary['wall_time_s']} s ({summary['samples_per_s']} samples/s)")
-    print(f"  localisation over {summary['total_in_output']} held-out pairs (caption's objects as ground truth):")
-    print("  | map | pointing game | energy in mask |")
-    print("  |---|---|---|")
-    for name, values in loc.items():
-        print(f"  | {name} | {values['pointing_game']:.3f} | {values['energy']:.3f} |")
+    if summary["localisation"]:
+        print(f"  localisation over {summary['total_in_output']} held-out pairs (caption's objects as ground truth):")
+        print("  | map | pointing game | energy in mask |")
+        print("  |---|---|---|")
+        for name, values in summary["localisation"].items():
+            print(f"  | {name} | {values['pointing_game']:.3f} | {values['energy']:.3f} |")
     print(f"  maps: {summary['output_dir']}/shards, overlays: {summary['output_dir']}/overlays, "
           f"TensorBoard: tensorboard --logdir {summary['output_dir']}/tensorboard\n")

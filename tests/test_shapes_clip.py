@@ -1,0 +1,84 @@
+"""The shipped small CLIP: loads offline like a hub model, retrieves well, and M2IB on it localises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m2ib_lightning.config import CONFIG_DIR, load_config
+from m2ib_lightning.data.world import ShapesWorld
+from m2ib_lightning.data.world_dataset import WorldPairs, WorldRetrieval, collate_retrieval, ImageToTensor
+from m2ib_lightning.models.shapes_clip import SHIPPED_MODELS, load_clip, resolve_model_path
+
+SHIPPED = "builtin:shapes-clip"
+
+
+def test_shipped_model_is_a_hub_layout_directory_under_10_mb():
+    path = SHIPPED_MODELS["shapes-clip"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        assert (path / name).is_file(), name
+    assert sum(f.stat().st_size for f in path.iterdir()) < 10 * 2**20
+    assert resolve_model_path(SHIPPED) == str(path)
+
+
+def test_shipped_model_loads_through_from_pretrained_offline(monkeypatch):
+    from transformers import AutoProcessor, CLIPModel, CLIPProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = resolve_model_path(SHIPPED)
+    model = CLIPModel.from_pretrained(path)
+    processor = CLIPProcessor.from_pretrained(path)
+    assert isinstance(AutoProcessor.from_pretrained(path), CLIPProcessor)
+    assert model.config.text_config.eos_token_id == processor.tokenizer.eos_token_id != 2
+    inputs = processor(images=ShapesWorld(seed=1).sample(0).image, text=["a red circle"], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 64, 64)
+
+
+def test_unknown_builtin_name_is_refused():
+    with pytest.raises(ValueError, match="no shipped model 'nope'"):
+        resolve_model_path("builtin:nope")
+
+
+@torch.no_grad()
+def test_shipped_model_zero_shot_retrieval_accuracy():
+    model, processor = load_clip(SHIPPED)
+    pairs = WorldPairs(ShapesWorld(seed=1), 0, 256, processor.tokenizer, ImageToTensor(processor.image_processor, 64))
+    retrieval = WorldRetrieval(pairs, candidates=8)
+    batch = collate_retrieval([retrieval[i] for i in range(len(retrieval))], pad_id=processor.tokenizer.pad_token_id)
+    image = torch.nn.functional.normalize(model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output, dim=-1)
+    text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+    text = torch.nn.functional.normalize(text, dim=-1).view(len(retrieval), 8, -1)
+    accuracy = (torch.einsum("bp,bkp->bk", image, text).argmax(1) == 0).float().mean().item()
+    print(f"\nshipped shapes CLIP: held-out image-to-caption accuracy among 8 candidates = {accuracy:.3f} (256 images)")
+    assert accuracy >= 0.9
+
+
+def test_short_training_run_writes_a_loadable_model(tmp_path):
+    from m2ib_lightning.tasks.fit_clip import run
+
+    cfg = load_config(
+        CONFIG_DIR / "fit_shapes_clip.yaml",
+        [
+            f"output_dir={tmp_path}", "data.train_samples=64", "data.batch_size=16", "data.val_samples=16",
+            "data.num_workers=0", "trainer.max_steps=3", "trainer.val_check_interval=3", "model.width=32",
+            "model.layers=1", "model.heads=2", "trainer.enable_progress_bar=false",
+        ],
+    )
+    saved = run(cfg)
+    model, processor = load_clip(str(saved))
+    assert model.config.vision_config.num_hidden_layers == 1
+    assert (tmp_path / "fit_summary.json").exists() and list((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_m2ib_on_the_shipped_model_localises_better_than_random(tmp_path):
+    from m2ib_lightning.tasks.attribute import run
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "data.num_samples=100", "data.batch_size=25",
+                             "export.overlays=false", "trainer.enable_progress_bar=false"])
+    summary = run(cfg)
+    m2ib, random = summary["localisation"]["m2ib"], summary["localisation"]["random"]
+    print(f"\nlocalisation over 100 held-out pairs: m2ib {m2ib}, random {random}")
+    assert summary["total_in_output"] == 100
+    assert m2ib["pointing_game"] >= 0.6
+    assert m2ib["pointing_game"] > random["pointing_game"] and m2ib["energy"] > random["energy"]
