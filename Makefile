@@ -23,7 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_engine.py $(ARGS)
+	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_runs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

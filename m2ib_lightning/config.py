@@ -113,6 +113,18 @@ class ConfigError(ValueError):
     """A config file or override that does not fit its schema."""
 
 
+def _check_trainer_keys(config: DictConfig) -> None:
+    """``trainer`` is free-form in the schema: check its keys against ``lightning.Trainer`` itself."""
+    import inspect
+
+    from lightning import Trainer
+
+    accepted = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(config.trainer) - accepted)
+    if unknown:
+        raise ConfigError(f"bad config key 'trainer.{unknown[0]}': lightning.Trainer takes no argument {unknown[0]!r}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
     """Schema defaults, then the YAML file, then ``key=value`` overrides; validated at each merge."""
     path = Path(path) if path else CONFIG_DIR / "default.yaml"
@@ -133,6 +145,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
             raise ConfigError(f"bad config key {key!r} in {source}: {err.msg if hasattr(err, 'msg') else err}") from err
+    _check_trainer_keys(config)
     # A merge keeps the schema default under a "???" of the file: ask the file itself what it leaves unset.
     missing = sorted(key for key in OmegaConf.missing_keys(data) if OmegaConf.select(dotlist, key) is None)
     if missing:

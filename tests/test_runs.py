@@ -12,7 +12,8 @@ from m2ib_lightning import attribute
 from m2ib_lightning.config import ConfigError, load_config
 from m2ib_lightning.data.attribution import sample_seed
 from m2ib_lightning.models.shapes_clip import load_clip
-from m2ib_lightning.results import done_ids, index_entries, read_attributions, safe_name
+from m2ib_lightning import read_attributions
+from m2ib_lightning.results import done_ids, index_entries, safe_name
 from m2ib_lightning.tasks.attribute import run
 
 
@@ -112,6 +113,7 @@ def test_tensorboard_holds_scalars_and_images(tmp_path, tiny_bundle):
         ("data.batch_size=eight", r"bad config key 'data.batch_size'"),
         ("nonsense=1", r"bad config key 'nonsense'"),
         ("task=dance", r"task='dance' is unknown"),
+        ("trainer.devicez=2", r"bad config key 'trainer.devicez': lightning.Trainer takes no argument"),
     ],
 )
 def test_bad_config_fails_fast_naming_the_key(override, match):
