@@ -14,6 +14,8 @@ from typing import Any, Dict, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .engine import M2IBConfig
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -77,17 +79,6 @@ class ModelConfig:
 
 
 @dataclass
-class M2IBSettings:
-    vision_layer: int = 9
-    text_layer: int = 9
-    beta: float = 0.1
-    steps: int = 10
-    lr: float = 1.0
-    num_noise: int = 10
-    batch_invariant: bool = True  # each sample fitted alone: bitwise the same maps for any batch size or device count
-
-
-@dataclass
 class ExportConfig:
     overlays: bool = True  # PNG overlays next to the maps
     tensorboard_every_n_batches: int = 2
@@ -101,7 +92,7 @@ class AttributeConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     data: AttributeData = field(default_factory=AttributeData)
     model: ModelConfig = field(default_factory=ModelConfig)
-    m2ib: M2IBSettings = field(default_factory=M2IBSettings)
+    m2ib: M2IBConfig = field(default_factory=M2IBConfig)  # the engine's own settings
     export: ExportConfig = field(default_factory=ExportConfig)
     trainer: Dict[str, Any] = field(default_factory=dict)
 
@@ -139,6 +130,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     if task not in SCHEMAS:
         raise ConfigError(f"task={task!r} is unknown; choose from {sorted(SCHEMAS)}")
     config = OmegaConf.structured(SCHEMAS[task])
+    OmegaConf.set_readonly(config, False)  # M2IBConfig is frozen; the merged result is rebuilt from it later
     for source, layer in ((str(path), data), ("the command line", dotlist)):
         try:
             config = OmegaConf.merge(config, layer)
@@ -146,6 +138,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
             key = getattr(err, "full_key", None) or "?"
             raise ConfigError(f"bad config key {key!r} in {source}: {err.msg if hasattr(err, 'msg') else err}") from err
     _check_trainer_keys(config)
+    if "m2ib" in config:
+        try:
+            M2IBConfig(**config.m2ib)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bad config value in m2ib: {err}") from err
     # A merge keeps the schema default under a "???" of the file: ask the file itself what it leaves unset.
     missing = sorted(key for key in OmegaConf.missing_keys(data) if OmegaConf.select(dotlist, key) is None)
     if missing:

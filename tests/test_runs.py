@@ -113,6 +113,7 @@ def test_tensorboard_holds_scalars_and_images(tmp_path, tiny_bundle):
         ("data.batch_size=eight", r"bad config key 'data.batch_size'"),
         ("nonsense=1", r"bad config key 'nonsense'"),
         ("task=dance", r"task='dance' is unknown"),
+        ("m2ib.steps=0", r"bad config value in m2ib: steps must be >= 1"),
         ("trainer.devicez=2", r"bad config key 'trainer.devicez': lightning.Trainer takes no argument"),
     ],
 )
