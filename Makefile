@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: run test bench clean
+.PHONY: run test bench compat clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_runs.py
 
+# The engine's tests against transformers 4.4x (block outputs are tuples there), in a venv of its own.
+COMPAT_VENV ?= .venv-transformers4
+compat:
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(COMPAT_VENV)/bin/python -m pip install --quiet "transformers==4.46.3" numpy pillow safetensors pytest
+	PYTHONPATH=. $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_errors.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache
