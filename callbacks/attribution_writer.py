@@ -13,17 +13,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import save_file
 
 from m2ib_lightning.engine import minmax
-from m2ib_lightning.results import OVERLAY_DIR, SHARD_DIR, failures_path, index_path, safe_name
+from m2ib_lightning.results import OVERLAY_DIR, SHARD_DIR, atomic_write, failures_path, index_path, safe_name
 from m2ib_lightning.visualize import prediction_figure
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
@@ -40,7 +31,7 @@ def _cut_partial_line(path: Path) -> None:
         return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        _atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
+        atomic_write(path, data[: data.rfind(b"\n") + 1])
 
 
 class AttributionWriter(BasePredictionWriter):
@@ -80,9 +71,7 @@ class AttributionWriter(BasePredictionWriter):
             "text_capacity": prediction["text_capacity"].contiguous(),
             "text_map": prediction["text_maps"].contiguous(),
         }
-        tmp = self.output_dir / SHARD_DIR / f".{shard}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.output_dir / SHARD_DIR / shard)
+        atomic_write(self.output_dir / SHARD_DIR / shard, lambda tmp: save_file(tensors, str(tmp)))
 
         lines = []
         for row, sample_id in enumerate(prediction["id"]):
@@ -106,6 +95,4 @@ class AttributionWriter(BasePredictionWriter):
     def _write_overlay(self, prediction: dict[str, Any], batch: dict[str, Any], row: int) -> None:
         figure = prediction_figure(prediction, batch["pixel_values"][row], row, self.image_mean, self.image_std)
         path = self.output_dir / OVERLAY_DIR / f"{safe_name(prediction['id'][row])}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        figure.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: figure.save(tmp, format="PNG"))

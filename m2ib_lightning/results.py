@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from safetensors.torch import load_file
 from torch import Tensor
@@ -29,6 +30,22 @@ INDEX_PATTERN = "index-rank*.jsonl"
 
 FAILURES_PATTERN = "failures-rank*.jsonl"
 FAILURES_FILE = "failures.jsonl"
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[Path], None]) -> None:
+    """Write a whole file or nothing: into a hidden temporary file beside it, flushed, then renamed.
+
+    ``data`` is the content, or a function that writes the file at the path it is given.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    if callable(data):
+        data(tmp)
+    else:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def index_path(output_dir: Path, rank: int) -> Path:

@@ -28,7 +28,8 @@ def sample_seed(run_seed: int, sample_id: str) -> int:
 
 def world_records(world: ShapesWorld, count: int) -> list[PairRecord]:
     """The first ``count`` samples of a (held-out) world as records."""
-    return [PairRecord(f"shapes-{world.seed}-{i}", world.sample(i).text, partial(_world_image, world, i)) for i in range(count)]
+    samples = (world.sample(i) for i in range(count))
+    return [PairRecord(s.id, s.text, partial(_world_image, world, i)) for i, s in enumerate(samples)]
 
 
 def _world_image(world: ShapesWorld, index: int) -> Image.Image:

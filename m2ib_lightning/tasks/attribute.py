@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ..engine import M2IBConfig
 from ..metrics import MaskEnergy, PointingGame
 from ..models.shapes_clip import load_clip
 from ..module import M2IBModule
-from ..results import FAILURES_FILE, done_ids, failures_path, merged_failures, read_attributions
+from ..results import FAILURES_FILE, atomic_write, done_ids, failures_path, merged_failures, read_attributions
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
@@ -61,13 +60,6 @@ def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write a whole file atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,9 +92,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **OmegaConf.to_container(cfg.trainer),
     )
     if trainer.global_rank == 0:
-        _write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
         lines = "".join(json.dumps(f.to_json()) + "\n" for f in upfront_failures)
-        _write_text(failures_path(out, "manifest"), lines)
+        atomic_write(failures_path(out, "manifest"), lines)
     start = time.perf_counter()
     if len(datamodule.dataset):
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
@@ -113,7 +105,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     results = list(read_attributions(out))
     failures = merged_failures(out)
-    _write_text(out / FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
+    atomic_write(out / FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
     run_ids = {r.id for r in records}
     errors = {f["id"] for f in failures if f["severity"] == "error"}
     summary = {
@@ -128,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "localisation": localisation(results, world, cfg.seed) if world is not None else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    _write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     _print_report(summary)
     return summary
 
