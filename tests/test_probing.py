@@ -1,0 +1,126 @@
+"""Activation patching: the sanity properties of PROBING.md, batched equals one cell at a time, hooks undone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_images, make_texts, tiny_clip
+from m2ib_lightning.models.shapes_clip import build_tokenizer
+from m2ib_lightning.probing import ActivationPatching, important_heads, mean_effect, same_length_replacement
+
+SITES = ("resid", "mlp", "head")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_clip(seed=4)
+
+
+@pytest.fixture(scope="module")
+def image_pair():
+    pixels = make_images(2, seed=3)
+    ids, mask = make_texts([6, 9], seed=3)
+    return pixels[:1], pixels[1:], {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def text_pair():
+    """Two captions differing in one token, padded after EOS; two candidate images."""
+    ids, mask = make_texts([7], width=10, seed=8)
+    corrupt = ids.clone()
+    corrupt[0, 3] = (ids[0, 3] + 5) % 80 + 3
+    return {"input_ids": ids, "attention_mask": mask}, {"input_ids": corrupt, "attention_mask": mask}, make_images(2, seed=9)
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_patching_the_clean_run_into_itself_changes_nothing(model, image_pair, text_pair, site, modality):
+    clean, _, choices = image_pair if modality == "image" else text_pair
+    result = ActivationPatching(model).run(clean, clean, choices, modality=modality, site=site)
+    torch.testing.assert_close(result.patched_ld, torch.full_like(result.patched_ld, result.clean_ld), atol=1e-5, rtol=0)
+    assert result.flagged and torch.isnan(result.effect).all()
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_last_layer_residual_everywhere_restores_the_clean_score(model, image_pair, text_pair, modality):
+    clean, corrupt, choices = image_pair if modality == "image" else text_pair
+    probe = ActivationPatching(model)
+    denoised = probe.run(clean, corrupt, choices, modality=modality, site="resid", positions="all")
+    assert not denoised.flagged
+    torch.testing.assert_close(denoised.effect[-1], torch.ones(1), atol=1e-4, rtol=0)
+    noised = probe.run(clean, corrupt, choices, modality=modality, site="resid", positions="all", direction="noise")
+    torch.testing.assert_close(noised.effect[-1], torch.zeros(1), atol=1e-4, rtol=0)
+
+
+def test_positions_the_corruption_cannot_reach_have_no_effect(model, text_pair):
+    """Causal text tower: positions before the changed token and padding after EOS cannot move the score."""
+    clean, corrupt, images = text_pair
+    for site in SITES:
+        result = ActivationPatching(model).run(clean, corrupt, images, modality="text", site=site)
+        effect = result.effect if site != "head" else result.effect.abs().amax(-1)
+        assert torch.all(effect[:, :3] == 0), site  # before the changed token: identical activations
+        assert torch.all(effect[:, 7:] == 0), site  # padding after EOS (position 6)
+        assert effect[:, 3:7].abs().sum() > 0, site
+
+
+@pytest.mark.parametrize("site,positions", [("resid", "each"), ("mlp", "all"), ("head", "each"), ("head", "all")])
+def test_batched_cells_equal_one_cell_at_a_time(model, image_pair, site, positions):
+    clean, corrupt, choices = image_pair
+    batched = ActivationPatching(model, batch_size=64).run(clean, corrupt, choices, modality="image", site=site, positions=positions)
+    single = ActivationPatching(model, batch_size=1).run(clean, corrupt, choices, modality="image", site=site, positions=positions)
+    layers, tokens, heads = 4, 17, 4
+    expected = {"each": (layers, tokens), "all": (layers, 1)}[positions]
+    if site == "head":
+        expected = (layers, tokens, heads) if positions == "each" else (layers, heads)
+    assert batched.effect.shape == expected
+    torch.testing.assert_close(batched.patched_ld, single.patched_ld, atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_are_removed_also_after_an_error(model, image_pair):
+    clean, corrupt, choices = image_pair
+    before = _hook_count(model)
+    ActivationPatching(model).run(clean, corrupt, choices, modality="image", site="head", positions="all")
+    assert _hook_count(model) == before
+    probe = ActivationPatching(model)
+    probe._logit_difference = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        probe.run(clean, corrupt, choices, modality="image", site="mlp")
+    assert _hook_count(model) == before
+
+
+def test_bad_arguments(model, image_pair):
+    clean, corrupt, choices = image_pair
+    probe = ActivationPatching(model)
+    with pytest.raises(ValueError, match="site must be one of"):
+        probe.run(clean, corrupt, choices, modality="image", site="attention")
+    with pytest.raises(ValueError, match="must keep the token count"):
+        probe.run({"input_ids": torch.ones(1, 5, dtype=torch.long)}, {"input_ids": torch.ones(1, 6, dtype=torch.long)},
+                  clean.expand(2, -1, -1, -1), modality="text")
+    with pytest.raises(ValueError, match="exactly two candidates"):
+        probe.run(clean, corrupt, {k: v[:1] for k, v in choices.items()}, modality="image")
+
+
+def test_aggregation_and_important_heads():
+    effects = torch.zeros(3, 4)
+    effects[1, 2] = 5.0
+    assert important_heads(effects) == [(1, 2)]
+    from m2ib_lightning.probing.patching import PatchingResult
+
+    ok = PatchingResult(torch.ones(2, 2), torch.ones(2, 2), 1.0, 0.0, False, "head", "denoise")
+    flagged = PatchingResult(torch.full((2, 2), float("nan")), torch.ones(2, 2), 0.0, 0.0, True, "head", "denoise")
+    mean, raw = mean_effect([ok, flagged, ok])
+    assert torch.equal(mean, torch.ones(2, 2)) and raw.shape == (3, 2, 2) and torch.isnan(raw[1]).all()
+
+
+def test_symmetric_token_replacement_keeps_the_token_count():
+    tokenizer = build_tokenizer()
+    assert same_length_replacement(tokenizer, "a red circle", "red", ["blue"]) == "a blue circle"
+    with pytest.raises(ValueError, match="no candidate for 'red'"):
+        same_length_replacement(tokenizer, "a red circle", "red", ["light blue", "red"])
+    with pytest.raises(ValueError, match="is not a word of"):
+        same_length_replacement(tokenizer, "a red circle", "green", ["blue"])
