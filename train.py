@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
         return 2
     if cfg.task == "fit_clip":
         from m2ib_lightning.tasks.fit_clip import run
+    elif cfg.task == "probe":
+        from m2ib_lightning.tasks.probe import run
     else:
         from m2ib_lightning.tasks.attribute import run
     run(cfg)

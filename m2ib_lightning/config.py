@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -97,7 +97,33 @@ class AttributeConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig}
+@dataclass
+class ProbeData:
+    num_pairs: int = 12  # minimal pairs of the held-out world, cycling through the attributes
+    attributes: List[str] = field(default_factory=lambda: ["colour", "shape", "position"])
+
+
+@dataclass
+class ProbeSettings:
+    modalities: List[str] = field(default_factory=lambda: ["image", "text"])  # which side is corrupted
+    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "head"])
+    direction: str = "denoise"
+    batch_size: int = 256
+    min_gap: float = 1e-3
+
+
+@dataclass
+class ProbeConfig:
+    task: str = "probe"
+    seed: int = 0
+    output_dir: str = "runs/probe_shapes"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: ProbeData = field(default_factory=ProbeData)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+
+
+SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "probe": ProbeConfig}
 
 
 class ConfigError(ValueError):
@@ -137,7 +163,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
             raise ConfigError(f"bad config key {key!r} in {source}: {err.msg if hasattr(err, 'msg') else err}") from err
-    _check_trainer_keys(config)
+    if "trainer" in config:
+        _check_trainer_keys(config)
     if "m2ib" in config:
         try:
             M2IBConfig(**config.m2ib)

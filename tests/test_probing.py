@@ -68,17 +68,22 @@ def test_positions_the_corruption_cannot_reach_have_no_effect(model, text_pair):
         assert effect[:, 3:7].abs().sum() > 0, site
 
 
-@pytest.mark.parametrize("site,positions", [("resid", "each"), ("mlp", "all"), ("head", "each"), ("head", "all")])
+@pytest.mark.parametrize(
+    "site,positions", [("resid", "each"), ("mlp", "all"), ("head", "each"), ("head", "all"), ("head", "pooled")]
+)
 def test_batched_cells_equal_one_cell_at_a_time(model, image_pair, site, positions):
     clean, corrupt, choices = image_pair
     batched = ActivationPatching(model, batch_size=64).run(clean, corrupt, choices, modality="image", site=site, positions=positions)
     single = ActivationPatching(model, batch_size=1).run(clean, corrupt, choices, modality="image", site=site, positions=positions)
     layers, tokens, heads = 4, 17, 4
-    expected = {"each": (layers, tokens), "all": (layers, 1)}[positions]
+    expected = {"each": (layers, tokens), "all": (layers, 1), "pooled": (layers, 1)}[positions]
     if site == "head":
         expected = (layers, tokens, heads) if positions == "each" else (layers, heads)
     assert batched.effect.shape == expected
     torch.testing.assert_close(batched.patched_ld, single.patched_ld, atol=1e-5, rtol=1e-5)
+    if positions == "pooled":  # the CLS column of patching each position
+        each = ActivationPatching(model).run(clean, corrupt, choices, modality="image", site=site, positions="each")
+        torch.testing.assert_close(batched.patched_ld, each.patched_ld[:, 0], atol=1e-5, rtol=1e-5)
 
 
 def test_hooks_are_removed_also_after_an_error(model, image_pair):
@@ -124,3 +129,27 @@ def test_symmetric_token_replacement_keeps_the_token_count():
         same_length_replacement(tokenizer, "a red circle", "red", ["light blue", "red"])
     with pytest.raises(ValueError, match="is not a word of"):
         same_length_replacement(tokenizer, "a red circle", "green", ["blue"])
+
+
+def test_probe_run_writes_effects_heatmaps_and_summary(tmp_path, tiny_bundle):
+    import json
+
+    from safetensors.torch import load_file
+
+    from m2ib_lightning.config import CONFIG_DIR, load_config
+    from m2ib_lightning.tasks.probe import run
+
+    cfg = load_config(CONFIG_DIR / "probe_shapes.yaml", [
+        f"output_dir={tmp_path}", f"model.name_or_path={tiny_bundle}", "data.num_pairs=3", "probe.sites=[resid,head]",
+    ])
+    summary = run(cfg)
+    effects = load_file(tmp_path / "effects.safetensors")
+    assert set(effects) == {f"{m}/{s}/{k}" for m in ("image", "text") for s in ("resid", "head") for k in ("mean", "raw")}
+    assert effects["image/resid/mean"].shape == (2, 65) and effects["image/resid/raw"].shape == (3, 2, 65)
+    assert effects["image/head/mean"].shape == (2, 2)
+    # the last layer's residual at the pooled token is all the tower passes on: it restores the clean score
+    torch.testing.assert_close(effects["image/resid/mean"][-1, 0], torch.tensor(1.0), atol=1e-3, rtol=0)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"image_resid.png", "image_head.png", "text_resid.png", "text_head.png"}
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["sites"]["image/resid"]["pairs"] == 3 and "universal_heads" in saved
+    assert summary["important_heads"].keys() == {f"{a}/{m}" for a in ("colour", "shape", "position") for m in ("image", "text")}

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.hf_clip import projected_features
+from ..backbones.hf_clip import HFCLIPBackbone, projected_features
 from ..engine import eval_mode
 
 Site = Literal["resid", "mlp", "head"]
@@ -156,6 +156,12 @@ class ActivationPatching:
                 out.append(self._logit_difference(self._embed(modality, rows), choices))
         return torch.cat(out)
 
+    def _pooled_position(self, modality: str, inputs: dict[str, Tensor]) -> int:
+        """The token the tower pools into its embedding: CLS for images, EOS (HF's rule) for text."""
+        if modality == "image":
+            return 0
+        return int(HFCLIPBackbone(self.model).pool_index(inputs["input_ids"])[0])
+
     # ------------------------------------------------------------------- api
     @torch.no_grad()
     def run(
@@ -166,13 +172,14 @@ class ActivationPatching:
         *,
         modality: Literal["image", "text"],
         site: Site = "resid",
-        positions: Literal["each", "all"] = "each",
+        positions: Literal["each", "all", "pooled"] = "each",
         direction: Literal["denoise", "noise"] = "denoise",
     ) -> PatchingResult:
         """Patch every cell of ``site`` and return the normalised effects.
 
         ``clean``/``corrupt``: the corrupted modality's input of one sample (pixels (1, 3, H, W), or
-        ``{"input_ids", "attention_mask"}`` of shape (1, L), the same length in both); ``choices``: the
+        ``{"input_ids", "attention_mask"}`` of shape (1, L), the same length in both); ``positions``: each
+        token in turn, all at once, or only the ``pooled`` one (CLS / EOS); ``choices``: the
         other modality's two candidates, the right one for ``clean`` first. ``denoise`` patches clean
         activations into the corrupted run, ``noise`` corrupted ones into the clean run; either way the
         effect is (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt).
@@ -181,8 +188,8 @@ class ActivationPatching:
             raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
         if site not in SITES:
             raise ValueError(f"site must be one of {SITES}, got {site!r}")
-        if positions not in ("each", "all"):
-            raise ValueError(f"positions must be 'each' or 'all', got {positions!r}")
+        if positions not in ("each", "all", "pooled"):
+            raise ValueError(f"positions must be 'each', 'all' or 'pooled', got {positions!r}")
         if direction not in ("denoise", "noise"):
             raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
         key = "pixel_values" if modality == "image" else "input_ids"
@@ -206,7 +213,8 @@ class ActivationPatching:
             layers = len(_layers(self.model, modality))
             tokens = clean[key].shape[1] if modality == "text" else next(iter(cache.values())).shape[0]
             heads = _layers(self.model, modality)[0].self_attn.num_heads
-            wheres = list(range(tokens)) if positions == "each" else [None]
+            wheres = {"each": list(range(tokens)), "all": [None], "pooled": [self._pooled_position(modality, clean)]}
+            wheres = wheres[positions]
             if site == "head":
                 cells = [Cell(l, p, h) for l in range(layers) for p in wheres for h in range(heads)]
                 shape = (layers, tokens, heads) if positions == "each" else (layers, heads)
@@ -222,12 +230,17 @@ class ActivationPatching:
 
 
 def mean_effect(results: list[PatchingResult]) -> tuple[Tensor, Tensor]:
-    """Mean over the unflagged samples, and the raw (samples, ...) stack with NaN for flagged ones."""
-    stack = torch.stack([r.effect for r in results])
-    kept = [r.effect for r in results if not r.flagged]
-    if not kept:
+    """Mean over the unflagged samples, and the raw (samples, ...) stack with NaN for flagged ones.
+
+    Samples of different token counts are NaN-padded along positions; the mean skips the padding.
+    """
+    width = max(r.effect.shape[1] for r in results)
+    stack = torch.stack([F.pad(r.effect, (0, 0) * (r.effect.dim() - 2) + (0, width - r.effect.shape[1]), value=math.nan)
+                         if r.effect.shape[1] < width else r.effect for r in results])
+    kept = stack[[not r.flagged for r in results]]
+    if not len(kept):
         raise ValueError("every sample is flagged (clean and corrupted logit differences too close)")
-    return torch.stack(kept).mean(0), stack
+    return kept.nanmean(0), stack
 
 
 def important_heads(mean_abs_effect: Tensor, num_std: float = 2.0) -> list[tuple[int, int]]:
