@@ -23,6 +23,8 @@ def main(argv: list[str]) -> int:
         from m2ib_lightning.tasks.fit_clip import run
     elif cfg.task == "probe":
         from m2ib_lightning.tasks.probe import run
+    elif cfg.task == "evaluate":
+        from m2ib_lightning.tasks.evaluate import run
     else:
         from m2ib_lightning.tasks.attribute import run
     run(cfg)

@@ -123,7 +123,33 @@ class ProbeConfig:
     probe: ProbeSettings = field(default_factory=ProbeSettings)
 
 
-SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "probe": ProbeConfig}
+@dataclass
+class EvaluateData:
+    num_samples: int = 48  # held-out pairs of the shapes world
+    batch_size: int = 16
+
+
+@dataclass
+class BaselineSettings:
+    grad_x_activation_layer: int = 0  # vision block whose tokens Grad x Activation explains
+    integrated_gradients_steps: int = 16
+
+
+@dataclass
+class EvaluateConfig:
+    task: str = "evaluate"
+    seed: int = 0
+    output_dir: str = "runs/evaluate_shapes"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: EvaluateData = field(default_factory=EvaluateData)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    m2ib: M2IBConfig = field(default_factory=M2IBConfig)
+    methods: List[str] = field(default_factory=lambda: ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "random"])
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    faithfulness_steps: int = 10
+
+
+SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "probe": ProbeConfig, "evaluate": EvaluateConfig}
 
 
 class ConfigError(ValueError):
