@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from .mean import MeanOverSamples
 
 
 def perturbation_curve(
@@ -44,21 +45,8 @@ def curve_auc(curves: Tensor) -> Tensor:
     return (curves[:, 1:] + curves[:, :-1]).sum(1) / (2 * steps)
 
 
-class CurveAUC(Metric):
+class CurveAUC(MeanOverSamples):
     """Mean area under deletion or insertion curves over all samples seen (summed across processes)."""
 
-    full_state_update = False
-    is_differentiable = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, curves: Tensor) -> None:
-        aucs = curve_auc(curves)
-        self.total += aucs.sum().double()
-        self.count += aucs.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float()
+    def _per_sample(self, curves: Tensor) -> Tensor:
+        return curve_auc(curves)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from .mean import MeanOverSamples
 
 
 def _check(maps: Tensor, masks: Tensor) -> None:
@@ -38,37 +39,19 @@ def mask_energy(maps: Tensor, masks: Tensor) -> Tensor:
     return torch.where(total > 0, (flat * inside).sum(1) / total.clamp_min(1e-300), 0).float()
 
 
-class _MeanOverSamples(Metric):
-    full_state_update = False
-    higher_is_better = True
-    is_differentiable = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def _per_sample(self, maps: Tensor, masks: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def update(self, maps: Tensor, masks: Tensor) -> None:
-        scores = self._per_sample(maps, masks)
-        self.total += scores.sum().double()
-        self.count += scores.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float()
-
-
-class PointingGame(_MeanOverSamples):
+class PointingGame(MeanOverSamples):
     """Mean pointing-game hit rate over all samples seen (summed across processes)."""
+
+    higher_is_better = True
 
     def _per_sample(self, maps: Tensor, masks: Tensor) -> Tensor:
         return pointing_game(maps, masks)
 
 
-class MaskEnergy(_MeanOverSamples):
+class MaskEnergy(MeanOverSamples):
     """Mean share of map energy inside the mask over all samples seen (summed across processes)."""
+
+    higher_is_better = True
 
     def _per_sample(self, maps: Tensor, masks: Tensor) -> Tensor:
         return mask_energy(maps, masks)
