@@ -169,14 +169,14 @@ class TowerObjective:
         self.copied_state = state.repeat_interleave(copies)
         self.copied_target = target.detach().repeat_interleave(copies, dim=0)
         self.element_mask = state.token_mask[:, :, None].to(self.hidden.dtype)
+        self.real = state.token_mask[:, None, :, None]  # (B, 1, T, 1): positions that get noise
         self.elements = state.token_mask.sum(1).to(self.hidden.dtype) * self.hidden.shape[-1]
 
     def __call__(self, alpha: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden, (batch, tokens, dim) = self.hidden, self.hidden.shape
         mu, var = masked_moments(hidden, alpha)
         nats = capacity(mu, var) * self.element_mask  # the same for every noise copy
-        real = self.token_mask[:, None, :, None]
-        noisy = torch.where(real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
+        noisy = torch.where(self.real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
         embedding = self.backbone.tail(self.modality, noisy.reshape(batch * self.copies, tokens, dim), self.copied_state)
         fit = F.cosine_similarity(embedding, self.copied_target, dim=-1, eps=1e-6).view(batch, self.copies).mean(1)
         return nats.sum((1, 2)) / self.elements, fit, nats

@@ -37,13 +37,16 @@ class HFCLIPBackbone:
         if not _is_hf_clip(model):
             raise TypeError(f"model must be a transformers.CLIPModel, got {type(model).__name__}")
         self.module = model
-        self.pooled_row_only = pooled_row_only
         self.config = model.config
         self._vision = model.vision_model
         self._text = model.text_model
         # 4.4x encoder layers take a separate, required `causal_attention_mask`.
         block_params = inspect.signature(self._vision.encoder.layers[0].forward).parameters
         self._needs_causal_arg = "causal_attention_mask" in block_params
+        # The pooled-row shortcut needs CLIP's own block layout; anything else runs its last block whole.
+        self._row_shortcut = {
+            modality: pooled_row_only and self._has_standard_blocks(self._blocks(modality)[-1]) for modality in ("image", "text")
+        }
 
     # ----------------------------------------------------------------- layout
     def _blocks(self, modality: Modality) -> nn.ModuleList:
@@ -132,7 +135,8 @@ class HFCLIPBackbone:
         out = hidden[rows, pool_index] + attn.out_proj(mixed)
         return out + block.mlp(block.layer_norm2(out))
 
-    def _has_standard_blocks(self, block: nn.Module) -> bool:
+    @staticmethod
+    def _has_standard_blocks(block: nn.Module) -> bool:
         attn = getattr(block, "self_attn", None)
         return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale"))
 
@@ -161,7 +165,7 @@ class HFCLIPBackbone:
         blocks = self._blocks(modality)[state.layer + 1 :]
         bias, pool_index = state.attention_bias, state.pool_index
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if len(blocks) and self.pooled_row_only and self._has_standard_blocks(blocks[-1]):
+        if len(blocks) and self._row_shortcut[modality]:
             for block in blocks[:-1]:
                 hidden = self._run_block(block, hidden, bias)
             pooled = self._pooled_row(blocks[-1], hidden, bias, pool_index)
