@@ -82,3 +82,13 @@ def test_m2ib_on_the_shipped_model_localises_better_than_random(tmp_path):
     assert summary["total_in_output"] == 100
     assert m2ib["pointing_game"] >= 0.6
     assert m2ib["pointing_game"] > random["pointing_game"] and m2ib["energy"] > random["energy"]
+
+
+def test_training_image_conversion_equals_the_saved_processor():
+    """Training skips the processor for speed; its arithmetic must be the processor's."""
+    _, processor = load_clip(SHIPPED)
+    to_tensor = ImageToTensor(processor.image_processor, 64)
+    for index in range(4):
+        image = ShapesWorld(seed=1).sample(index).image
+        expected = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(to_tensor(image), expected, atol=1e-6, rtol=0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor, nn
 
 Modality = Literal["image", "text"]

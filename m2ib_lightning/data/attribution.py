@@ -28,8 +28,9 @@ def sample_seed(run_seed: int, sample_id: str) -> int:
 
 def world_records(world: ShapesWorld, count: int) -> list[PairRecord]:
     """The first ``count`` samples of a (held-out) world as records."""
-    samples = (world.sample(i) for i in range(count))
-    return [PairRecord(s.id, s.text, partial(_world_image, world, i)) for i, s in enumerate(samples)]
+    return [
+        PairRecord(world.sample_id(i), world.caption_of(i)[0].text, partial(_world_image, world, i)) for i in range(count)
+    ]
 
 
 def _world_image(world: ShapesWorld, index: int) -> Image.Image:

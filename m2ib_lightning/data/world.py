@@ -256,11 +256,18 @@ class ShapesWorld:
         referred = {i for i, o in enumerate(scene.objects) for spec in caption.named if _matches(o, spec)}
         return tuple(sorted(referred | set(preferred)))
 
+    def sample_id(self, index: int) -> str:
+        return f"shapes-{self.seed}-{index}"
+
+    def caption_of(self, index: int) -> tuple[Caption, tuple[int, ...]]:
+        """The caption of sample ``index`` and the objects it names, without drawing anything."""
+        return self.caption(self.scene(index), self._rng(index, 1))
+
     def sample(self, index: int) -> WorldSample:
         scene = self.scene(index)
-        caption, named = self.caption(scene, self._rng(index, 1))
+        caption, named = self.caption_of(index)
         image, masks = render(scene)
-        return WorldSample(f"shapes-{self.seed}-{index}", scene, caption, self._referred(scene, caption, named), image, masks)
+        return WorldSample(self.sample_id(index), scene, caption, self._referred(scene, caption, named), image, masks)
 
     def minimal_pair(self, index: int, attribute: Attribute | None = None) -> tuple[WorldSample, WorldSample, Attribute]:
         """The scene of ``index`` and a copy with one attribute of one object changed, with matching captions.
@@ -272,7 +279,6 @@ class ShapesWorld:
         rng = self._rng(index, 2)
         scene = self.scene(index)
         target = rng.randrange(len(scene.objects))
-        obj = scene.objects[target]
         attributes: list[Attribute] = [attribute] if attribute else ["colour", "shape", "position"]
         for choice in rng.sample(attributes, len(attributes)):
             changed = self._change(rng, scene, target, choice)

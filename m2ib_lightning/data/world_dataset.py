@@ -81,13 +81,13 @@ class WorldRetrieval(Dataset):
 
     def __init__(self, pairs: WorldPairs, candidates: int = 8, seed: int = 0):
         self.pairs, self.candidates, self.seed = pairs, candidates, seed
-        self.captions = [pairs.sample(i).caption for i in range(len(pairs))]
+        self.captions = [pairs.world.caption_of(pairs.start + i)[0] for i in range(len(pairs))]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def candidate_texts(self, index: int) -> list[str]:
-        scene = self.pairs.sample(index).scene
+        scene = self.pairs.world.scene(self.pairs.start + index)
         rng = random.Random(f"{self.seed}:{index}")
         own = self.captions[index].text
         pool = [c.text for c in self.captions if not c.describes(scene) and c.text != own]

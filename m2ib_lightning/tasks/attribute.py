@@ -17,6 +17,7 @@ from callbacks import AttributionWriter, TensorBoardAttributionLogger
 from ..data.attribution import PairDataModule, world_index, world_records
 from ..data.manifest import read_pairs
 from ..data.world import ShapesWorld
+from .common import prepare_output, world_of
 from ..engine import M2IBConfig
 from ..metrics import MaskEnergy, PointingGame
 from ..models.shapes_clip import load_clip
@@ -61,18 +62,14 @@ def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(cfg, save_config=False)  # rank 0 saves it once the run is known to be resumable
     _check_resumable(out, cfg)
     model, processor = load_clip(cfg.model.name_or_path)
     world = None
     if cfg.data.manifest:
         records, upfront_failures = read_pairs(cfg.data.manifest)
     else:
-        world = ShapesWorld(
-            seed=cfg.world.heldout_seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects,
-            noise=cfg.world.noise,
-        )
+        world = world_of(cfg)
         records, upfront_failures = world_records(world, cfg.data.num_samples), []
     already = done_ids(out)
     datamodule = PairDataModule(

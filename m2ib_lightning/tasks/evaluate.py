@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -13,11 +12,11 @@ from torch import Tensor
 
 from ..baselines import BASELINES, GradientSaliency, ImageTextScore, IntegratedGradientsMap, RandomMap, TokenGradientXActivation
 from ..data.attribution import sample_seed
-from ..data.world import ShapesWorld
 from ..engine import M2IB, M2IBConfig
 from ..metrics import CurveAUC, MaskEnergy, PointingGame, perturbation_curve
 from ..models.shapes_clip import load_clip
 from ..results import atomic_write
+from .common import prepare_output, world_of
 
 MapFn = Callable[[Tensor, Tensor, Tensor, list[str]], Tensor]
 
@@ -46,14 +45,10 @@ def _methods(cfg: DictConfig, model) -> dict[str, MapFn]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    out = prepare_output(cfg)
     model, processor = load_clip(cfg.model.name_or_path)
     methods = _methods(cfg, model)
-    world = ShapesWorld(
-        seed=cfg.world.heldout_seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects, noise=cfg.world.noise
-    )
+    world = world_of(cfg)
     metrics = {
         name: {"pointing_game": PointingGame(), "energy": MaskEnergy(), "deletion_auc": CurveAUC(), "insertion_auc": CurveAUC()}
         for name in methods

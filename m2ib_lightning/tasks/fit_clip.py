@@ -14,15 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ..contrastive import ContrastiveCLIP
-from ..data.world import ShapesWorld
 from ..data.world_dataset import ImageToTensor, WorldPairs, WorldRetrieval, collate_pairs, collate_retrieval
 from ..models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
+from .common import prepare_output, world_of
 
 RETRIEVAL_CANDIDATES = 8
-
-
-def world_of(cfg: DictConfig, seed: int) -> ShapesWorld:
-    return ShapesWorld(seed=seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects, noise=cfg.world.noise)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -30,8 +26,7 @@ def run(cfg: DictConfig) -> Path:
     from transformers import CLIPProcessor
 
     L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(cfg, save_config=False)  # the config goes into fit_summary.json
     tokenizer = build_tokenizer()
     image_processor = build_image_processor(cfg.world.image_size)
     to_tensor = ImageToTensor(image_processor, cfg.world.image_size)

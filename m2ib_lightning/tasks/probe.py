@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from ..data.world import ShapesWorld, WorldSample
+from ..data.world import WorldSample
 from ..models.shapes_clip import load_clip
 from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect
 from ..results import atomic_write
 from ..visualize import heat_colours
+from .common import prepare_output, world_of
 
 
 def _pair_inputs(processor, clean: WorldSample, corrupt: WorldSample, modality: str) -> tuple[Any, Any, Any]:
@@ -47,13 +48,9 @@ def _heatmap_png(values: torch.Tensor, path: Path, cell: int = 12) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    out = prepare_output(cfg)
     model, processor = load_clip(cfg.model.name_or_path)
-    world = ShapesWorld(
-        seed=cfg.world.heldout_seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects, noise=cfg.world.noise
-    )
+    world = world_of(cfg)
     probe = ActivationPatching(model, batch_size=cfg.probe.batch_size, min_gap=cfg.probe.min_gap)
     start = time.perf_counter()
     results: dict[tuple[str, str, str], list[PatchingResult]] = {}  # (attribute, modality, site) -> per pair
