@@ -21,13 +21,19 @@ def main(argv: list[str]) -> int:
         return 2
     if cfg.task == "fit_clip":
         from m2ib_lightning.tasks.fit_clip import run
+    elif cfg.task == "fit_vqa":
+        from m2ib_lightning.tasks.fit_vqa import run
     elif cfg.task == "probe":
         from m2ib_lightning.tasks.probe import run
     elif cfg.task == "evaluate":
         from m2ib_lightning.tasks.evaluate import run
     else:
         from m2ib_lightning.tasks.attribute import run
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as err:  # found once the model is known (an adapter name, a layer out of range)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

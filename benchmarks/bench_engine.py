@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from naive_m2ib import naive_m2ib  # noqa: E402
+from m2ib_lightning.testing import naive_m2ib  # noqa: E402
 
 import m2ib_lightning  # noqa: E402
 

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -37,14 +37,14 @@ def _cut_partial_line(path: Path) -> None:
 class AttributionWriter(BasePredictionWriter):
     """Writes each predict batch as it finishes; see ``m2ib_lightning.results`` for the layout.
 
-    ``image_mean``/``image_std`` undo the processor's normalisation for overlays.
+    ``display_image`` (the adapter's) turns pixel values back into a picture for overlays.
     """
 
-    def __init__(self, output_dir: str | Path, *, overlays: bool = True, image_mean=None, image_std=None):
+    def __init__(self, output_dir: str | Path, *, overlays: bool = True, display_image: Callable | None = None):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
-        self.overlays = overlays and image_mean is not None
-        self.image_mean, self.image_std = image_mean, image_std
+        self.overlays = overlays and display_image is not None
+        self.display_image = display_image
         self.run_token = f"{time.time_ns():x}"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -68,6 +68,7 @@ class AttributionWriter(BasePredictionWriter):
         tensors = {
             "image_capacity": capacity.contiguous(),
             "image_map_grid": minmax(capacity).contiguous(),
+            "image_token_capacity": prediction["image_token_capacity"].contiguous(),
             "text_capacity": prediction["text_capacity"].contiguous(),
             "text_map": prediction["text_maps"].contiguous(),
         }
@@ -80,6 +81,7 @@ class AttributionWriter(BasePredictionWriter):
                 "id": sample_id,
                 "text": prediction["text"][row],
                 "tokens": prediction["tokens"][row][:length],
+                "special": prediction["special"][row][:length],
                 "shard": shard,
                 "row": row,
                 "length": length,
@@ -89,10 +91,10 @@ class AttributionWriter(BasePredictionWriter):
                 "text_fit": float(prediction["text_fit"][row]),
             }) + "\n")
             if self.overlays:
-                self._write_overlay(prediction, batch, row)
+                self._write_overlay(prediction, row)
         _append_lines(index_path(self.output_dir, rank), lines)
 
-    def _write_overlay(self, prediction: dict[str, Any], batch: dict[str, Any], row: int) -> None:
-        figure = prediction_figure(prediction, batch["pixel_values"][row], row, self.image_mean, self.image_std)
+    def _write_overlay(self, prediction: dict[str, Any], row: int) -> None:
+        figure = prediction_figure(prediction, row, self.display_image)
         path = self.output_dir / OVERLAY_DIR / f"{safe_name(prediction['id'][row])}.png"
         atomic_write(path, lambda tmp: figure.save(tmp, format="PNG"))

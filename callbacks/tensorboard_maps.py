@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -15,11 +15,11 @@ from m2ib_lightning.visualize import grid, prediction_figure
 class TensorBoardAttributionLogger(L.Callback):
     """Logs to the trainer's ``TensorBoardLogger`` (rank 0 only, as Lightning's loggers do)."""
 
-    def __init__(self, every_n_batches: int = 10, max_figures: int = 8, image_mean=None, image_std=None):
+    def __init__(self, every_n_batches: int = 10, max_figures: int = 8, display_image: Callable | None = None):
         if every_n_batches < 1:
             raise ValueError(f"every_n_batches must be >= 1, got {every_n_batches}")
         self.every_n_batches, self.max_figures = every_n_batches, max_figures
-        self.image_mean, self.image_std = image_mean, image_std
+        self.display_image = display_image
         self.samples, self.start = 0, 0.0
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -43,9 +43,9 @@ class TensorBoardAttributionLogger(L.Callback):
         if pl_module.last_batch_seconds > 0:
             writer.add_scalar("throughput/batch_samples_per_s", len(outputs["id"]) / pl_module.last_batch_seconds, batch_idx)
         writer.add_scalar("throughput/run_samples_per_s", self.samples / (time.perf_counter() - self.start), batch_idx)
-        if batch_idx % self.every_n_batches == 0 and self.image_mean is not None:
-            writer.add_image("maps", np.asarray(self._figures(outputs, batch)), batch_idx, dataformats="HWC")
+        if batch_idx % self.every_n_batches == 0 and self.display_image is not None:
+            writer.add_image("maps", np.asarray(self._figures(outputs)), batch_idx, dataformats="HWC")
 
-    def _figures(self, outputs: dict[str, Any], batch: Any):
+    def _figures(self, outputs: dict[str, Any]):
         rows = range(min(self.max_figures, len(outputs["id"])))
-        return grid([prediction_figure(outputs, batch["pixel_values"][r], r, self.image_mean, self.image_std) for r in rows])
+        return grid([prediction_figure(outputs, r, self.display_image) for r in rows])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones.hf_clip import projected_features
+from .backbones.base import features
 from .engine import eval_mode, image_maps_from_capacity, minmax
 
 
@@ -28,11 +28,11 @@ class ImageTextScore(nn.Module):
         super().__init__()
         self.model = model
         with torch.no_grad():
-            text = projected_features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+            text = features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
         self.register_buffer("text", F.normalize(text, dim=-1), persistent=False)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        image = projected_features(self.model.get_image_features(pixel_values=pixel_values))
+        image = features(self.model.get_image_features(pixel_values=pixel_values))
         copies, rest = divmod(image.shape[0], self.text.shape[0])
         if rest:
             raise ValueError(f"{image.shape[0]} images for {self.text.shape[0]} captions")

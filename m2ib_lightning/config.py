@@ -66,6 +66,29 @@ class FitClipConfig:
 
 
 @dataclass
+class FitVQAModel:
+    patch_size: int = 8
+    width: int = 128
+    vision_layers: int = 4
+    text_layers: int = 4
+    heads: int = 4
+
+
+@dataclass
+class FitVQAConfig:
+    task: str = "fit_vqa"
+    seed: int = 0
+    output_dir: str = "runs/fit_shapes_vqa"
+    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
+    init_vision_from: Optional[str] = "builtin:shapes-clip"  # a CLIP whose vision tower starts the BLIP one
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: FitData = field(default_factory=FitData)
+    model: FitVQAModel = field(default_factory=FitVQAModel)
+    optim: FitOptim = field(default_factory=FitOptim)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class AttributeData:
     manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
     num_samples: int = 64  # without a manifest: this many held-out pairs of the shapes world
@@ -75,7 +98,8 @@ class AttributeData:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "builtin:shapes-clip"
+    name_or_path: str = "builtin:shapes-clip"  # hub name, local directory (hub layout) or builtin:NAME
+    adapter: str = "auto"  # auto (from config.json's model_type), a registered name, or package.module:Factory
 
 
 @dataclass
@@ -149,7 +173,7 @@ class EvaluateConfig:
     faithfulness_steps: int = 10
 
 
-SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "probe": ProbeConfig, "evaluate": EvaluateConfig}
+SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "probe": ProbeConfig, "evaluate": EvaluateConfig}
 
 
 class ConfigError(ValueError):

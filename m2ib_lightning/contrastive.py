@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones.hf_clip import projected_features
+from .backbones.base import features
 
 
 def multi_positive_contrastive_loss(logits: Tensor, positives: Tensor) -> Tensor:
@@ -35,8 +35,8 @@ class ContrastiveCLIP(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
 
     def _embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        image = projected_features(self.model.get_image_features(pixel_values=batch["pixel_values"]))
-        text = projected_features(self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+        image = features(self.model.get_image_features(pixel_values=batch["pixel_values"]))
+        text = features(self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import MODALITIES, Modality, TowerState, VisionLanguageBackbone, as_backbone
+from .backbones import MODALITIES, Modality, TowerState, VisionLanguageBackbone, as_backbone, resolve_layer
 from .backbones.base import other, tower_inputs
 from .bottleneck import INITIAL_ALPHA, capacity, masked_moments, sample
 
@@ -30,7 +30,7 @@ Seeds = int | Sequence[int] | Tensor
 class M2IBConfig:
     """Hyper-parameters of the fit; the defaults are the reference's."""
 
-    vision_layer: int = 9
+    vision_layer: int = 9  # negative: counted from the last block (-1)
     text_layer: int = 9
     beta: float = 0.1
     steps: int = 10
@@ -87,8 +87,8 @@ class AttributionResult:
 
     ``image_maps`` (B, H, W) and ``text_maps`` (B, L) are min-max normalised to
     [0, 1] (text maps are zero beyond each sample's length); ``image_capacity``
-    (B, 1 + rows * cols, CLS first) and ``text_capacity`` (B, L) are the raw
-    per-token capacities in nats.
+    (B, prefix tokens + rows * cols: CLS first where the model has one, none for
+    SigLIP) and ``text_capacity`` (B, L) are the raw per-token capacities in nats.
     """
 
     image_maps: Tensor
@@ -102,7 +102,7 @@ class AttributionResult:
 
     @property
     def image_patch_capacity(self) -> Tensor:
-        """Raw capacity on the patch grid (B, rows, cols), CLS dropped."""
+        """Raw capacity on the patch grid (B, rows, cols), prefix tokens (CLS) dropped."""
         rows, cols = self.patch_grid
         return self.image_capacity[:, -rows * cols :].reshape(-1, rows, cols)
 
@@ -292,14 +292,16 @@ class M2IB:
     >>> result = explainer.attribute(pixel_values, input_ids, attention_mask, seed=0)
     """
 
-    def __init__(self, model: Any, config: M2IBConfig | None = None):
-        self.backbone = as_backbone(model)
+    def __init__(self, model: Any, config: M2IBConfig | None = None, *, adapter: str = "auto"):
+        self.backbone = as_backbone(model, adapter)
         self.config = config or M2IBConfig()
-        for modality in MODALITIES:
-            layer, count = self.config.layer(modality), self.backbone.num_layers(modality)
-            name = "vision_layer" if modality == "image" else "text_layer"
-            if not 0 <= layer < count:
-                raise ValueError(f"{name}={layer} is out of range: the {modality} tower has blocks 0..{count - 1}")
+        #: the block of each tower, negative indices resolved
+        self.layers: dict[Modality, int] = {
+            m: resolve_layer(
+                self.config.layer(m), self.backbone.num_layers(m), "vision_layer" if m == "image" else "text_layer", f"the {m} tower"
+            )
+            for m in MODALITIES
+        }
 
     @property
     def device(self) -> torch.device:
@@ -308,6 +310,23 @@ class M2IB:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.backbone.module.parameters()).dtype
+
+    def screen(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[str | None]:
+        """Per sample, why :meth:`attribute` would refuse it (non-finite pixels, no end-of-text token, too long, ...), or None.
+
+        Lets a dataset run attribute the good samples of a batch and record the others.
+        """
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        reasons: list[str | None] = []
+        for b in range(pixel_values.shape[0]):
+            length = int(mask[b].nonzero().max()) + 1 if bool(mask[b].any()) else input_ids.shape[1]
+            try:
+                pixels, ids, sample_mask = _check_inputs(pixel_values[b : b + 1], input_ids[b : b + 1, :length], mask[b : b + 1, :length])
+                self.backbone.validate_inputs(pixels.to(self.device, self.dtype), ids.to(self.device), sample_mask.to(self.device))
+                reasons.append(None)
+            except (ValueError, TypeError) as err:
+                reasons.append(str(err))
+        return reasons
 
     def attribute(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, seed: Seeds = 0
@@ -361,7 +380,7 @@ class M2IB:
         with torch.no_grad():
             inputs = {m: tower_inputs(m, pixel_values, input_ids, attention_mask) for m in MODALITIES}
             targets = {m: self.backbone.embed(m, inputs[m]) for m in MODALITIES}
-            states = {m: self.backbone.prefix(m, inputs[m], self.config.layer(m)) for m in MODALITIES}
+            states = {m: self.backbone.prefix(m, inputs[m], self.layers[m]) for m in MODALITIES}
         with torch.enable_grad():
             return {m: fit_tower(self.backbone, m, states[m], targets[other(m)], seeds, self.config) for m in MODALITIES}
 
@@ -383,7 +402,8 @@ def attribute(
 ) -> AttributionResult:
     """M2IB image and text maps for a batch of pairs; see :class:`M2IB`.
 
-    ``model`` is a ``transformers.CLIPModel`` or a backbone adapter; ``seed`` an
+    ``model`` is a ``transformers.CLIPModel``, ``SiglipModel`` or ``BlipForImageTextRetrieval``, any model a
+    registered adapter accepts, or an adapter itself; layers may be negative (-1: the last block); ``seed`` an
     int for every sample or a 1-D tensor with one seed per sample. With one
     sample and seed ``s`` the result equals the official implementation's after
     ``torch.manual_seed(s)`` before each of its two map calls.

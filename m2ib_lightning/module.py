@@ -17,36 +17,57 @@ from .engine import M2IB, M2IBConfig
 
 
 class M2IBModule(L.LightningModule):
-    """Fits M2IB for every pair of a batch; the backbone is injected and frozen."""
+    """Fits M2IB for every pair of a batch; the backbone (a model or an adapter) is injected and frozen.
 
-    def __init__(self, model: Any, m2ib: M2IBConfig | None = None):
+    A sample the engine would refuse (non-finite pixels, no end-of-text token,
+    too long) is reported in ``failures`` and the rest of its batch is attributed.
+    """
+
+    def __init__(self, backbone: Any, m2ib: M2IBConfig | None = None, *, adapter: str = "auto"):
         super().__init__()
-        self.explainer = M2IB(model, m2ib or M2IBConfig())
+        self.explainer = M2IB(backbone, m2ib or M2IBConfig(), adapter=adapter)
         self.model = self.explainer.backbone.module  # registered, so that Lightning moves it to the device
         self.save_hyperparameters({"m2ib": vars(self.explainer.config)})
         self.last_batch_seconds = 0.0
 
+    @property
+    def backbone(self) -> Any:
+        return self.explainer.backbone
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        failures = list(batch["failures"])
         if not batch["id"]:  # every record of this batch failed to load
-            return {"id": [], "failures": batch["failures"]}
+            return {"id": [], "failures": failures}
+        reasons = self.explainer.screen(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        failures += [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
+        keep = [b for b, r in enumerate(reasons) if r is None]
+        if not keep:
+            return {"id": [], "failures": failures}
+        rows = torch.tensor(keep, device=batch["input_ids"].device)
+        mask = batch["attention_mask"][rows]
+        width = int(mask.sum(1).max())  # padding no kept sample needs is cut
         start = time.perf_counter()
         with torch.enable_grad():
             result = self.explainer.attribute(
-                batch["pixel_values"], batch["input_ids"], batch["attention_mask"], seed=batch["seed"]
+                batch["pixel_values"][rows], batch["input_ids"][rows, :width], mask[:, :width], seed=batch["seed"][rows.cpu()]
             )
         self.last_batch_seconds = time.perf_counter() - start
         cpu = lambda t: t.detach().cpu()  # noqa: E731
+        pick = lambda key: [batch[key][b] for b in keep]  # noqa: E731
         return {
-            "failures": batch["failures"],
-            "id": batch["id"],
-            "text": batch["text"],
-            "tokens": batch["tokens"],
+            "failures": failures,
+            "id": pick("id"),
+            "text": pick("text"),
+            "tokens": pick("tokens"),
+            "special": pick("special"),
+            "pixel_values": cpu(batch["pixel_values"][rows]),
             "image_size": tuple(batch["pixel_values"].shape[-2:]),
             "patch_grid": result.patch_grid,
             "image_capacity": cpu(result.image_patch_capacity),
+            "image_token_capacity": cpu(result.image_capacity),
             "text_capacity": cpu(result.text_capacity),
             "text_maps": cpu(result.text_maps),
-            "lengths": cpu(batch["attention_mask"].sum(1)),
+            "lengths": cpu(mask.sum(1)),
             "image_fit": cpu(result.image_fit),
             "text_fit": cpu(result.text_fit),
             "curves": {k: cpu(v) for k, v in result.curves.items()},

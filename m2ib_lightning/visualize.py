@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .engine import image_maps_from_capacity
+from .backbones.base import clean_token
+from .engine import image_maps_from_capacity, minmax
 
 _FONT = ImageFont.load_default()
 
@@ -19,12 +21,6 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     low = np.floor(position).astype(int).clip(0, len(stops) - 2)
     frac = (position - low)[..., None]
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
-
-
-def to_uint8_image(pixel_values: Tensor, mean: list[float], std: list[float]) -> np.ndarray:
-    """Undo the processor's normalisation: (3, H, W) float -> (H, W, 3) uint8."""
-    image = pixel_values.detach().cpu().float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -66,12 +62,25 @@ def pair_figure(image: np.ndarray, heat: np.ndarray, tokens: list[str], weights:
     return figure
 
 
-def prediction_figure(prediction: dict, pixel_values: Tensor, row: int, image_mean: list[float], image_std: list[float]) -> Image.Image:
-    """The pair figure of one row of an ``M2IBModule.predict_step`` output."""
+def display_text(tokens: list[str], special: list[bool], weights: Tensor) -> tuple[list[str], list[float]]:
+    """The text map as the official plots show it: special tokens (BOS/EOS/CLS/SEP/padding) left out, markers
+    (``</w>``, ``##``) stripped, and the remaining weights min-maxed again."""
+    keep = [i for i, is_special in enumerate(special) if not is_special]
+    if not keep:
+        return [], []
+    kept = minmax(weights[keep][None].float())[0]
+    return [clean_token(tokens[i]) for i in keep], kept.tolist()
+
+
+def prediction_figure(prediction: dict, row: int, display_image: Callable[[Tensor], np.ndarray]) -> Image.Image:
+    """The pair figure of one row of an ``M2IBModule.predict_step`` output; ``display_image`` is the adapter's."""
     capacity, length = prediction["image_capacity"][row], int(prediction["lengths"][row])
     heat = image_maps_from_capacity(capacity.flatten()[None], tuple(capacity.shape), prediction["image_size"])[0]
-    image = to_uint8_image(pixel_values, image_mean, image_std)
-    return pair_figure(image, heat.numpy(), prediction["tokens"][row][:length], prediction["text_maps"][row, :length].tolist())
+    image = display_image(prediction["pixel_values"][row])
+    tokens, weights = display_text(
+        prediction["tokens"][row][:length], prediction["special"][row][:length], prediction["text_maps"][row, :length]
+    )
+    return pair_figure(image, heat.numpy(), tokens, weights)
 
 
 def grid(figures: list[Image.Image], columns: int = 4) -> Image.Image:

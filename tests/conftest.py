@@ -69,3 +69,40 @@ def tiny_bundle(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     CLIPProcessor(image_processor=build_image_processor(64), tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+def tiny_siglip(seed: int = 0, *, layers: int = 3):
+    """A small random SigLIP (attention-pooling vision head, last-position text pooling)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=12, projection_size=48),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+    )
+    return SiglipModel(config).eval()
+
+
+def tiny_blip_itc(seed: int = 0, *, layers: int = 3):
+    """A small random BLIP image-text retrieval model, used in its contrastive (ITC) mode."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, encoder_hidden_size=48, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=16,
+                         pad_token_id=0, bos_token_id=97, sep_token_id=EOS),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                           image_size=32, patch_size=8, initializer_range=0.2),
+        image_text_hidden_size=24,
+    )
+    return BlipForImageTextRetrieval(config).eval()
+
+
+def tiny_plain(seed: int = 0):
+    from plain_dual_encoder import PlainDualEncoder
+
+    torch.manual_seed(seed)
+    return PlainDualEncoder().eval()

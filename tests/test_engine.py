@@ -18,7 +18,7 @@ from conftest import make_images, make_texts, tiny_clip
 from m2ib_lightning import M2IB, M2IBConfig, attribute
 from m2ib_lightning.backbones import as_backbone
 from m2ib_lightning.engine import TowerObjective
-from naive_m2ib import naive_m2ib
+from m2ib_lightning.testing import naive_m2ib
 
 
 # transformers 4.4x's own CLIP text tower cannot run in float64 (it fills a float32 mask with float64's min).

@@ -15,8 +15,8 @@ PIXELS = make_images(2)
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(vision_layer=4), ValueError, r"vision_layer=4 is out of range: the image tower has blocks 0\.\.3"),
-        (dict(text_layer=-1), ValueError, r"text_layer=-1 is out of range"),
+        (dict(vision_layer=4), ValueError, r"vision_layer=4 is out of range: the image tower has 4 blocks, so use 0\.\.3 \(or -4\.\.-1"),
+        (dict(text_layer=-5), ValueError, r"text_layer=-5 is out of range: the text tower has 4 blocks"),
         (dict(vision_layer=1.0), TypeError, r"vision_layer must be an int"),
         (dict(steps=0), ValueError, r"steps must be >= 1"),
         (dict(num_noise=0), ValueError, r"num_noise must be >= 1"),

@@ -11,7 +11,7 @@ import torch
 from m2ib_lightning import attribute
 from m2ib_lightning.config import ConfigError, load_config
 from m2ib_lightning.data.attribution import sample_seed
-from m2ib_lightning.models.shapes_clip import load_clip
+from m2ib_lightning.backbones import load_backbone
 from m2ib_lightning import read_attributions
 from m2ib_lightning.results import done_ids, index_entries, safe_name
 from m2ib_lightning.tasks.attribute import run
@@ -40,7 +40,8 @@ def test_run_exports_maps_that_read_back_equal_to_the_engine(tmp_path, tiny_bund
 
     records = list(read_attributions(out))
     assert len(records) == 6 and len({r.id for r in records}) == 6
-    model, processor = load_clip(str(tiny_bundle))
+    backbone = load_backbone(str(tiny_bundle))
+    model, processor = backbone.module, backbone.processor
     first = records[0]
     from m2ib_lightning.data.world import ShapesWorld
 

@@ -8,13 +8,19 @@ import torch
 from m2ib_lightning.config import CONFIG_DIR, load_config
 from m2ib_lightning.data.world import ShapesWorld
 from m2ib_lightning.data.world_dataset import WorldPairs, WorldRetrieval, collate_retrieval, ImageToTensor
-from m2ib_lightning.models.shapes_clip import SHIPPED_MODELS, load_clip, resolve_model_path
+from m2ib_lightning.backbones import load_backbone, resolve_model_path
+from m2ib_lightning.backbones.loading import SHIPPED_MODELS
+
+
+def load_clip(name_or_path):
+    backbone = load_backbone(name_or_path, "hf_clip")
+    return backbone.module, backbone.processor
 
 SHIPPED = "builtin:shapes-clip"
 
 
 def test_shipped_model_is_a_hub_layout_directory_under_10_mb():
-    path = SHIPPED_MODELS["shapes-clip"]
+    path = SHIPPED_MODELS["shapes-clip"][0]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json"):
         assert (path / name).is_file(), name
     assert sum(f.stat().st_size for f in path.iterdir()) < 10 * 2**20

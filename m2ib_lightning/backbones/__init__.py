@@ -1,44 +1,45 @@
-"""Backbone adapters: a registry, a factory, and the protocol they meet."""
+"""Backbone adapters: the protocol they meet, the ones shipped, and the registry every task reads."""
 
-from __future__ import annotations
-
-from typing import Any, Callable
-
-from torch import nn
-
-from .base import MODALITIES, Modality, TowerState, VisionLanguageBackbone
-from .hf_clip import HFCLIPBackbone, _is_hf_clip
-
-#: name -> callable(model, **options) -> backbone adapter
-BACKBONES: dict[str, Callable[..., VisionLanguageBackbone]] = {"hf_clip": HFCLIPBackbone}
-
-
-def register_backbone(name: str, factory: Callable[..., VisionLanguageBackbone]) -> None:
-    """Make an adapter available by name (e.g. from a config's ``model.adapter``)."""
-    if name in BACKBONES:
-        raise ValueError(f"a backbone adapter named {name!r} is already registered")
-    BACKBONES[name] = factory
-
-
-def as_backbone(model: Any, **options: Any) -> VisionLanguageBackbone:
-    """Wrap a plain model in its adapter; an adapter is returned as it is."""
-    if isinstance(model, VisionLanguageBackbone):
-        return model
-    if isinstance(model, nn.Module) and _is_hf_clip(model):
-        return HFCLIPBackbone(model, **options)
-    raise TypeError(
-        f"model must be a transformers.CLIPModel or a backbone adapter (see m2ib_lightning.backbones), "
-        f"got {type(model).__name__}"
-    )
-
+from .base import (
+    MODALITIES,
+    HFPreprocessing,
+    Modality,
+    TextEncoding,
+    TowerState,
+    VisionLanguageBackbone,
+    resolve_layer,
+)
+from .hf_blip import HFBlipITCBackbone
+from .hf_clip import HFCLIPBackbone
+from .hf_siglip import HFSiglipBackbone
+from .loading import resolve_model_path
+from .registry import (
+    BACKBONES,
+    UnknownAdapterError,
+    adapter_factory,
+    adapter_for_config,
+    as_backbone,
+    load_backbone,
+    register_backbone,
+)
 
 __all__ = [
     "BACKBONES",
     "MODALITIES",
+    "HFBlipITCBackbone",
     "HFCLIPBackbone",
+    "HFPreprocessing",
+    "HFSiglipBackbone",
     "Modality",
+    "TextEncoding",
     "TowerState",
+    "UnknownAdapterError",
     "VisionLanguageBackbone",
+    "adapter_factory",
+    "adapter_for_config",
     "as_backbone",
+    "load_backbone",
     "register_backbone",
+    "resolve_layer",
+    "resolve_model_path",
 ]

@@ -3,15 +3,19 @@
 The M2IB engine never touches a model directly: it asks an adapter to run one
 tower up to the output of block ``layer`` (the *prefix*, run once per sample)
 and to run the rest of the tower from there to the projected embedding (the
-*tail*, run at every fitting step). Anything model specific, such as the token
-layout, pooling and masks, stays behind this protocol.
+*tail*, run at every fitting step). Runs also ask the adapter to turn an image
+and a caption into model inputs, and to name tokens for display. Anything
+model specific (loading, preprocessing, token layout, pooling, masks) stays
+behind this protocol.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 Modality = Literal["image", "text"]
@@ -23,13 +27,14 @@ class TowerState:
     """A tower's residual stream after block ``layer``, plus what its tail needs.
 
     ``hidden`` is (B, T, D); ``token_mask`` (B, T) marks real tokens;
-    ``pool_index`` (B,) is the position the tower pools into its embedding;
-    ``attention_bias`` is an optional additive (B, 1, T, T) mask for the tail.
+    ``pool_index`` (B,) is the position the tower pools into its embedding (or
+    None when it pools over every token, like an attention-pooling head);
+    ``attention_bias`` is an optional additive (B, 1, T, T) or (B, 1, 1, T) mask for the tail.
     """
 
     hidden: Tensor
     token_mask: Tensor
-    pool_index: Tensor
+    pool_index: Tensor | None
     layer: int
     attention_bias: Tensor | None = None
 
@@ -45,14 +50,29 @@ class TowerState:
         )
 
 
+@dataclass(frozen=True)
+class TextEncoding:
+    """Token ids of one caption, cut to the model's limit; ``full_length`` is the count before the cut."""
+
+    ids: list[int]
+    full_length: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.ids)
+
+
 @runtime_checkable
 class VisionLanguageBackbone(Protocol):
     """What the engine needs from a dual-encoder model."""
 
     #: The wrapped ``nn.Module`` (switched to eval mode during a fit, never modified).
     module: nn.Module
-    #: Tokens before the patch grid in the image tower (1 for CLS).
+    #: Tokens before the patch grid in the image tower (1 for CLS, 0 for SigLIP).
     num_prefix_tokens: int
+
+    def blocks(self, modality: Modality) -> Sequence[nn.Module]:
+        """The tower's encoder blocks; block ``l``'s output is the residual stream M2IB edits at layer ``l``."""
 
     def num_layers(self, modality: Modality) -> int:
         """Number of encoder blocks of the tower."""
@@ -61,7 +81,7 @@ class VisionLanguageBackbone(Protocol):
         """(rows, cols) of the patch grid for images of this size."""
 
     def embed(self, modality: Modality, inputs: dict[str, Tensor]) -> Tensor:
-        """Clean projected embedding (B, P) of a whole batch."""
+        """Clean projected embedding (B, P) of a whole batch, through the model's own forward."""
 
     def prefix(self, modality: Modality, inputs: dict[str, Tensor], layer: int) -> TowerState:
         """Run the tower up to and including block ``layer``."""
@@ -71,6 +91,77 @@ class VisionLanguageBackbone(Protocol):
 
     def validate_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
         """Raise ValueError naming the argument if the inputs do not fit this model."""
+
+
+class HFPreprocessing:
+    """Preprocessing through a Hugging Face processor (``image_processor`` + ``tokenizer``), for runs.
+
+    Subclasses set ``processor`` (or None: the adapter then serves the engine
+    only) and ``max_text_positions``; ``pad_to_max_length`` is for models used
+    with fixed-length text and no attention mask (SigLIP).
+    """
+
+    processor: Any = None
+    max_text_positions: int = 0
+    pad_to_max_length: bool = False
+
+    def _require_processor(self) -> Any:
+        if self.processor is None:
+            raise RuntimeError(
+                f"{type(self).__name__} was built without a processor; load it with from_pretrained(name_or_path) "
+                "to preprocess images and captions"
+            )
+        return self.processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._require_processor().tokenizer
+
+    @property
+    def text_limit(self) -> int:
+        """Longest token sequence the model takes: the tokenizer's limit, unless it is a 'no limit' sentinel."""
+        limit = self.tokenizer.model_max_length
+        return self.max_text_positions if limit is None or limit > self.max_text_positions else int(limit)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    def image_inputs(self, image: Any) -> Tensor:
+        """One RGB image as the model's (C, H, W) pixel values."""
+        processor = self._require_processor()
+        return processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def text_inputs(self, text: str) -> TextEncoding:
+        """One caption as token ids, cut to :attr:`text_limit` (and padded to it for fixed-length models)."""
+        tokenizer, limit = self.tokenizer, self.text_limit
+        full = len(tokenizer(text)["input_ids"])
+        padding = "max_length" if self.pad_to_max_length else False
+        ids = tokenizer(text, truncation=True, max_length=limit, padding=padding)["input_ids"]
+        return TextEncoding(list(ids), full)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The tokenizer's pieces, markers included (``cat</w>``, ``##s``): what exports keep."""
+        return self.tokenizer.convert_ids_to_tokens(list(ids))
+
+    def special_mask(self, ids: Sequence[int]) -> list[bool]:
+        """True for special tokens (BOS, EOS, CLS, SEP, padding), which displays leave out."""
+        special = set(self.tokenizer.all_special_ids)
+        return [int(i) in special for i in ids]
+
+    def display_image(self, pixel_values: Tensor) -> np.ndarray:
+        """Undo the processor's normalisation: (3, H, W) float -> (H, W, 3) uint8."""
+        image_processor = self._require_processor().image_processor
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(3, 1, 1)
+        image = pixel_values.detach().cpu().float() * std + mean
+        return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def clean_token(token: str) -> str:
+    """A tokenizer piece without its word markers: ``cat</w>`` -> ``cat``, ``##s`` -> ``s``, ``▁cat`` -> ``cat``."""
+    return token.removesuffix("</w>").removeprefix("##").removeprefix("▁").removeprefix("Ġ")
 
 
 def tower_inputs(modality: Modality, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
@@ -84,3 +175,29 @@ def other(modality: Modality) -> Modality:
     return "text" if modality == "image" else "image"
 
 
+def resolve_layer(layer: int, count: int, name: str, tower: str = "the tower") -> int:
+    """A block index, negative ones counted from the end (-1 is the last block); ValueError naming ``name`` if out of range."""
+    if not -count <= layer < count:
+        raise ValueError(
+            f"{name}={layer} is out of range: {tower} has {count} blocks, so use 0..{count - 1} (or -{count}..-1 from the end)"
+        )
+    return layer % count
+
+
+def block_output(output: Any) -> Tensor:
+    """A block's hidden states: 5.x blocks return a tensor, 4.x blocks a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def features(output: Any) -> Tensor:
+    """``get_*_features`` returns a tensor in 4.x and an output object in 5.x."""
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+def padding_bias(token_mask: Tensor, dtype: torch.dtype, causal: bool = False) -> Tensor:
+    """One additive (B, 1, T, T) mask: real keys only (and causal, if asked)."""
+    t = token_mask.shape[1]
+    allowed = token_mask[:, None, None, :].expand(-1, 1, t, t)
+    if causal:
+        allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=token_mask.device).tril()
+    return torch.zeros(allowed.shape, dtype=dtype, device=token_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)

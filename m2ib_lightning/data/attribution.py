@@ -1,7 +1,9 @@
-"""Image-text pairs to attribute, preprocessed by the backbone's own processor.
+"""Image-text pairs to attribute, turned into model inputs by the backbone adapter.
 
 A sample's noise seed derives from the run seed and the sample id alone, so
 its maps do not depend on order, batch size, worker count or device count.
+The adapter owns preprocessing (``image_inputs``, ``text_inputs``,
+``pad_token_id``); nothing here knows a model family.
 """
 
 from __future__ import annotations
@@ -43,12 +45,11 @@ def world_index(sample_id: str) -> int:
 
 
 class PairDataset(Dataset):
-    """Records minus those already done, as model inputs."""
+    """Records minus those already done, as model inputs made by the backbone adapter."""
 
-    def __init__(self, records: Sequence[PairRecord], processor: Any, run_seed: int, skip_ids: set[str] = frozenset()):
+    def __init__(self, records: Sequence[PairRecord], backbone: Any, run_seed: int, skip_ids: set[str] = frozenset()):
         self.records = [r for r in records if r.id not in skip_ids]
-        self.processor, self.run_seed = processor, run_seed
-        self.max_length = processor.tokenizer.model_max_length
+        self.backbone, self.run_seed = backbone, run_seed
 
     def __len__(self) -> int:
         return len(self.records)
@@ -57,23 +58,21 @@ class PairDataset(Dataset):
         """A model-ready sample, or ``{"id", "failure"}`` for a record that cannot be attributed."""
         record = self.records[index]
         try:
-            image = record.load_image()
-            pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            pixels = self.backbone.image_inputs(record.load_image())
         except BadImage as err:
             return {"id": record.id, "failure": Failure(record.id, str(err))}
-        tokenizer = self.processor.tokenizer
-        full = tokenizer(record.text)["input_ids"]
-        ids = tokenizer(record.text, truncation=True, max_length=self.max_length)["input_ids"]
+        text = self.backbone.text_inputs(record.text)
         item = {
             "id": record.id,
             "text": record.text,
             "pixel_values": pixels,
-            "input_ids": ids,
-            "tokens": tokenizer.convert_ids_to_tokens(ids),
+            "input_ids": text.ids,
+            "tokens": self.backbone.token_strings(text.ids),
+            "special": self.backbone.special_mask(text.ids),
             "seed": sample_seed(self.run_seed, record.id),
         }
-        if len(full) > len(ids):
-            reason = f"caption truncated from {len(full)} to {len(ids)} tokens (the model's limit)"
+        if text.truncated:
+            reason = f"caption truncated from {text.full_length} to {len(text.ids)} tokens (the model's limit)"
             item["warning"] = Failure(record.id, reason, "warning")
         return item
 
@@ -91,6 +90,7 @@ def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, A
         "id": [item["id"] for item in items],
         "text": [item["text"] for item in items],
         "tokens": [item["tokens"] for item in items],
+        "special": [item["special"] for item in items],
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "input_ids": ids,
         "attention_mask": mask,
@@ -104,7 +104,7 @@ class PairDataModule(L.LightningDataModule):
     def __init__(
         self,
         records: Sequence[PairRecord],
-        processor: Any,
+        backbone: Any,
         *,
         run_seed: int,
         batch_size: int = 8,
@@ -112,8 +112,8 @@ class PairDataModule(L.LightningDataModule):
         skip_ids: set[str] = frozenset(),
     ):
         super().__init__()
-        self.dataset = PairDataset(records, processor, run_seed, skip_ids)
-        self.pad_id = processor.tokenizer.pad_token_id or 0
+        self.dataset = PairDataset(records, backbone, run_seed, skip_ids)
+        self.pad_id = backbone.pad_token_id
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def predict_dataloader(self) -> DataLoader:

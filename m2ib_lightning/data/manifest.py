@@ -63,7 +63,7 @@ def _rows(path: Path) -> list[tuple[str, dict | None, str | None]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -73,14 +73,14 @@ def _rows(path: Path) -> list[tuple[str, dict | None, str | None]]:
                 rows.append((f"line {number}", None, f"invalid JSON: {err.msg}"))
         return rows
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             missing = {"id", "image", "text"} - set(reader.fieldnames or ())
             if missing:
                 raise ValueError(f"manifest {path} lacks the columns {sorted(missing)} (needs id, image, text)")
             return [(f"line {number}", row, None) for number, row in enumerate(reader, 2)]
     if suffix == ".json":
-        coco = json.loads(path.read_text(encoding="utf-8"))
+        coco = json.loads(path.read_text(encoding="utf-8-sig"))
         if not isinstance(coco, dict) or "annotations" not in coco or "images" not in coco:
             raise ValueError(f"{path} is not COCO captions JSON (needs 'images' and 'annotations')")
         files = {image["id"]: image.get("file_name") for image in coco["images"]}
@@ -96,7 +96,7 @@ def _folder_rows(folder: Path) -> list[tuple[str, dict | None, str | None]]:
     if not captions.is_file():
         raise ValueError(f"folder {folder} has no {CAPTIONS_FILE} (one 'FILE_NAME<TAB>CAPTION' per line)")
     rows = []
-    for number, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(captions.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         name, _, text = line.partition("\t")

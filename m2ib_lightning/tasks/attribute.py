@@ -17,11 +17,10 @@ from callbacks import AttributionWriter, TensorBoardAttributionLogger
 from ..data.attribution import PairDataModule, world_index, world_records
 from ..data.manifest import read_pairs
 from ..data.world import ShapesWorld
-from .common import prepare_output, world_of
 from ..engine import M2IBConfig
 from ..metrics import MaskEnergy, PointingGame
-from ..models.shapes_clip import load_clip
 from ..module import M2IBModule
+from .common import backbone_of, check_layers, prepare_output, world_of
 from ..results import FAILURES_FILE, atomic_write, done_ids, failures_path, merged_failures, read_attributions
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
@@ -64,7 +63,8 @@ def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = prepare_output(cfg, save_config=False)  # rank 0 saves it once the run is known to be resumable
     _check_resumable(out, cfg)
-    model, processor = load_clip(cfg.model.name_or_path)
+    backbone = backbone_of(cfg)
+    check_layers(cfg, backbone)
     world = None
     if cfg.data.manifest:
         records, upfront_failures = read_pairs(cfg.data.manifest)
@@ -73,18 +73,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         records, upfront_failures = world_records(world, cfg.data.num_samples), []
     already = done_ids(out)
     datamodule = PairDataModule(
-        records, processor, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
+        records, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers, skip_ids=already,
     )
-    module = M2IBModule(model, M2IBConfig(**cfg.m2ib))
-    image_processor = processor.image_processor
-    colours = dict(image_mean=image_processor.image_mean, image_std=image_processor.image_std)
+    module = M2IBModule(backbone, M2IBConfig(**cfg.m2ib))
+    display_image = getattr(backbone, "display_image", None)
     trainer = L.Trainer(
         inference_mode=False,
         logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
         callbacks=[
-            AttributionWriter(out, overlays=cfg.export.overlays, **colours),
-            TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, **colours),
+            AttributionWriter(out, overlays=cfg.export.overlays, display_image=display_image),
+            TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, display_image=display_image),
         ],
         **OmegaConf.to_container(cfg.trainer),
     )

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..backbones import MODALITIES, UnknownAdapterError, load_backbone, resolve_layer
+from ..config import ConfigError
 from ..data.world import ShapesWorld
 from ..results import atomic_write
 
@@ -23,3 +25,21 @@ def prepare_output(cfg: DictConfig, save_config: bool = True) -> Path:
     if save_config:
         atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
     return out
+
+
+def backbone_of(cfg: DictConfig):
+    """The adapter ``model.name_or_path`` / ``model.adapter`` name, loaded with its processor; a bad name is a ConfigError."""
+    try:
+        return load_backbone(cfg.model.name_or_path, cfg.model.adapter)
+    except UnknownAdapterError as err:
+        raise ConfigError(f"model.adapter={cfg.model.adapter!r}: {err}") from err
+
+
+def check_layers(cfg: DictConfig, backbone) -> None:
+    """``m2ib.vision_layer`` / ``m2ib.text_layer`` within the loaded model's towers, before any work."""
+    for modality in MODALITIES:
+        key = "vision_layer" if modality == "image" else "text_layer"
+        try:
+            resolve_layer(cfg.m2ib[key], backbone.num_layers(modality), f"m2ib.{key}", f"the {modality} tower of {cfg.model.name_or_path}")
+        except ValueError as err:
+            raise ConfigError(str(err)) from err

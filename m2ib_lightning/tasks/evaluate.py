@@ -14,9 +14,8 @@ from ..baselines import BASELINES, GradientSaliency, ImageTextScore, IntegratedG
 from ..data.attribution import sample_seed
 from ..engine import M2IB, M2IBConfig
 from ..metrics import CurveAUC, MaskEnergy, PointingGame, perturbation_curve
-from ..models.shapes_clip import load_clip
 from ..results import atomic_write
-from .common import prepare_output, world_of
+from .common import backbone_of, prepare_output, world_of
 
 MapFn = Callable[[Tensor, Tensor, Tensor, list[str]], Tensor]
 
@@ -46,7 +45,8 @@ def _methods(cfg: DictConfig, model) -> dict[str, MapFn]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = prepare_output(cfg)
-    model, processor = load_clip(cfg.model.name_or_path)
+    backbone = backbone_of(cfg)
+    model, processor = backbone.module, backbone.processor
     methods = _methods(cfg, model)
     world = world_of(cfg)
     metrics = {

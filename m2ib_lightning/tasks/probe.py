@@ -20,11 +20,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ..data.world import WorldSample
-from ..models.shapes_clip import load_clip
 from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect
 from ..results import atomic_write
 from ..visualize import heat_colours
-from .common import prepare_output, world_of
+from .common import backbone_of, prepare_output, world_of
 
 
 def _pair_inputs(processor, clean: WorldSample, corrupt: WorldSample, modality: str) -> tuple[Any, Any, Any]:
@@ -49,7 +48,8 @@ def _heatmap_png(values: torch.Tensor, path: Path, cell: int = 12) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = prepare_output(cfg)
-    model, processor = load_clip(cfg.model.name_or_path)
+    backbone = backbone_of(cfg)
+    model, processor = backbone.module, backbone.processor
     world = world_of(cfg)
     probe = ActivationPatching(model, batch_size=cfg.probe.batch_size, min_gap=cfg.probe.min_gap)
     start = time.perf_counter()

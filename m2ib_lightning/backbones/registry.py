@@ -1,0 +1,109 @@
+"""One registry of backbone adapters, read by ``as_backbone``, ``load_backbone``, ``train.py`` and every task.
+
+An adapter is named in three ways (``model.adapter`` in a config):
+``auto`` (from an in-memory model's class, or from a checkpoint's
+``config.json``), a registered name (``hf_clip``, ``hf_siglip``,
+``hf_blip_itc``), or a dotted path ``package.module:Factory`` to a user's own.
+A factory is called as ``Factory(model, **options)`` to wrap a model and, to
+load one, as ``Factory.from_pretrained(name_or_path, **options)``; ``auto``
+also asks each registered factory ``accepts(model)`` and compares its
+``model_types`` (and ``architectures``) with the checkpoint's config.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from .base import VisionLanguageBackbone
+from .hf_blip import HFBlipITCBackbone
+from .hf_clip import HFCLIPBackbone
+from .hf_siglip import HFSiglipBackbone
+from .loading import read_model_config
+
+AdapterFactory = Callable[..., VisionLanguageBackbone]
+
+#: name -> adapter factory, in the order ``auto`` tries them
+BACKBONES: dict[str, AdapterFactory] = {
+    "hf_clip": HFCLIPBackbone,
+    "hf_siglip": HFSiglipBackbone,
+    "hf_blip_itc": HFBlipITCBackbone,
+}
+
+
+class UnknownAdapterError(ValueError):
+    """An adapter name, dotted path or model that no registered adapter serves."""
+
+
+def register_backbone(name: str, factory: AdapterFactory, *, overwrite: bool = False) -> None:
+    """Make an adapter available by name, e.g. to a config's ``model.adapter`` and to ``auto``."""
+    if not name or ":" in name:
+        raise ValueError(f"an adapter name must be non-empty and hold no ':', got {name!r}")
+    if name in BACKBONES and not overwrite:
+        raise ValueError(f"a backbone adapter named {name!r} is already registered")
+    BACKBONES[name] = factory
+
+
+def _registered() -> str:
+    return ", ".join(sorted(BACKBONES))
+
+
+def adapter_factory(adapter: str) -> AdapterFactory:
+    """The factory a registered name or a ``package.module:Factory`` path names."""
+    if adapter in BACKBONES:
+        return BACKBONES[adapter]
+    if ":" in adapter:
+        module_name, _, attribute = adapter.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise UnknownAdapterError(f"adapter {adapter!r}: cannot import {module_name!r} ({err})") from err
+        factory = getattr(module, attribute, None)
+        if factory is None or not callable(factory):
+            raise UnknownAdapterError(f"adapter {adapter!r}: {module_name!r} has no callable {attribute!r}")
+        return factory
+    raise UnknownAdapterError(
+        f"no backbone adapter named {adapter!r}; registered adapters: {_registered()} "
+        "(or 'auto', or a dotted path package.module:Factory)"
+    )
+
+
+def as_backbone(model: Any, adapter: str = "auto", **options: Any) -> VisionLanguageBackbone:
+    """Wrap an in-memory model in its adapter; an adapter is returned as it is."""
+    if isinstance(model, VisionLanguageBackbone):
+        return model
+    if adapter != "auto":
+        return adapter_factory(adapter)(model, **options)
+    for factory in BACKBONES.values():
+        accepts = getattr(factory, "accepts", None)
+        if accepts is not None and accepts(model):
+            return factory(model, **options)
+    raise UnknownAdapterError(
+        f"no registered backbone adapter accepts a {type(model).__name__}; registered adapters: {_registered()}. "
+        "Pass an adapter (see m2ib_lightning.backbones and docs/backbones.md) or register one with register_backbone"
+    )
+
+
+def adapter_for_config(config: dict[str, Any]) -> str:
+    """The registered adapter whose ``model_types`` (and ``architectures``, if it names some) fit a ``config.json``."""
+    model_type, architectures = config.get("model_type"), set(config.get("architectures") or ())
+    for name, factory in BACKBONES.items():
+        if model_type not in getattr(factory, "model_types", ()):
+            continue
+        wanted = set(getattr(factory, "architectures", ()))
+        if not wanted or not architectures or wanted & architectures:
+            return name
+    raise UnknownAdapterError(
+        f"no registered backbone adapter for model_type={model_type!r} (architectures {sorted(architectures)}); "
+        f"registered adapters: {_registered()}. Name one with model.adapter=NAME or package.module:Factory"
+    )
+
+
+def load_backbone(name_or_path: str, adapter: str = "auto", **options: Any) -> VisionLanguageBackbone:
+    """Load a checkpoint (hub name, local directory or ``builtin:NAME``) with its processor, wrapped in its adapter."""
+    name = adapter_for_config(read_model_config(name_or_path)) if adapter == "auto" else adapter
+    factory = adapter_factory(name)
+    load = getattr(factory, "from_pretrained", None)
+    if load is None:
+        raise UnknownAdapterError(f"adapter {name!r} cannot load checkpoints: it has no from_pretrained(name_or_path)")
+    return load(name_or_path, **options)

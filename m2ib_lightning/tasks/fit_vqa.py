@@ -1,0 +1,169 @@
+"""Train the small BLIP VQA model of the shapes world with Lightning ``fit`` and save it in the hub layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS, ShapesVQA
+from ..data.world_dataset import ImageToTensor, pad_token_ids
+from ..models.shapes_blip_vqa import (
+    build_shapes_blip_vqa,
+    build_vqa_image_processor,
+    build_vqa_tokenizer,
+    first_step_logits,
+    init_vision_from_clip,
+)
+from .common import prepare_output, world_of
+
+
+class VQAQuestions(Dataset):
+    """Samples ``0 .. count`` of a :class:`ShapesVQA` as model inputs; labels are ``[DEC] answer [SEP]``."""
+
+    def __init__(self, vqa: ShapesVQA, count: int, tokenizer: Any, to_tensor: ImageToTensor):
+        self.vqa, self.count, self.tokenizer, self.to_tensor = vqa, count, tokenizer, to_tensor
+        self.kind_ids = {kind: i for i, kind in enumerate(QUESTION_KINDS)}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _answer_id(self, word: str) -> int:
+        (token,) = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        return token
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.vqa.sample(index)
+        q = item.question
+        answer = self._answer_id(q.answer)
+        return {
+            "pixel_values": self.to_tensor(item.sample.image),
+            "input_ids": self.tokenizer(q.text)["input_ids"],
+            "labels": [self.tokenizer.bos_token_id, answer, self.tokenizer.sep_token_id],
+            "answer": answer,
+            "wrong": self._answer_id(q.wrong) if q.wrong else -1,
+            "kind": self.kind_ids[q.kind],
+        }
+
+
+def collate_questions(items: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    ids, mask = pad_token_ids([item["input_ids"] for item in items], pad_id)
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.tensor([item["labels"] for item in items]),
+        "answer": torch.tensor([item["answer"] for item in items]),
+        "wrong": torch.tensor([item["wrong"] for item in items]),
+        "kind": torch.tensor([item["kind"] for item in items]),
+    }
+
+
+class VQATraining(L.LightningModule):
+    """Fits an injected ``BlipForQuestionAnswering`` on one-word answers; validates accuracy per question kind."""
+
+    def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        for kind, correct in answer_accuracy(self.model, batch).items():
+            self.log(f"val/acc_{kind}", correct.float().mean(), batch_size=len(correct), prog_bar=kind in TWO_CHOICE_KINDS)
+
+    def configure_optimizers(self):
+        named = list(self.model.named_parameters())
+        decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+        rest = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@torch.no_grad()
+def answer_accuracy(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per kind, whether the first answer token is right: the argmax over the whole vocabulary, as the model answers."""
+    logits = first_step_logits(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    correct = logits.argmax(-1) == batch["answer"]
+    return {kind: correct[batch["kind"] == i] for i, kind in enumerate(QUESTION_KINDS) if (batch["kind"] == i).any()}
+
+
+def run(cfg: DictConfig) -> Path:
+    """Fit, validate on held-out questions, and ``save_pretrained`` model, tokenizer and processor."""
+    from transformers import BlipProcessor
+
+    from ..backbones import load_backbone
+
+    L.seed_everything(cfg.seed, workers=True)
+    out = prepare_output(cfg, save_config=False)
+    tokenizer = build_vqa_tokenizer()
+    image_processor = build_vqa_image_processor(cfg.world.image_size)
+    to_tensor = ImageToTensor(image_processor, cfg.world.image_size)
+    model = build_shapes_blip_vqa(tokenizer, image_size=cfg.world.image_size, seed=cfg.seed, **cfg.model)
+    if cfg.init_vision_from:
+        init_vision_from_clip(model, load_backbone(cfg.init_vision_from, "hf_clip").module)
+
+    train = VQAQuestions(ShapesVQA(world_of(cfg, cfg.world.seed)), cfg.data.train_samples, tokenizer, to_tensor)
+    heldout = VQAQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor)
+    collate = partial(collate_questions, pad_id=tokenizer.pad_token_id)
+    train_loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                              num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    val_loader = DataLoader(heldout, batch_size=128, collate_fn=collate)
+    module = VQATraining(model, **cfg.optim)
+    trainer = L.Trainer(
+        default_root_dir=str(out),
+        logger=TensorBoardLogger(str(out), name="tensorboard"),
+        callbacks=[ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True),
+                   LearningRateMonitor(logging_interval="step")],
+        **OmegaConf.to_container(cfg.trainer),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader)
+    wall = time.perf_counter() - start
+    metrics = trainer.validate(module, val_loader, verbose=False)[0]
+
+    save_to = Path(cfg.save_to) if cfg.save_to else out / "model"
+    model.save_pretrained(save_to)
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(save_to)
+    image_processor.save_pretrained(save_to)
+    summary = {
+        "steps": trainer.global_step,
+        "wall_time_s": round(wall, 1),
+        "heldout_accuracy": {k.removeprefix("val/acc_"): round(float(v), 4) for k, v in metrics.items()},
+        "model_dir": str(save_to),
+        "config": OmegaConf.to_container(cfg),
+    }
+    (out / "fit_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"saved the model to {save_to} after {summary['steps']} steps, {wall / 60:.1f} min; "
+          f"held-out accuracy per kind: {summary['heldout_accuracy']}")
+    return save_to

@@ -1,0 +1,309 @@
+"""Conformance checks for backbone adapters, and the naive M2IB reference they are checked against.
+
+Run ``check_backbone(adapter, example_inputs)`` on your own adapter (see
+docs/backbones.md): it fails with :class:`BackboneCheckError`, whose message
+names the broken property, or returns the list of properties that hold.
+Use a batch of at least two samples whose texts differ in length, and a
+float64 model for the M2IB comparison (``check_backbone(MyAdapter(model.double()), ...)``):
+in float32, Adam at lr 1 amplifies last-bit differences to ~1e-5 over a fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import MODALITIES, Modality, VisionLanguageBackbone, as_backbone
+from .backbones.base import other, tower_inputs
+from .engine import M2IB, M2IBConfig, minmax
+
+
+class BackboneCheckError(AssertionError):
+    """A conformance property that does not hold; ``prop`` names it."""
+
+    def __init__(self, prop: str, detail: str):
+        super().__init__(f"{prop}: {detail}")
+        self.prop = prop
+
+
+# ----------------------------------------------------------------- naive reference
+def _cut(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One sample's text without its trailing padding."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    length = int(mask[0].nonzero().max()) + 1
+    return input_ids[:, :length], mask[:, :length]
+
+
+def naive_m2ib(
+    model: Any,
+    pixel_values: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    vision_layer: int,
+    text_layer: int,
+    beta: float = 0.1,
+    steps: int = 10,
+    lr: float = 1.0,
+    num_noise: int = 10,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """M2IB of one pair the way the official code (YingWANGG/M2IB, ce4d7a0) computes it, on any adapter.
+
+    Deliberately slow and simple: the bottleneck is a forward hook on block
+    ``layer``'s output; every step runs *both* towers in full, through the
+    adapter's ``embed`` (the model's own forward), on K expanded copies; noise
+    comes from the global RNG, seeded before each map. Returns (image map (H, W),
+    text map (L,), image capacity (T,), text capacity (L,)).
+    """
+    backbone = as_backbone(model)
+    if pixel_values.shape[0] != 1 or input_ids.shape[0] != 1:
+        raise ValueError("naive_m2ib attributes one pair at a time")
+    input_ids, attention_mask = _cut(input_ids, attention_mask)
+    inputs = {m: tower_inputs(m, pixel_values, input_ids, attention_mask) for m in MODALITIES}
+    layers = {"image": vision_layer % backbone.num_layers("image"), "text": text_layer % backbone.num_layers("text")}
+    kwargs = dict(beta=beta, steps=steps, lr=lr, num_noise=num_noise)
+    capacities = {}
+    flags = {m: m.training for m in backbone.module.modules()}
+    backbone.module.eval()
+    try:
+        for modality in ("text", "image"):  # the reference's order: text map first
+            torch.manual_seed(seed)
+            capacities[modality] = _naive_fit(backbone, modality, inputs, layers[modality], **kwargs)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    rows, cols = backbone.patch_grid(pixel_values)
+    patches = capacities["image"][-rows * cols :].reshape(1, 1, rows, cols)
+    heat = F.interpolate(patches, size=tuple(pixel_values.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    normalise = lambda x: (x - x.min()) / (x.max() - x.min())  # noqa: E731
+    return normalise(heat), normalise(normalise(capacities["text"])), capacities["image"], capacities["text"]
+
+
+def _naive_fit(backbone: VisionLanguageBackbone, modality: Modality, inputs: dict, layer: int, *, beta, steps, lr, num_noise) -> Tensor:
+    expand = lambda t: t.expand(num_noise, *t.shape[1:])  # noqa: E731
+    copies = {m: {k: expand(v) for k, v in inputs[m].items()} for m in MODALITIES}
+    with torch.no_grad():
+        hidden = _hidden_after(backbone, modality, inputs[modality], layer)
+    alpha = torch.full((1, *hidden.shape[1:]), 5.0, dtype=hidden.dtype, device=hidden.device, requires_grad=True)
+    saved: dict[str, Tensor] = {}
+
+    def bottleneck(module, args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        lamb = torch.sigmoid(alpha).expand(x.shape[0], x.shape[1], -1)
+        mu = x * lamb
+        var = (1 - lamb) ** 2
+        saved["capacity"] = -0.5 * (1 + torch.log(var) - mu**2 - var)
+        t = mu + var.sqrt() * mu.data.new(mu.size()).normal_()
+        return (t, *output[1:]) if isinstance(output, tuple) else t
+
+    optimizer = torch.optim.Adam([alpha], lr=lr)
+    handle = backbone.blocks(modality)[layer].register_forward_hook(bottleneck)
+    try:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            explained = backbone.embed(modality, copies[modality])
+            with torch.no_grad():
+                target = backbone.embed(other(modality), copies[other(modality)])
+            fitting = F.cosine_similarity(explained, target, eps=1e-6).mean()
+            loss = beta * saved["capacity"].mean() - fitting
+            (alpha.grad,) = torch.autograd.grad(loss, [alpha])
+            optimizer.step()
+    finally:
+        handle.remove()
+    return torch.nansum(saved["capacity"].mean(0), -1).detach()
+
+
+def _hidden_after(backbone: VisionLanguageBackbone, modality: Modality, inputs: dict, layer: int) -> Tensor:
+    """Block ``layer``'s output in a full forward, caught with a hook."""
+    caught: dict[str, Tensor] = {}
+
+    def catch(module, args, output):
+        caught["hidden"] = output[0] if isinstance(output, tuple) else output
+
+    handle = backbone.blocks(modality)[layer].register_forward_hook(catch)
+    try:
+        backbone.embed(modality, inputs)
+    finally:
+        handle.remove()
+    return caught["hidden"]
+
+
+# ------------------------------------------------------------------- conformance
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-10, "rtol": 1e-8} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-4}
+
+
+def _close(prop: str, actual: Tensor, expected: Tensor, what: str, **tolerance: float) -> None:
+    try:
+        torch.testing.assert_close(actual, expected, **tolerance)
+    except AssertionError as err:
+        raise BackboneCheckError(prop, f"{what}: {str(err).splitlines()[0]} {str(err).splitlines()[-1]}") from None
+
+
+def _snapshot(module: nn.Module) -> dict[str, Any]:
+    return {
+        "parameters": {n: (p.detach().clone(), p.requires_grad, p.grad) for n, p in module.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in module.named_buffers()},
+        "training": {n: m.training for n, m in module.named_modules()},
+        "hooks": {
+            n: tuple(len(getattr(m, h)) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+            for n, m in module.named_modules()
+        },
+    }
+
+
+def _check_untouched(prop: str, before: dict[str, Any], module: nn.Module, when: str) -> None:
+    after = _snapshot(module)
+    for name, (value, requires_grad, grad) in before["parameters"].items():
+        now, now_requires, now_grad = after["parameters"][name]
+        if not torch.equal(value, now):
+            raise BackboneCheckError(prop, f"parameter {name} changed {when}")
+        if requires_grad != now_requires or grad is not now_grad:
+            raise BackboneCheckError(prop, f"parameter {name}'s requires_grad or .grad changed {when}")
+    for name, value in before["buffers"].items():
+        if not torch.equal(value, after["buffers"][name]):
+            raise BackboneCheckError(prop, f"buffer {name} changed {when}")
+    for key in ("training", "hooks"):
+        changed = [n for n, v in before[key].items() if after[key][n] != v]
+        if changed:
+            raise BackboneCheckError(prop, f"{key} of module {changed[0] or '<root>'} changed {when}")
+
+
+class _FailingTail:
+    """A proxy adapter whose tail raises on its ``fail_at``-th call: an error in the middle of a fit."""
+
+    def __init__(self, backbone: VisionLanguageBackbone, fail_at: int = 2):
+        self._backbone, self._calls, self._fail_at = backbone, 0, fail_at
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backbone, name)
+
+    def tail(self, *args: Any, **kwargs: Any) -> Tensor:
+        self._calls += 1
+        if self._calls >= self._fail_at:
+            raise _InjectedError("injected by check_backbone")
+        return self._backbone.tail(*args, **kwargs)
+
+
+class _InjectedError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _eval(module: nn.Module) -> Iterator[None]:
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def check_backbone(
+    backbone: Any,
+    example_inputs: dict[str, Tensor],
+    *,
+    naive_layers: tuple[int, ...] = (0, -1),
+    m2ib_steps: int = 4,
+    m2ib_noise: int = 3,
+) -> list[str]:
+    """Check the properties the M2IB engine relies on; raise :class:`BackboneCheckError` naming the first that fails.
+
+    ``example_inputs``: ``pixel_values`` (B, C, H, W), ``input_ids`` (B, L) and
+    optionally ``attention_mask``, with B >= 2. The properties:
+    ``prefix/tail``, ``batch invariance``, ``no cross-talk``, ``padding``,
+    ``model untouched`` and ``naive reference``.
+    """
+    backbone = as_backbone(backbone)
+    pixels, ids = example_inputs["pixel_values"], example_inputs["input_ids"]
+    mask = example_inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if pixels.shape[0] < 2:
+        raise ValueError("example_inputs must hold at least two samples")
+    backbone.validate_inputs(pixels, ids, mask)
+    inputs = {m: tower_inputs(m, pixels, ids, mask) for m in MODALITIES}
+    tol = _tolerance(pixels.dtype)
+    passed = []
+    module = backbone.module
+    with _eval(module), torch.no_grad():
+        # 1. tail(prefix(x, L)) == embed(x) at every layer
+        for m in MODALITIES:
+            clean = backbone.embed(m, inputs[m])
+            for layer in range(backbone.num_layers(m)):
+                state = backbone.prefix(m, inputs[m], layer)
+                _close("prefix/tail", backbone.tail(m, state.hidden, state), clean, f"{m} tower, layer {layer}", **tol)
+        passed.append("prefix/tail")
+
+        # 2. batch invariance: each sample alone (its text without padding) equals its row in the batch
+        for m in MODALITIES:
+            batch = backbone.embed(m, inputs[m])
+            middle = backbone.num_layers(m) // 2
+            state = backbone.prefix(m, inputs[m], middle)
+            tails = backbone.tail(m, state.hidden, state)
+            for b in range(pixels.shape[0]):
+                one_ids, one_mask = _cut(ids[b : b + 1], mask[b : b + 1])
+                alone = tower_inputs(m, pixels[b : b + 1], one_ids, one_mask)
+                _close("batch invariance", backbone.embed(m, alone)[0], batch[b], f"{m} embedding of sample {b}", **tol)
+                one = backbone.prefix(m, alone, middle)
+                _close("batch invariance", backbone.tail(m, one.hidden, one)[0], tails[b], f"{m} tail of sample {b}", **tol)
+        passed.append("batch invariance")
+
+        # 4. padding never reaches real tokens, in the prefix or the tail
+        if not bool(mask.bool().all()):
+            state = backbone.prefix("text", inputs["text"], backbone.num_layers("text") // 2)
+            pad = ~state.token_mask
+            other_ids = ids.masked_fill(~mask.bool(), int(ids.max()))
+            changed = backbone.prefix("text", {"input_ids": other_ids, "attention_mask": mask}, state.layer)
+            if not torch.equal(changed.hidden[~pad], state.hidden[~pad]):
+                raise BackboneCheckError("padding", "other token ids at padding positions changed real tokens' prefix output")
+            noise = torch.randn(state.hidden.shape, generator=torch.Generator().manual_seed(0), dtype=state.hidden.dtype)
+            noisy = state.hidden + pad[..., None] * noise.to(state.hidden.device) * 100
+            if not torch.equal(backbone.tail("text", noisy, state), backbone.tail("text", state.hidden, state)):
+                raise BackboneCheckError("padding", "noise at padding positions changed the text tail's embedding")
+            passed.append("padding")
+
+    # 3. no cross-talk: one sample's embedding has zero gradient w.r.t. every other sample's hidden states
+    with _eval(module), torch.enable_grad():
+        for m in MODALITIES:
+            state = backbone.prefix(m, inputs[m], backbone.num_layers(m) // 2)
+            hidden = state.hidden.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(backbone.tail(m, hidden, state)[0].sum(), [hidden])
+            if bool(grad[1:].ne(0).any()):
+                raise BackboneCheckError("no cross-talk", f"sample 0's {m} embedding depends on other samples' hidden states")
+    passed.append("no cross-talk")
+
+    # 5. the model untouched and hooks gone, after a fit and after an error inside one
+    config = M2IBConfig(vision_layer=naive_layers[0], text_layer=naive_layers[0], steps=m2ib_steps, num_noise=m2ib_noise)
+    before = _snapshot(module)
+    M2IB(backbone, config).attribute(pixels, ids, mask)
+    _check_untouched("model untouched", before, module, "by a fit")
+    try:
+        M2IB(_FailingTail(backbone), config).attribute(pixels, ids, mask)
+    except _InjectedError:
+        pass
+    else:
+        raise BackboneCheckError("model untouched", "an error raised inside the fit did not reach the caller")
+    _check_untouched("model untouched", before, module, "by a fit that raised an error")
+    passed.append("model untouched")
+
+    # 6. M2IB equals the naive full-forward fit
+    maps_tol = {"atol": 1e-8, "rtol": 0} if pixels.dtype == torch.float64 else {"atol": 5e-3, "rtol": 0}
+    for layer in naive_layers:
+        config = replace(config, vision_layer=layer, text_layer=layer)
+        result = M2IB(backbone, config).attribute(pixels[:1], ids[:1], mask[:1], seed=3)
+        image_map, text_map, _, _ = naive_m2ib(
+            backbone, pixels[:1], ids[:1], mask[:1], vision_layer=layer, text_layer=layer,
+            steps=m2ib_steps, num_noise=m2ib_noise, seed=3,
+        )
+        length = text_map.shape[0]
+        _close("naive reference", result.image_maps[0], image_map, f"image map at layer {layer}", **maps_tol)
+        _close("naive reference", minmax(result.text_maps[:, :length])[0], text_map, f"text map at layer {layer}", **maps_tol)
+    passed.append("naive reference")
+    return passed
