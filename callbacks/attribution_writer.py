@@ -68,7 +68,7 @@ class AttributionWriter(BasePredictionWriter):
         tensors = {
             "image_capacity": capacity.contiguous(),
             "image_map_grid": minmax(capacity).contiguous(),
-            "image_token_capacity": prediction["image_token_capacity"].contiguous(),
+            "image_token_capacity": prediction["image_token_capacity"].clone(),  # for SigLIP the same storage as the grid
             "text_capacity": prediction["text_capacity"].contiguous(),
             "text_map": prediction["text_maps"].contiguous(),
         }

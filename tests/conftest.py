@@ -78,7 +78,8 @@ def tiny_siglip(seed: int = 0, *, layers: int = 3):
     torch.manual_seed(seed)
     config = SiglipConfig(
         text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=12, projection_size=48),
+                         num_attention_heads=4, max_position_embeddings=12, projection_size=48,
+                         pad_token_id=1, bos_token_id=1, eos_token_id=1),
         vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                            image_size=32, patch_size=8),
     )
@@ -106,3 +107,54 @@ def tiny_plain(seed: int = 0):
 
     torch.manual_seed(seed)
     return PlainDualEncoder().eval()
+
+
+def world_word_tokenizer(eos: str = "</s>"):
+    """A word-level tokenizer over the shapes world, saved without a length limit (model_max_length ~1e30)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from m2ib_lightning.data.world import vocabulary
+
+    vocab = {w: i for i, w in enumerate(["<pad>", eos, "<unk>", *vocabulary()])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token=eos, unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def siglip_bundle(tmp_path_factory) -> Path:
+    """A tiny SigLIP saved with save_pretrained, its tokenizer without a length limit."""
+    from transformers import SiglipImageProcessor, SiglipProcessor
+
+    path = tmp_path_factory.mktemp("tiny-siglip")
+    tokenizer = world_word_tokenizer()
+    assert tokenizer.model_max_length > 1e20  # the 'no limit' sentinel many saved checkpoints carry
+    tiny_siglip(seed=2).save_pretrained(path)
+    SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def blip_itc_bundle(tmp_path_factory) -> Path:
+    """A tiny BLIP image-text retrieval model saved with save_pretrained, with a WordPiece tokenizer."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+    from m2ib_lightning.models.shapes_blip_vqa import build_vqa_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-blip-itc")
+    tokenizer = build_vqa_tokenizer()
+    torch.manual_seed(3)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=48, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                         pad_token_id=0, bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, initializer_range=0.2),
+        image_text_hidden_size=24,
+    )
+    BlipForImageTextRetrieval(config).save_pretrained(path)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -73,7 +73,11 @@ def mean_over(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # --8<-- [start:adapter]
-from m2ib_lightning.backbones import TowerState  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy  # noqa: E402
+
+from m2ib_lightning.backbones import TextEncoding, TowerState  # noqa: E402
 
 
 class PlainAdapter:
@@ -119,7 +123,7 @@ class PlainAdapter:
     def prefix(self, modality, inputs, layer):
         if modality == "image":
             hidden = self.module.image_tokens(inputs["pixel_values"])
-            token_mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+            token_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
             bias = None
         else:
             hidden = self.module.text_tokens(inputs["input_ids"])
@@ -128,7 +132,7 @@ class PlainAdapter:
         for block in self.blocks(modality)[: layer + 1]:
             hidden = block(hidden, bias)
         # pool_index: CLS for images; None for text, which pools over every real token
-        pool_index = torch.zeros(len(hidden), dtype=torch.long) if modality == "image" else None
+        pool_index = torch.zeros(len(hidden), dtype=torch.long, device=hidden.device) if modality == "image" else None
         return TowerState(hidden, token_mask, pool_index, layer, bias)
 
     def tail(self, modality, hidden, state):
@@ -137,4 +141,28 @@ class PlainAdapter:
         if modality == "image":
             return self.module.image_head(hidden[:, 0])
         return self.module.text_head(mean_over(hidden, state.token_mask))
+
+    # ---- preprocessing: only train.py runs need it (attribute() takes tensors)
+    pad_token_id, BOS, EOS = 0, 1, 2
+
+    def image_inputs(self, image):
+        """PIL image -> (3, H, W) in [-1, 1] at the model's size."""
+        size = self.module.image_size
+        array = numpy.asarray(image.convert("RGB").resize((size, size)), dtype=numpy.float32) / 127.5 - 1
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    def text_inputs(self, text):
+        """Words hashed into the vocabulary between BOS and EOS, cut to the 32 positions the model has."""
+        words = [3 + zlib.crc32(w.encode()) % (self.module.tokens.num_embeddings - 3) for w in text.lower().split()]
+        ids = [self.BOS, *words, self.EOS]
+        return TextEncoding(ids if len(ids) <= 32 else [*ids[:31], self.EOS], len(ids))
+
+    def token_strings(self, ids):
+        return [{0: "<pad>", 1: "<bos>", 2: "<eos>"}.get(int(i), f"w{int(i)}") for i in ids]
+
+    def special_mask(self, ids):
+        return [int(i) < 3 for i in ids]
+
+    def display_image(self, pixel_values):
+        return ((pixel_values.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 # --8<-- [end:adapter]

@@ -61,10 +61,10 @@ def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    backbone = backbone_of(cfg)
+    check_layers(cfg, backbone)  # before anything is written
     out = prepare_output(cfg, save_config=False)  # rank 0 saves it once the run is known to be resumable
     _check_resumable(out, cfg)
-    backbone = backbone_of(cfg)
-    check_layers(cfg, backbone)
     world = None
     if cfg.data.manifest:
         records, upfront_failures = read_pairs(cfg.data.manifest)
