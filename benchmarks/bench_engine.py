@@ -1,11 +1,11 @@
-"""Engine vs the naive reference on a CLIP of ViT-B/32 size (random weights, built from a config).
+"""Engine vs the naive reference on every shipped adapter at a realistic size (random weights, built from configs).
 
-Prints seconds per pair (both maps, reference defaults), the speed-up, peak
-memory and the largest map difference. The naive reference is the official
-code's algorithm (tests/naive_m2ib.py): both towers in full at every step,
-backward through the unfrozen model.
+Prints, per backbone, seconds per pair (both maps, reference defaults), the
+speed-up, peak memory and the largest map difference. The naive reference is
+the official code's algorithm (m2ib_lightning.testing.naive_m2ib): both towers
+in full at every step through the model's own forward, the bottleneck as a hook.
 
-    python benchmarks/bench_engine.py [--pairs 2]
+    python benchmarks/bench_engine.py [--pairs 1] [--families "CLIP ViT-B/32" ...]
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from m2ib_lightning.testing import naive_m2ib  # noqa: E402
-
-import m2ib_lightning  # noqa: E402
+import m2ib_lightning
+from m2ib_lightning.testing import naive_m2ib
 
 
 def vit_b32_clip():
     from transformers import CLIPConfig, CLIPModel
 
-    torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
         vision_config=dict(
@@ -38,26 +35,57 @@ def vit_b32_clip():
         ),
         projection_dim=512,
     )
-    return CLIPModel(config).eval()
+    return CLIPModel(config)
+
+
+def siglip_base():
+    """google/siglip-base-patch16-224's shapes: 12 x 768 towers, 196 patches, 64 text positions."""
+    from transformers import SiglipConfig, SiglipModel
+
+    tower = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    config = SiglipConfig(text_config=dict(**tower, vocab_size=32000, max_position_embeddings=64),
+                          vision_config=dict(**tower, image_size=224, patch_size=16))
+    return SiglipModel(config)
+
+
+def blip_base():
+    """Salesforce/blip-itm-base-coco's towers (12 x 768, BERT-base text), at 224 px (the hub model uses 384)."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    config = BlipConfig(vision_config=dict(image_size=224, patch_size=16, initializer_range=0.02),
+                        text_config=dict(vocab_size=30524))
+    return BlipForImageTextRetrieval(config)
+
+
+#: family -> (builder, image size, text length, (first id, last id), vocabulary, with attention mask)
+FAMILIES = {
+    "CLIP ViT-B/32": (vit_b32_clip, 224, 8, (49406, 49407), 49000, True),
+    "SigLIP base/16": (siglip_base, 224, 64, (None, 1), 32000, False),
+    "BLIP-ITC base/16": (blip_base, 224, 12, (101, 102), 30000, True),
+}
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_pairs(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_pairs(family: str, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    _, size, length, (first, last), vocab, _ = FAMILIES[family]
     gen = torch.Generator().manual_seed(0)
     pairs = []
     for i in range(count):
-        ids = torch.randint(1, 49000, (1, 8 + 3 * i), generator=gen)
-        ids[0, 0], ids[0, -1] = 49406, 49407
-        pairs.append((torch.randn(1, 3, 224, 224, generator=gen), ids))
+        ids = torch.randint(3, vocab, (1, length if not FAMILIES[family][5] else length + 3 * i), generator=gen)
+        if first is not None:
+            ids[0, 0] = first
+        ids[0, -1] = last
+        pairs.append((torch.randn(1, 3, size, size, generator=gen), ids))
     return pairs
 
 
-def run_method(method: str, count: int, out: Path) -> None:
+def run_method(family: str, method: str, count: int, out: Path) -> None:
     """One method in this process, so that its peak memory is its own."""
-    model, pairs = vit_b32_clip(), make_pairs(count)
+    torch.manual_seed(0)
+    model, pairs = FAMILIES[family][0]().eval(), make_pairs(family, count)
     loaded_rss = peak_rss_mib()
     start = time.perf_counter()
     maps = []
@@ -74,30 +102,34 @@ def run_method(method: str, count: int, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=2, help="pairs timed for each method")
+    parser.add_argument("--pairs", type=int, default=1, help="pairs timed for each method")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--method", choices=["engine", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--family", choices=list(FAMILIES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
-        return run_method(args.method, args.pairs, args.out)
+        return run_method(args.family, args.method, args.pairs, args.out)
 
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in ("engine", "naive"):
-            out = Path(tmp) / f"{method}.pt"
-            cmd = [sys.executable, __file__, "--method", method, "--pairs", str(args.pairs), "--out", str(out)]
-            subprocess.run(cmd, check=True)
-            results[method] = torch.load(out, weights_only=True)
-    engine, naive = results["engine"], results["naive"]
-    image_diff = max((e[0] - n[0]).abs().max().item() for e, n in zip(engine["maps"], naive["maps"]))
-    text_diff = max((e[1] - n[1]).abs().max().item() for e, n in zip(engine["maps"], naive["maps"]))
-    print(f"CLIP ViT-B/32 size (random weights), CPU, {torch.get_num_threads()} threads, {args.pairs} pairs, defaults")
-    print("| method | s / pair | speed-up | peak RSS MiB (model loaded) | max image-map diff | max text-map diff |")
-    print("|---|---|---|---|---|---|")
-    for name, r in (("naive reference", naive), ("m2ib_lightning engine", engine)):
-        speed = naive["seconds"] / r["seconds"]
-        diffs = "- | -" if r is naive else f"{image_diff:.1e} | {text_diff:.1e}"
-        print(f"| {name} | {r['seconds']:.2f} | {speed:.1f}x | {r['peak']:.0f} ({r['loaded']:.0f}) | {diffs} |")
+    print(f"M2IB engine vs the naive reference: random weights, CPU, {torch.get_num_threads()} threads, "
+          f"{args.pairs} pair(s), defaults (layer 9 of 12, 10 steps, 10 noise copies), each method in its own process")
+    print("| backbone | naive s / pair | engine s / pair | speed-up | peak RSS MiB naive / engine (model loaded) "
+          "| max image-map diff | max text-map diff |")
+    print("|---|---|---|---|---|---|---|")
+    for family in args.families:
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in ("engine", "naive"):
+                out = Path(tmp) / f"{method}.pt"
+                cmd = [sys.executable, __file__, "--family", family, "--method", method, "--pairs", str(args.pairs), "--out", str(out)]
+                subprocess.run(cmd, check=True)
+                results[method] = torch.load(out, weights_only=True)
+        engine, naive = results["engine"], results["naive"]
+        image_diff = max((e[0] - n[0]).abs().max().item() for e, n in zip(engine["maps"], naive["maps"]))
+        text_diff = max((e[1][: len(n[1])] - n[1]).abs().max().item() for e, n in zip(engine["maps"], naive["maps"]))
+        print(f"| {family} | {naive['seconds']:.2f} | {engine['seconds']:.2f} | {naive['seconds'] / engine['seconds']:.1f}x "
+              f"| {naive['peak']:.0f} / {engine['peak']:.0f} ({engine['loaded']:.0f}) | {image_diff:.1e} | {text_diff:.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":
