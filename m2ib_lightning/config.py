@@ -75,6 +75,12 @@ class FitVQAModel:
 
 
 @dataclass
+class FitVQAData(FitData):
+    # the training mix, kind i of sample j = kinds[j % len(kinds)]: repeat a kind to weigh it more
+    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "side", "place", "what_colour", "what_shape", "what_size"])
+
+
+@dataclass
 class FitVQAConfig:
     task: str = "fit_vqa"
     seed: int = 0
@@ -82,7 +88,7 @@ class FitVQAConfig:
     save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
     init_vision_from: Optional[str] = "builtin:shapes-clip"  # a CLIP whose vision tower starts the BLIP one
     world: WorldConfig = field(default_factory=WorldConfig)
-    data: FitData = field(default_factory=FitData)
+    data: FitVQAData = field(default_factory=FitVQAData)
     model: FitVQAModel = field(default_factory=FitVQAModel)
     optim: FitOptim = field(default_factory=FitOptim)
     trainer: Dict[str, Any] = field(default_factory=dict)

@@ -103,19 +103,21 @@ def _naive_fit(backbone: VisionLanguageBackbone, modality: Modality, inputs: dic
         return (t, *output[1:]) if isinstance(output, tuple) else t
 
     optimizer = torch.optim.Adam([alpha], lr=lr)
+    grads = {p: p.grad for p in backbone.module.parameters()}
     handle = backbone.blocks(modality)[layer].register_forward_hook(bottleneck)
     try:
         for _ in range(steps):
             optimizer.zero_grad()
             explained = backbone.embed(modality, copies[modality])
-            with torch.no_grad():
-                target = backbone.embed(other(modality), copies[other(modality)])
+            target = backbone.embed(other(modality), copies[other(modality)])
             fitting = F.cosine_similarity(explained, target, eps=1e-6).mean()
             loss = beta * saved["capacity"].mean() - fitting
-            (alpha.grad,) = torch.autograd.grad(loss, [alpha])
+            loss.backward()  # through the whole model, as the reference does (its cost included)
             optimizer.step()
     finally:
         handle.remove()
+        for parameter, grad in grads.items():  # the model's own .grad, as it was
+            parameter.grad = grad
     return torch.nansum(saved["capacity"].mean(0), -1).detach()
 
 

@@ -1,6 +1,7 @@
 """Visual questions about the shapes world, with their answers, for training and probing a VQA model.
 
-Two-choice questions follow NOTICE's form ("is the circle red or blue?"); open
+Two-choice questions follow NOTICE's form ("is the circle red or blue?", "is the
+cross left or right of the circle?", "is the cross on the left or right?"); open
 ones ask for one attribute ("what colour is the triangle?"). Every answer is a
 single word of the world's vocabulary. An object is named by its shape when
 that is unique in the scene, otherwise by colour and shape (never by the
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from .world import COLOURS, SHAPES, SIZES, Scene, ShapeObject, ShapesWorld, WorldSample, _relation_holds
 
-TWO_CHOICE_KINDS = ("colour", "shape", "size", "side")
+TWO_CHOICE_KINDS = ("colour", "shape", "size", "side", "place")
 OPEN_KINDS = ("what_colour", "what_shape", "what_size")
 QUESTION_KINDS = TWO_CHOICE_KINDS + OPEN_KINDS
 SIDES = ("left", "right")
@@ -32,6 +33,7 @@ class Question:
     kind: str
     target: int  # index of the object asked about
     roles: tuple[str, ...]  # one role per word of ``text`` ("?" is a word), for aggregating by template
+    other: int | None = None  # the second object of a side question
 
 
 def _options(rng: random.Random, answer: str, others: list[str]) -> tuple[str, str, str]:
@@ -52,9 +54,10 @@ def _reference(scene: Scene, target: int, avoid: str | None = None) -> tuple[lis
     return None
 
 
-def _question(words: list[str], roles: list[str], answer: str, wrong: str | None, kind: str, target: int) -> Question:
+def _question(words: list[str], roles: list[str], answer: str, wrong: str | None, kind: str, target: int,
+              other: int | None = None) -> Question:
     text = " ".join(words[:-1]) + words[-1]  # "... blue" + "?"
-    return Question(text, answer, wrong, kind, target, tuple(roles))
+    return Question(text, answer, wrong, kind, target, tuple(roles), other)
 
 
 def ask(scene: Scene, target: int, kind: str, rng: random.Random, other: int | None = None) -> Question | None:
@@ -98,6 +101,15 @@ def ask(scene: Scene, target: int, kind: str, rng: random.Random, other: int | N
         words = ["is", "the", *ref_a[0], a, "or", b, "of", "the", *ref_b[0], "?"]
         roles = ["is", "the", *ref_a[1], "OPTION_A", "or", "OPTION_B", "of", "the",
                  *[f"{r}_2" for r in ref_b[1]], "?"]
+        return _question(words, roles, answer, wrong, kind, target, other)
+    if kind == "place":  # the image half the object is in: an easier step towards relations
+        ref = _reference(scene, target)
+        if ref is None or abs(obj.centre[0] - scene.size / 2) < 4:
+            return None
+        answer = "left" if obj.centre[0] < scene.size / 2 else "right"
+        a, b, wrong = _options(rng, answer, [s for s in SIDES if s != answer])
+        words = ["is", "the", *ref[0], "on", "the", a, "or", b, "?"]
+        roles = ["is", "the", *ref[1], "on", "the", "OPTION_A", "or", "OPTION_B", "?"]
         return _question(words, roles, answer, wrong, kind, target)
     if kind == "what_colour":
         ref = _reference(scene, target, avoid="colour")

@@ -84,9 +84,13 @@ def init_vision_from_clip(blip: nn.Module, clip: nn.Module) -> None:
     dst.post_layernorm.load_state_dict(src.post_layernorm.state_dict())
 
 
-def first_step_logits(model: nn.Module, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Answer-decoder logits (B, vocab) of its first step from ``decoder_start_token_id``: what the answer starts with."""
-    image = model.vision_model(pixel_values=pixel_values).last_hidden_state
+def first_step_logits(
+    model: nn.Module, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor | None = None,
+    image_embeds: Tensor | None = None,
+) -> Tensor:
+    """Answer-decoder logits (B, vocab) of any ``BlipForQuestionAnswering`` after one step from
+    ``decoder_start_token_id``: what the answer starts with (NOTICE's score). ``image_embeds`` skips the vision tower."""
+    image = model.vision_model(pixel_values=pixel_values).last_hidden_state if image_embeds is None else image_embeds
     image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
     question = model.text_encoder(
         input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image, encoder_attention_mask=image_mask

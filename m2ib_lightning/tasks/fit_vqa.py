@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.init_vision_from:
         init_vision_from_clip(model, load_backbone(cfg.init_vision_from, "hf_clip").module)
 
-    train = VQAQuestions(ShapesVQA(world_of(cfg, cfg.world.seed)), cfg.data.train_samples, tokenizer, to_tensor)
+    train = VQAQuestions(ShapesVQA(world_of(cfg, cfg.world.seed), tuple(cfg.data.kinds)), cfg.data.train_samples, tokenizer, to_tensor)
     heldout = VQAQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor)
     collate = partial(collate_questions, pad_id=tokenizer.pad_token_id)
     train_loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
