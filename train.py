@@ -23,6 +23,8 @@ def main(argv: list[str]) -> int:
         from m2ib_lightning.tasks.fit_clip import run
     elif cfg.task == "fit_vqa":
         from m2ib_lightning.tasks.fit_vqa import run
+    elif cfg.task == "probe_vqa":
+        from m2ib_lightning.tasks.probe_vqa import run
     elif cfg.task == "probe":
         from m2ib_lightning.tasks.probe import run
     elif cfg.task == "evaluate":

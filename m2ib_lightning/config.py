@@ -154,6 +154,38 @@ class ProbeConfig:
 
 
 @dataclass
+class ProbeVQAData:
+    num_pairs: int = 24  # minimal pairs of the held-out world, cycling through the kinds
+    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "side"])
+    manifest: Optional[str] = None  # JSONL: id, clean_image, corrupt_image, question, answer, wrong_answer
+    corruption: List[str] = field(default_factory=lambda: ["image", "text"])  # image (SMP), text (STR), noise (baseline)
+    noise_std: float = 0.5  # Gaussian-noise baseline, in normalised pixel units
+
+
+@dataclass
+class ProbeVQASettings:
+    towers: List[str] = field(default_factory=lambda: ["text", "vision"])
+    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head"])
+    direction: str = "denoise"
+    vision_positions: str = "all"  # image tokens one at a time (each: one forward of the whole model per token) or all
+    batch_size: int = 256
+    min_gap: float = 1e-3
+    top_heads: int = 3  # cross-attention heads drawn over the image
+
+
+@dataclass
+class ProbeVQAConfig:
+    task: str = "probe_vqa"
+    seed: int = 0
+    output_dir: str = "runs/probe_shapes_vqa"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: ProbeVQAData = field(default_factory=ProbeVQAData)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="builtin:shapes-blip-vqa"))
+    probe: ProbeVQASettings = field(default_factory=ProbeVQASettings)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class EvaluateData:
     num_samples: int = 48  # held-out pairs of the shapes world
     batch_size: int = 16
@@ -179,7 +211,7 @@ class EvaluateConfig:
     faithfulness_steps: int = 10
 
 
-SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "probe": ProbeConfig, "evaluate": EvaluateConfig}
+SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig}
 
 
 class ConfigError(ValueError):

@@ -54,7 +54,7 @@ def test_last_layer_residual_everywhere_restores_the_clean_score(model, image_pa
     assert not denoised.flagged
     torch.testing.assert_close(denoised.effect[-1], torch.ones(1), atol=1e-4, rtol=0)
     noised = probe.run(clean, corrupt, choices, modality=modality, site="resid", positions="all", direction="noise")
-    torch.testing.assert_close(noised.effect[-1], torch.zeros(1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(noised.effect[-1], torch.ones(1), atol=1e-4, rtol=0)  # the corrupted score is reached
 
 
 def test_positions_the_corruption_cannot_reach_have_no_effect(model, text_pair):
@@ -92,7 +92,7 @@ def test_hooks_are_removed_also_after_an_error(model, image_pair):
     ActivationPatching(model).run(clean, corrupt, choices, modality="image", site="head", positions="all")
     assert _hook_count(model) == before
     probe = ActivationPatching(model)
-    probe._logit_difference = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    probe._scores = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
         probe.run(clean, corrupt, choices, modality="image", site="mlp")
     assert _hook_count(model) == before
@@ -114,12 +114,41 @@ def test_aggregation_and_important_heads():
     effects = torch.zeros(3, 4)
     effects[1, 2] = 5.0
     assert important_heads(effects) == [(1, 2)]
+    # population std (numpy's, as NOTICE): values 0, 0, 0, 3 -> mean 0.75, std 1.299; 0.75 + 2 * 1.299 = 3.35 > 3
+    assert important_heads(torch.tensor([[0.0, 0.0, 0.0, 3.0]])) == []
+    assert important_heads(torch.tensor([[0.0, 0.0, 0.0, 3.0]]), num_std=1.5) == [(0, 3)]
     from m2ib_lightning.probing.patching import PatchingResult
 
-    ok = PatchingResult(torch.ones(2, 2), torch.ones(2, 2), 1.0, 0.0, False, "head", "denoise")
-    flagged = PatchingResult(torch.full((2, 2), float("nan")), torch.ones(2, 2), 0.0, 0.0, True, "head", "denoise")
-    mean, raw = mean_effect([ok, flagged, ok])
-    assert torch.equal(mean, torch.ones(2, 2)) and raw.shape == (3, 2, 2) and torch.isnan(raw[1]).all()
+    def result(effect, flagged):
+        return PatchingResult(effect, torch.ones(2, 2), torch.ones(2, 2), 1.0, 0.0, 0.5, 0.1, flagged, "self_head", "denoise")
+
+    ok, flagged = result(torch.ones(2, 2), False), result(torch.full((2, 2), float("nan")), True)
+    mean, raw, count = mean_effect([ok, flagged, ok])
+    assert torch.equal(mean, torch.ones(2, 2)) and raw.shape == (3, 2, 2) and torch.isnan(raw[1]).all() and count == 1
+    mean, _, count = mean_effect([flagged])  # a group of flagged pairs only is reported, not fatal
+    assert torch.isnan(mean).all() and count == 1
+
+
+def test_universal_heads_never_mix_towers_or_sites():
+    from m2ib_lightning.probing import universal_heads
+
+    important = {
+        ("colour", "image", "text", "cross_head"): [(1, 2), (0, 0)],
+        ("shape", "text", "text", "cross_head"): [(1, 2)],
+        ("colour", "image", "vision", "self_head"): [(1, 2)],
+        ("colour", "image", "text", "self_head"): [(0, 0)],
+    }
+    assert universal_heads(important) == {"text/cross_head": [(1, 2)], "vision/self_head": [(1, 2)], "text/self_head": [(0, 0)]}
+
+
+def test_effects_are_averaged_by_template_role():
+    from m2ib_lightning.probing import effect_by_role
+
+    a = torch.tensor([[1.0, 2.0, 3.0]])  # [CLS] NOUN ?
+    b = torch.tensor([[5.0, 7.0, 9.0, 11.0]])  # [CLS] NOUN_COLOUR NOUN ?
+    mean, roles = effect_by_role([a, b], [["[CLS]", "NOUN", "?"], ["[CLS]", "NOUN_COLOUR", "NOUN", "?"]])
+    assert roles == ["[CLS]", "NOUN", "?", "NOUN_COLOUR"]
+    assert torch.equal(mean, torch.tensor([[3.0, 5.5, 7.0, 7.0]]))
 
 
 def test_symmetric_token_replacement_keeps_the_token_count():

@@ -61,28 +61,44 @@ def _changed(scene: Scene, question: Question, rng: random.Random) -> Scene | No
         else:
             return None
         new = replace(obj, size=question.wrong, box=box)
-    elif question.kind in ("side", "place"):  # moved horizontally until the other option is true
-        side = obj.box[2] - obj.box[0]
-        xs = list(range(1, scene.size - side - 1))
-        rng.shuffle(xs)
-        for x0 in xs:
-            box = (x0, obj.box[1], x0 + side, obj.box[3])
-            moved = replace(obj, box=box)
-            if question.kind == "side":
-                holds = _relation_holds(moved, scene.objects[question.other], f"{question.wrong} of")
-            else:
-                centre = moved.centre[0] - scene.size / 2
-                holds = (centre < -4) if question.wrong == "left" else (centre > 4)
-            if holds and _free(box, others):
-                new = moved
-                break
-        else:
-            return None
+    elif question.kind in ("side", "place"):
+        return _moved(scene, question, rng)
     else:
         raise ValueError(f"no image corruption for {question.kind!r} questions; use one of {TWO_CHOICE_KINDS}")
     objects = list(scene.objects)
     objects[question.target] = new
     return replace(scene, objects=tuple(objects))
+
+
+def _moved(scene: Scene, question: Question, rng: random.Random) -> Scene | None:
+    """One object moved (the same height first, then anywhere) until the other option is true: the asked-about
+    object, or for a side question whose target cannot move there, the object it is compared with."""
+    movers = [question.target] + ([question.other] if question.kind == "side" else [])
+    for mover in movers:
+        obj = scene.objects[mover]
+        others = [o.box for i, o in enumerate(scene.objects) if i != mover]
+        side = obj.box[2] - obj.box[0]
+        places = range(1, scene.size - side - 1)
+        spots = [(x0, obj.box[1]) for x0 in places]
+        anywhere = [(x0, y0) for x0 in places for y0 in places]
+        rng.shuffle(spots)
+        rng.shuffle(anywhere)
+        for x0, y0 in spots + anywhere:
+            box = (x0, y0, x0 + side, y0 + side)
+            moved = replace(obj, box=box)
+            if not _free(box, others):
+                continue
+            if question.kind == "side":
+                a, b = (moved, scene.objects[question.other]) if mover == question.target else (scene.objects[question.target], moved)
+                holds = _relation_holds(a, b, f"{question.wrong} of")
+            else:
+                centre = moved.centre[0] - scene.size / 2
+                holds = (centre < -4) if question.wrong == "left" else (centre > 4)
+            if holds:
+                objects = list(scene.objects)
+                objects[mover] = moved
+                return replace(scene, objects=tuple(objects))
+    return None
 
 
 def vqa_minimal_pair(vqa: ShapesVQA, index: int) -> VQAPair:

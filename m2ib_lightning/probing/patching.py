@@ -129,8 +129,8 @@ class ActivationPatching:
     def _scores(self, logits: Tensor, answers: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """(P(correct), LD) of each row of decision logits."""
         correct, incorrect = answers
-        probs = torch.softmax(logits.float(), dim=-1)[:, correct]
-        return probs, (logits[:, correct] - logits[:, incorrect]).float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 models score in float32
+        return torch.softmax(logits, dim=-1)[:, correct], logits[:, correct] - logits[:, incorrect]
 
     def _cache(self, sites: list[Site], inputs: dict[str, Tensor], tower: str) -> dict[int, Tensor]:
         cache: dict[int, Tensor] = {}
@@ -164,6 +164,16 @@ class ActivationPatching:
             probs.append(p)
             lds.append(ld)
         return torch.cat(probs), torch.cat(lds)
+
+    @staticmethod
+    def _same(cache: dict[int, Tensor], base_cache: dict[int, Tensor], cell: Cell, heads: int | None) -> bool:
+        where = slice(None) if cell.position is None else cell.position
+        source, base = cache[cell.layer][where], base_cache[cell.layer][where]
+        if cell.head is not None:
+            width = source.shape[-1] // heads
+            source = source[..., cell.head * width : (cell.head + 1) * width]
+            base = base[..., cell.head * width : (cell.head + 1) * width]
+        return torch.equal(source, base)
 
     # ------------------------------------------------------------------- api
     @torch.no_grad()
@@ -212,7 +222,7 @@ class ActivationPatching:
             clean_prob, clean_ld = (v.item() for v in self._scores(self.adapter.decision_logits(clean, 1, tower), answers))
             corrupt_prob, corrupt_ld = (v.item() for v in self._scores(self.adapter.decision_logits(corrupt, 1, tower), answers))
             source, base = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
-            cache = self._cache(sites, source, tower)
+            cache, base_cache = self._cache(sites, source, tower), self._cache(sites, base, tower)
             tokens = cache[0].shape[0]
             wheres = {"each": list(range(tokens)), "all": [None]}.get(positions) or [self.adapter.pooled_position(tower, clean)]
             heads = sites[0].heads
@@ -222,9 +232,18 @@ class ActivationPatching:
             else:
                 cells = [Cell(layer, p) for layer in range(layers) for p in wheres]
                 shape = (layers, tokens) if positions == "each" else (layers, 1)
-            probs, lds = self._patched(sites, base, cache, cells, tower, answers)
+            # a cell whose source and base activations are identical changes nothing: it keeps the base run's
+            # scores exactly (and costs no forward)
+            base_prob, base_ld = (corrupt_prob, corrupt_ld) if direction == "denoise" else (clean_prob, clean_ld)
+            probs = torch.full((len(cells),), base_prob, dtype=torch.float64)
+            lds = torch.full((len(cells),), base_ld, dtype=torch.float64)
+            active = [i for i, cell in enumerate(cells) if not self._same(cache, base_cache, cell, heads)]
+            if active:
+                p, ld = self._patched(sites, base, cache, [cells[i] for i in active], tower, answers)
+                probs[active], lds[active] = p.double(), ld.double()
+            dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
 
-        patched_prob, patched_ld = probs.view(shape), lds.view(shape)
+        patched_prob, patched_ld = probs.view(shape).to(dtype), lds.view(shape).to(dtype)
         gap = clean_ld - corrupt_ld
         flagged = not math.isfinite(gap) or abs(gap) < self.min_gap
         if flagged:

@@ -20,25 +20,11 @@ from ..data.world import ShapesWorld
 from ..engine import M2IBConfig
 from ..metrics import MaskEnergy, PointingGame
 from ..module import M2IBModule
-from .common import backbone_of, check_layers, prepare_output, world_of
+from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, world_of
 from ..results import FAILURES_FILE, atomic_write, done_ids, failures_path, merged_failures, read_attributions
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
-
-
-def _check_resumable(out: Path, cfg: DictConfig) -> None:
-    saved_path = out / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
-    current = OmegaConf.to_container(cfg)
-    for key in RESULT_KEYS:
-        if saved.get(key) != current.get(key):
-            raise ValueError(
-                f"output_dir={str(out)!r} holds a run with other `{key}` settings ({saved.get(key)}); "
-                "resume it with the same settings or choose another output_dir"
-            )
 
 
 def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict[str, float]]:
@@ -63,8 +49,8 @@ def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict
 def run(cfg: DictConfig) -> dict[str, Any]:
     backbone = backbone_of(cfg)
     check_layers(cfg, backbone)  # before anything is written
+    refuse_other_settings(cfg, RESULT_KEYS)
     out = prepare_output(cfg, save_config=False)  # rank 0 saves it once the run is known to be resumable
-    _check_resumable(out, cfg)
     world = None
     if cfg.data.manifest:
         records, upfront_failures = read_pairs(cfg.data.manifest)

@@ -43,3 +43,17 @@ def check_layers(cfg: DictConfig, backbone) -> None:
             resolve_layer(cfg.m2ib[key], backbone.num_layers(modality), f"m2ib.{key}", f"the {modality} tower of {cfg.model.name_or_path}")
         except ValueError as err:
             raise ConfigError(str(err)) from err
+
+
+def refuse_other_settings(cfg: DictConfig, keys: tuple[str, ...]) -> None:
+    """A run into an ``output_dir`` that holds a run with other ``keys`` settings is refused: results would mix."""
+    saved_path = Path(cfg.output_dir) / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved, current = OmegaConf.to_container(OmegaConf.load(saved_path)), OmegaConf.to_container(cfg)
+    for key in keys:
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"output_dir={cfg.output_dir!r} holds a run with other `{key}` settings ({saved.get(key)}); "
+                "resume it with the same settings or choose another output_dir"
+            )

@@ -20,10 +20,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ..data.world import WorldSample
-from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect
+from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect, universal_heads
 from ..results import atomic_write
 from ..visualize import heat_colours
-from .common import backbone_of, prepare_output, world_of
+from .common import backbone_of, prepare_output, refuse_other_settings, world_of
 
 
 def _pair_inputs(processor, clean: WorldSample, corrupt: WorldSample, modality: str) -> tuple[Any, Any, Any]:
@@ -46,7 +46,12 @@ def _heatmap_png(values: torch.Tensor, path: Path, cell: int = 12) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+#: settings that change the results: a rerun into the same output_dir must keep them
+RESULT_KEYS = ("seed", "model", "world", "data", "probe")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    refuse_other_settings(cfg, RESULT_KEYS)
     out = prepare_output(cfg)
     backbone = backbone_of(cfg)
     model, processor = backbone.module, backbone.processor
@@ -79,7 +84,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             group = [r for (a, m, s), rs in results.items() if m == modality and s == site for r in rs]
             if not group:
                 continue
-            mean, raw = mean_effect(group)
+            mean, raw, _ = mean_effect(group)
             tensors[f"{modality}/{site}/mean"], tensors[f"{modality}/{site}/raw"] = mean.contiguous(), raw.contiguous()
             _heatmap_png(mean, out / f"{modality}_{site}.png")
             overview[f"{modality}/{site}"] = {
@@ -91,9 +96,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             }
     for (attribute, modality, site), group in results.items():
         kept = [r.effect.abs() for r in group if not r.flagged]
-        if site == "head" and kept:
-            heads_by_task[f"{attribute}/{modality}"] = important_heads(torch.stack(kept).mean(0))
-    universal = set.intersection(*(set(h) for h in heads_by_task.values())) if heads_by_task else set()
+        if site == "head" and kept:  # CLIP: the corrupted modality's own tower is patched
+            heads_by_task[(attribute, modality, modality, "self_head")] = important_heads(torch.stack(kept).mean(0))
+    universal = universal_heads(heads_by_task)
     atomic_write(out / "effects.safetensors", lambda tmp: save_file(tensors, str(tmp)))
 
     summary = {
@@ -101,8 +106,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(time.perf_counter() - start, 2),
         "skipped": skipped,
         "sites": overview,
-        "important_heads": {task: [list(h) for h in heads] for task, heads in heads_by_task.items()},
-        "universal_heads": sorted(list(h) for h in universal),
+        "important_heads": {f"{a}/{m}": [list(h) for h in heads] for (a, m, _, _), heads in heads_by_task.items()},
+        "universal_heads": {key: [list(h) for h in heads] for key, heads in universal.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))

@@ -1,0 +1,402 @@
+"""NOTICE on BLIP VQA: activation patching over minimal pairs, through Lightning ``predict``.
+
+Pairs shard across devices (each pair is probed whole by one rank); every rank
+saves its results, and rank 0 merges them in pair order, so 1 and N processes
+give the same arrays. Outputs: ``effects.safetensors`` (per corruption, tower
+and site: the raw per-pair effects and their mean by template role or by head),
+``heads.csv`` (every head ranked per site and tower), ``summary.json``
+(accuracy, important and universal heads, flagged pairs), labelled heat maps,
+cross-attention overlays of the top heads, and the figures in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import ConfigError
+from ..data.questions import ShapesVQA, TWO_CHOICE_KINDS
+from ..models.shapes_blip_vqa import first_step_logits
+from ..probing import (
+    ActivationPatching,
+    VQAPair,
+    effect_by_role,
+    gaussian_noise,
+    important_heads,
+    mean_effect,
+    read_vqa_pairs,
+    symmetric_token_replacement,
+    universal_heads,
+    vqa_minimal_pair,
+)
+from ..probing.patching import PatchingResult
+from ..results import atomic_write
+from .common import prepare_output, refuse_other_settings, world_of
+
+RESULT_KEYS = ("seed", "model", "world", "data", "probe")
+OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange", "cyan"],
+                "shape": ["circle", "square", "triangle", "diamond", "cross"], "size": ["small", "large"],
+                "side": ["left", "right", "above", "below"], "place": ["left", "right", "above", "below"]}
+
+
+def load_vqa(name_or_path: str):
+    from transformers import BlipForQuestionAnswering
+
+    from ..backbones.loading import load_pretrained
+
+    return load_pretrained(BlipForQuestionAnswering, name_or_path)
+
+
+class PairItems(Dataset):
+    """Probing pairs as model inputs; a pair that cannot be made or read becomes ``{"id", "failure"}``."""
+
+    def __init__(self, pairs: list[VQAPair], processor: Any):
+        self.pairs, self.processor = pairs, processor
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        tokenizer = self.processor.tokenizer
+        try:
+            clean = self.processor(images=pair.clean_image(), text=pair.question, return_tensors="pt")
+            corrupt_pixels = self.processor.image_processor(images=pair.corrupt_image(), return_tensors="pt")["pixel_values"]
+            answers = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (pair.answer, pair.wrong)]
+        except (ValueError, OSError) as err:
+            return {"index": index, "id": pair.id, "failure": str(err)}
+        item = {
+            "index": index, "id": pair.id, "kind": pair.kind, "question": pair.question, "answers": answers,
+            "clean": {k: clean[k] for k in ("pixel_values", "input_ids", "attention_mask")},
+            "corrupt_pixels": corrupt_pixels,
+            "roles": ["[CLS]", *pair.roles, "[SEP]"],
+        }
+        if len(item["roles"]) != clean["input_ids"].shape[1]:
+            item["roles"] = [f"pos{i}" for i in range(clean["input_ids"].shape[1])]  # words split into pieces
+        words = OPTION_WORDS.get(pair.kind, [])
+        try:
+            item["corrupt_question"] = symmetric_token_replacement(
+                tokenizer, pair.question, [pair.answer, pair.wrong], [w for w in words if w not in (pair.answer, pair.wrong)]
+            )
+        except ValueError as err:
+            item["text_failure"] = str(err)
+        return item
+
+
+class VQAProbing(L.LightningModule):
+    """Probes every pair of a predict batch with every configured corruption, tower and site."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, probe: DictConfig, corruptions: list[str], noise_std: float, seed: int):
+        super().__init__()
+        self.model, self.processor = model, processor
+        self.probe = ActivationPatching(model, batch_size=probe.batch_size, min_gap=probe.min_gap)
+        self.settings, self.corruptions, self.noise_std, self.seed = probe, corruptions, noise_std, seed
+
+    def _inputs(self, item: dict[str, Any], corruption: str) -> tuple[dict, dict] | str:
+        clean = {k: v.to(self.device) for k, v in item["clean"].items()}
+        if corruption == "image":
+            return clean, {**clean, "pixel_values": item["corrupt_pixels"].to(self.device)}
+        if corruption == "noise":
+            return clean, {**clean, "pixel_values": gaussian_noise(clean["pixel_values"], self.noise_std, self.seed + item["index"])}
+        if "text_failure" in item:
+            return item["text_failure"]
+        ids = self.processor.tokenizer(item["corrupt_question"], return_tensors="pt")["input_ids"].to(self.device)
+        return clean, {**clean, "input_ids": ids}
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        out = []
+        for item in batch:
+            if "failure" in item:
+                out.append({"index": item["index"], "id": item["id"], "failure": item["failure"]})
+                continue
+            record = {"index": item["index"], "id": item["id"], "kind": item["kind"], "roles": item["roles"], "results": {}, "skipped": {}}
+            with torch.no_grad():
+                logits = first_step_logits(self.model, *(item["clean"][k].to(self.device) for k in ("pixel_values", "input_ids", "attention_mask")))
+            record["correct"] = int(logits.argmax(-1).item() == item["answers"][0])
+            for corruption in self.corruptions:
+                inputs = self._inputs(item, corruption)
+                if isinstance(inputs, str):
+                    record["skipped"][corruption] = inputs
+                    continue
+                modality = "text" if corruption == "text" else "image"
+                for tower in self.settings.towers:
+                    if tower == "vision" and modality == "text":
+                        continue  # text corruption cannot reach the vision tower
+                    for site in self.settings.sites:
+                        if site not in self.probe.adapter.sites(tower):
+                            continue
+                        each = not site.endswith("head") and (tower == "text" or self.settings.vision_positions == "each")
+                        positions = "each" if each else "all"
+                        result = self.probe.run(*inputs, answers=tuple(item["answers"]), modality=modality, site=site,
+                                                tower=tower, positions=positions, direction=self.settings.direction)
+                        record["results"][f"{corruption}/{tower}/{site}"] = _compact(result)
+            out.append(record)
+        return out
+
+
+def _compact(result: PatchingResult) -> dict[str, Any]:
+    return {"effect": result.effect.float().cpu(), "patched_ld": result.patched_ld.float().cpu(),
+            "clean_ld": result.clean_ld, "corrupt_ld": result.corrupt_ld, "flagged": result.flagged}
+
+
+def _pairs(cfg: DictConfig) -> tuple[list[VQAPair], list[dict], int]:
+    """The pairs to probe, the records that failed up front, and how many world candidates could not be paired.
+
+    From the world: ``num_pairs`` split evenly over the kinds; a question whose answer no change of the scene
+    can flip (two large objects leave no room to swap sides) is passed over for the next one of its kind.
+    """
+    if cfg.data.manifest:
+        pairs, failures = read_vqa_pairs(cfg.data.manifest)
+        return pairs, [f.to_json() for f in failures], 0
+    world, made, passed_over = world_of(cfg), [], 0
+    per_kind = -(-cfg.data.num_pairs // len(cfg.data.kinds))
+    for kind in cfg.data.kinds:
+        vqa, index, count = ShapesVQA(world, (kind,)), 0, 0
+        while count < per_kind and index < 50 * per_kind:
+            try:
+                pair = vqa_minimal_pair(vqa, index)
+                made.append(replace(pair, id=f"{kind}-{world.seed}-{index}"))
+                count += 1
+            except ValueError:
+                passed_over += 1
+            index += 1
+    return made, [], passed_over
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    unknown = set(cfg.data.corruption) - {"image", "text", "noise"}
+    if unknown or set(cfg.data.kinds) - set(TWO_CHOICE_KINDS):
+        raise ConfigError(f"data.corruption takes image, text, noise and data.kinds {TWO_CHOICE_KINDS}; got {cfg.data.corruption}, {cfg.data.kinds}")
+    refuse_other_settings(cfg, RESULT_KEYS)
+    model, processor = load_vqa(cfg.model.name_or_path)
+    out = prepare_output(cfg)
+    pairs, upfront_failures, passed_over = _pairs(cfg)
+    module = VQAProbing(model, processor, cfg.probe, list(cfg.data.corruption), cfg.data.noise_std, cfg.seed)
+    trainer = L.Trainer(inference_mode=False, logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
+                        **OmegaConf.to_container(cfg.trainer))
+    loader = DataLoader(PairItems(pairs, processor), batch_size=1, collate_fn=list)
+    start = time.perf_counter()
+    predictions = trainer.predict(module, loader) or []
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+    mine = [record for batch in predictions for record in batch]
+    torch.save(mine, parts / f"rank{trainer.global_rank}.pt")
+    trainer.strategy.barrier()  # every rank's part is written before rank 0 merges
+    if trainer.global_rank != 0:
+        return {}
+    records = sorted((r for p in sorted(parts.glob("rank*.pt")) for r in torch.load(p, weights_only=True)), key=lambda r: r["index"])
+    records = list({r["index"]: r for r in records}.values())  # the distributed sampler may pad with repeats
+    summary = _aggregate(cfg, out, records, upfront_failures, model, processor, pairs, trainer)
+    summary["world_questions_passed_over"] = passed_over
+    summary["wall_time_s"] = round(time.perf_counter() - start, 2)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    _print(summary)
+    return summary
+
+
+def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, processor, pairs, trainer) -> dict[str, Any]:
+    done = [r for r in records if "failure" not in r]
+    failures = upfront + [{"id": r["id"], "reason": r["failure"]} for r in records if "failure" in r]
+    failures += [{"id": r["id"], "corruption": c, "reason": why} for r in done for c, why in r["skipped"].items()]
+    tensors, groups, flagged, important = {}, {}, {}, {}
+    for r in done:
+        for key, result in r["results"].items():
+            groups.setdefault(key, []).append((r, result))
+    figures = {}
+    for key, entries in sorted(groups.items()):
+        corruption, tower, site = key.split("/")
+        results = [_as_result(res, site) for _, res in entries]
+        mean, raw, count = mean_effect(results)
+        flagged[key] = [r["id"] for r, res in entries if res["flagged"]]
+        tensors[f"{key}/raw"] = raw.contiguous()
+        if site.endswith("head"):
+            tensors[f"{key}/mean"] = mean.contiguous()
+            for kind in sorted({r["kind"] for r, _ in entries}):
+                kept = [res["effect"].abs() for r, res in entries if r["kind"] == kind and not res["flagged"]]
+                if kept:
+                    important[(kind, corruption, tower, site)] = important_heads(torch.stack(kept).mean(0))
+            figures[key] = _heatmap(mean.abs(), [f"h{h}" for h in range(mean.shape[1])], f"{key}: mean |effect|, layers x heads", "head")
+        elif tower == "text":  # one template per task: positions are averaged by their role in it
+            for kind in sorted({r["kind"] for r, _ in entries}):
+                of_kind = [(r, res) for r, res in entries if r["kind"] == kind]
+                by_role, roles = effect_by_role([res["effect"] for _, res in of_kind], [r["roles"] for r, _ in of_kind],
+                                                [res["flagged"] for _, res in of_kind])
+                tensors[f"{key}/{kind}/mean_by_role"] = by_role.contiguous()
+                figures[f"{key}/{kind}"] = _heatmap(by_role, roles, f"{key}, {kind} questions: mean effect", "question role")
+        else:
+            tensors[f"{key}/mean"] = mean.contiguous()
+            columns = [str(i) for i in range(mean.shape[1])] if mean.shape[1] > 1 else ["all tokens"]
+            figures[key] = _heatmap(mean, columns, f"{key}: mean effect, layers x image tokens", "image token")
+    atomic_write(out / "effects.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    figure_dir = out / "figures"
+    figure_dir.mkdir(exist_ok=True)
+    for key, png in figures.items():
+        atomic_write(figure_dir / f"{key.replace('/', '_')}.png", png)
+    universal = universal_heads(important)
+    _write_heads_csv(out, groups, important)
+    overlays = _head_overlays(cfg, model, processor, pairs, done, universal, important, figure_dir)
+    _log_figures(trainer, {**figures, **overlays})
+    accuracy = {}
+    for kind in sorted({r["kind"] for r in done}):
+        of_kind = [r["correct"] for r in done if r["kind"] == kind]
+        accuracy[kind] = round(sum(of_kind) / len(of_kind), 4)
+    return {
+        "output_dir": str(out), "pairs": len(done), "failed": failures,
+        "accuracy_on_clean_pairs": accuracy,
+        "flagged_pairs": {k: v for k, v in flagged.items() if v},
+        "important_heads": {"/".join(k): [list(h) for h in v] for k, v in sorted(important.items())},
+        "universal_heads": {k: [list(h) for h in v] for k, v in universal.items()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _as_result(res: dict, site: str) -> PatchingResult:
+    nan = torch.tensor(0.0)
+    return PatchingResult(res["effect"], res["patched_ld"], nan, res["clean_ld"], res["corrupt_ld"], 0.0, 0.0, res["flagged"], site, "")
+
+
+def _write_heads_csv(out: Path, groups: dict, important: dict) -> None:
+    rows = []
+    for key, entries in sorted(groups.items()):
+        corruption, tower, site = key.split("/")
+        if not site.endswith("head"):
+            continue
+        kept = [res["effect"].abs() for _, res in entries if not res["flagged"]]
+        if not kept:
+            continue
+        mean = torch.stack(kept).mean(0)
+        order = mean.flatten().argsort(descending=True).tolist()
+        heads = mean.shape[1]
+        for rank, flat in enumerate(order, 1):
+            layer, head = divmod(flat, heads)
+            tasks = [k[0] for k, v in important.items() if k[1:] == (corruption, tower, site) and (layer, head) in v]
+            rows.append([tower, site, corruption, rank, layer, head, f"{mean[layer, head].item():.6f}", ";".join(tasks)])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["tower", "site", "corruption", "rank", "layer", "head", "mean_abs_effect", "important_in_tasks"])
+    writer.writerows(rows)
+    atomic_write(out / "heads.csv", buffer.getvalue())
+
+
+def _heatmap(values: torch.Tensor, columns: list[str], title: str, xlabel: str) -> bytes:
+    """A labelled heat map (layers x columns) with a colour bar, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = values.float().numpy()
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.45 * len(columns) + 2), max(2.5, 0.45 * grid.shape[0] + 1.5)))
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-max(1e-6, np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else -1,
+                        vmax=max(1e-6, np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1, aspect="auto")
+    step = max(1, len(columns) // 24)
+    axes.set_xticks(range(0, len(columns), step), [columns[i] for i in range(0, len(columns), step)], rotation=60, ha="right", fontsize=7)
+    axes.set_yticks(range(grid.shape[0]), [str(i) for i in range(grid.shape[0])])
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("layer")
+    axes.set_title(title, fontsize=8)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _head_overlays(cfg, model, processor, pairs, done, universal, important, figure_dir: Path) -> dict[str, bytes]:
+    """For the top cross-attention heads: the attention of the question's noun over the image, minus the mean over
+    heads, on the first pair of each task (NOTICE's reading of head functions)."""
+    from ..visualize import overlay
+
+    ranked: dict[tuple[int, int], int] = {}
+    for (kind, corruption, tower, site), heads in important.items():
+        if tower == "text" and site == "cross_head":
+            for h in heads:
+                ranked[tuple(h)] = ranked.get(tuple(h), 0) + 1
+    top = sorted(ranked, key=lambda h: (-ranked[h], h))[: cfg.probe.top_heads]
+    if not top:
+        return {}
+    examples = []
+    for kind in cfg.data.kinds:
+        record = next((r for r in done if r["kind"] == kind), None)
+        if record is not None:
+            examples.append((record, pairs[record["index"]]))
+    tiles = []
+    for record, pair in examples:
+        image = pair.clean_image()
+        inputs = processor(images=image, text=pair.question, return_tensors="pt")
+        probs = _cross_attention(model, inputs)
+        position = next((i for i, role in enumerate(record["roles"]) if role == "NOUN"), 0)
+        grid = int(round((probs[0].shape[-1] - 1) ** 0.5))
+        picture = np.asarray(image.convert("RGB").resize((grid * 24, grid * 24), Image.NEAREST))
+        for layer, head in top:
+            attention = probs[layer][0, :, position, 1:]  # (heads, patches), CLS dropped
+            difference = (attention[head] - attention.mean(0)).view(1, 1, grid, grid)
+            heat = torch.nn.functional.interpolate(difference, size=picture.shape[:2], mode="nearest")[0, 0]
+            heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
+            tiles.append((f"{record['kind']}: L{layer} H{head}", overlay(picture, heat.numpy())))
+    figure = _tile(tiles, columns=len(top))
+    buffer = io.BytesIO()
+    figure.save(buffer, format="PNG")
+    atomic_write(figure_dir / "head_overlays.png", buffer.getvalue())
+    return {"head_overlays": buffer.getvalue()}
+
+
+@torch.no_grad()
+def _cross_attention(model, inputs) -> list[torch.Tensor]:
+    """Cross-attention probabilities (1, heads, question tokens, image tokens) of every text-encoder layer."""
+    probs: list[torch.Tensor] = []
+    handles = [layer.crossattention.self.register_forward_hook(lambda m, a, out: probs.append(out[1]))
+               for layer in model.text_encoder.encoder.layer]
+    try:
+        first_step_logits(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return probs
+
+
+def _tile(tiles: list[tuple[str, Image.Image]], columns: int) -> Image.Image:
+    from PIL import ImageDraw
+
+    width, height = max(t.width for _, t in tiles), max(t.height for _, t in tiles) + 14
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, tile) in enumerate(tiles):
+        x, y = (i % columns) * width, (i // columns) * height
+        sheet.paste(tile, (x, y + 14))
+        draw.text((x + 2, y + 1), label, fill="black")
+    return sheet
+
+
+def _log_figures(trainer: L.Trainer, figures: dict[str, bytes]) -> None:
+    logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if logger is None:
+        return
+    for name, png in figures.items():
+        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        logger.experiment.add_image(f"probe/{name}", image, 0, dataformats="HWC")
+    logger.experiment.flush()
+
+
+def _print(summary: dict[str, Any]) -> None:
+    print(f"\nNOTICE probing of BLIP VQA: {summary['output_dir']} ({summary['pairs']} pairs, {summary['wall_time_s']} s)")
+    print(f"  accuracy on the clean pairs: {summary['accuracy_on_clean_pairs']}")
+    print(f"  universal heads (layer, head) per tower/site: {summary['universal_heads']}")
+    print(f"  failed or skipped: {len(summary['failed'])}; flagged groups: {list(summary['flagged_pairs'])}")
+    print(f"  effects.safetensors, heads.csv, figures/, TensorBoard: tensorboard --logdir {summary['output_dir']}/tensorboard\n")
