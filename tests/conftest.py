@@ -158,3 +158,22 @@ def blip_itc_bundle(tmp_path_factory) -> Path:
     BlipForImageTextRetrieval(config).save_pretrained(path)
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_bundle(tmp_path_factory) -> Path:
+    """A small random BLIP VQA model with the world's WordPiece tokenizer, saved in the hub layout."""
+    from transformers import BlipProcessor
+
+    from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_image_processor, build_vqa_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-blip-vqa")
+    tokenizer = build_vqa_tokenizer()
+    model = build_shapes_blip_vqa(tokenizer, image_size=32, width=32, vision_layers=2, text_layers=2, heads=4, seed=5)
+    with torch.no_grad():  # larger weights than the default init: a random model whose answers the image moves
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=0.3)
+    model.save_pretrained(path)
+    BlipProcessor(image_processor=build_vqa_image_processor(32), tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -98,8 +98,8 @@ def test_text_longer_than_model_limit(clip):
         _call(clip, pixels=make_images(1), ids=ids, mask=mask)
 
 
-def test_not_a_clip_model():
-    with pytest.raises(TypeError, match="model must be a transformers.CLIPModel or a backbone adapter"):
+def test_a_model_no_adapter_serves():
+    with pytest.raises(ValueError, match="no registered backbone adapter accepts a Linear; registered adapters: hf_blip_itc"):
         attribute(torch.nn.Linear(2, 2), PIXELS, IDS, MASK)
 
 

@@ -182,3 +182,15 @@ def test_probe_run_writes_effects_heatmaps_and_summary(tmp_path, tiny_bundle):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["sites"]["image/resid"]["pairs"] == 3 and "universal_heads" in saved
     assert summary["important_heads"].keys() == {f"{a}/{m}" for a in ("colour", "shape", "position") for m in ("image", "text")}
+
+
+def test_readme_examples_run_as_written(capsys):
+    """Every README code block marked '# runs as written' runs as it is."""
+    from conftest import ROOT
+
+    blocks = [b.split("```")[0] for b in (ROOT / "README.md").read_text().split("```python\n")[1:]]
+    examples = [b for b in blocks if b.startswith("# runs as written")]
+    assert len(examples) >= 2
+    for block in examples:
+        exec(block, {})
+    assert "(layers, heads)" not in capsys.readouterr().err

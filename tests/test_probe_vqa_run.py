@@ -1,0 +1,67 @@
+"""The VQA probing run through train.py: its outputs, 1 process = 2 processes, and settings that may not mix."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _probe(out: Path, bundle: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", "configs/probe_shapes_vqa.yaml", f"output_dir={out}", f"model.name_or_path={bundle}",
+         "data.num_pairs=4", "probe.sites=[resid,cross_attn,cross_head]", "probe.top_heads=2",
+         "trainer.enable_progress_bar=false", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV,
+    )
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_vqa_bundle) -> Path:
+    out = tmp_path_factory.mktemp("probe") / "one"
+    proc = _probe(out, tiny_vqa_bundle)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_probe_run_writes_arrays_rankings_figures_and_summary(one_process):
+    out = one_process
+    effects = load_file(out / "effects.safetensors")
+    assert effects["image/text/resid/raw"].shape[:2] == (4, 2)  # 4 pairs, 2 text-encoder layers
+    assert effects["image/text/cross_head/mean"].shape == (2, 4)  # layers x heads
+    assert effects["image/vision/resid/mean"].shape == (2, 1)  # vision tower, all image tokens at once
+    assert "image/text/resid/colour/mean_by_role" in effects
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 4 and set(summary["accuracy_on_clean_pairs"]) == {"colour", "shape", "size", "side"}
+    assert set(summary["universal_heads"]) == {"text/cross_head"}
+    rows = list(csv.DictReader((out / "heads.csv").open()))
+    assert {r["site"] for r in rows} == {"cross_head"} and len(rows) == 2 * 8  # 2 corruptions x 8 heads, all ranked
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"image_text_cross_head.png", "image_text_resid_colour.png", "image_vision_resid.png"} <= figures
+    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
+    # the size options have no other word of their role: text corruption of size questions is skipped, and said why
+    assert any(f.get("corruption") == "text" and "no candidate" in f["reason"] for f in summary["failed"])
+
+
+def test_two_processes_give_the_arrays_of_one(one_process, tmp_path, tiny_vqa_bundle):
+    proc = _probe(tmp_path / "two", tiny_vqa_bundle, "trainer.strategy=ddp", "trainer.devices=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = load_file(one_process / "effects.safetensors"), load_file(tmp_path / "two" / "effects.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        assert one[key].nan_to_num(7.0).equal(two[key].nan_to_num(7.0)), key
+
+
+def test_rerun_with_other_settings_is_refused(one_process, tiny_vqa_bundle):
+    proc = _probe(one_process, tiny_vqa_bundle, "probe.direction=noise")
+    assert proc.returncode != 0 and "holds a run with other `probe` settings" in proc.stderr
