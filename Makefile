@@ -33,7 +33,7 @@ compat:
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(COMPAT_VENV)/bin/python -m pip install --quiet "transformers==4.46.3" numpy pillow safetensors pytest
-	PYTHONPATH=. $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_errors.py
+	PYTHONPATH=. $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_errors.py tests/test_backbones.py
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache

@@ -65,3 +65,26 @@ def test_two_processes_give_the_arrays_of_one(one_process, tmp_path, tiny_vqa_bu
 def test_rerun_with_other_settings_is_refused(one_process, tiny_vqa_bundle):
     proc = _probe(one_process, tiny_vqa_bundle, "probe.direction=noise")
     assert proc.returncode != 0 and "holds a run with other `probe` settings" in proc.stderr
+
+
+def test_a_manifest_of_pairs_with_a_missing_image_lists_it_and_goes_on(tmp_path, tiny_vqa_bundle):
+    from PIL import Image
+
+    from m2ib_lightning.data.world import ShapesWorld
+
+    world = ShapesWorld(seed=3)
+    rows = []
+    for i in range(3):
+        world.sample(i).image.save(tmp_path / f"clean{i}.png")
+        world.sample(i + 10).image.save(tmp_path / f"corrupt{i}.png")
+        rows.append({"id": f"p{i}", "clean_image": f"clean{i}.png", "corrupt_image": f"corrupt{i}.png",
+                     "question": "is the circle red or blue?", "answer": "red", "wrong_answer": "blue", "kind": "colour"})
+    rows[1]["corrupt_image"] = "gone.png"
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    proc = _probe(out, tiny_vqa_bundle, f"data.manifest={tmp_path / 'pairs.jsonl'}", "data.corruption=[image]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 2
+    assert [f["id"] for f in summary["failed"]] == ["p1"] and "image not found" in summary["failed"][0]["reason"]
+    assert load_file(out / "effects.safetensors")["image/text/resid/raw"].shape[0] == 2

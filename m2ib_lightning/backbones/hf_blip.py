@@ -67,7 +67,7 @@ class HFBlipITCBackbone(HFPreprocessing):
             raise ValueError("attention_mask marks position 0 as padding, but BLIP pools its first token ([CLS]): pad on the right")
 
     def _run(self, modality: Modality, block: nn.Module, hidden: Tensor, bias: Tensor | None) -> Tensor:
-        return block_output(block(hidden) if modality == "image" else block(hidden, None, attention_mask=bias))
+        return block_output(block(hidden) if modality == "image" else block(hidden, attention_mask=bias))
 
     def prefix(self, modality: Modality, inputs: dict[str, Tensor], layer: int) -> TowerState:
         if modality == "image":
