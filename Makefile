@@ -33,7 +33,8 @@ compat:
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(COMPAT_VENV)/bin/python -m pip install --quiet "transformers==4.46.3" numpy pillow safetensors pytest
-	PYTHONPATH=. $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_errors.py tests/test_backbones.py
+	PYTHONPATH=. $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_errors.py tests/test_backbones.py \
+		-k "not checkpoint and not without_length_limit"  # saved bundles need 5.x tokenizer classes
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache

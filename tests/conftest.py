@@ -77,7 +77,7 @@ def tiny_siglip(seed: int = 0, *, layers: int = 3):
 
     torch.manual_seed(seed)
     config = SiglipConfig(
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        text_config=dict(vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, max_position_embeddings=12, projection_size=48,
                          pad_token_id=1, bos_token_id=1, eos_token_id=1),
         vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from conftest import ROOT, make_images, make_texts, tiny_blip_itc, tiny_clip, tiny_plain, tiny_siglip
 from m2ib_lightning import attribute
@@ -39,7 +40,13 @@ def test_every_registered_adapter_is_covered():
     assert set(BACKBONES) <= set(FAMILIES)
 
 
+# transformers 4.4x's own CLIP text tower cannot run in float64 (it fills a float32 mask with float64's min).
+OLD_TRANSFORMERS = int(transformers.__version__.split(".")[0]) < 5
+
+
 def example(name: str, dtype=torch.float64, seed: int = 0):
+    if OLD_TRANSFORMERS and name == "hf_clip" and dtype == torch.float64:
+        pytest.skip("transformers 4.x CLIP fails in float64")
     build, size, lengths = FAMILIES[name]
     model = build(seed=seed)
     module = model.module if isinstance(model, PlainAdapter) else model

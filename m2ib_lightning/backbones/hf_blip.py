@@ -67,7 +67,7 @@ class HFBlipITCBackbone(HFPreprocessing):
             raise ValueError("attention_mask marks position 0 as padding, but BLIP pools its first token ([CLS]): pad on the right")
 
     def _run(self, modality: Modality, block: nn.Module, hidden: Tensor, bias: Tensor | None) -> Tensor:
-        return block_output(block(hidden) if modality == "image" else block(hidden, attention_mask=bias))
+        return block_output(block(hidden, attention_mask=bias))  # keywords: 4.4x and 5.x order the arguments differently
 
     def prefix(self, modality: Modality, inputs: dict[str, Tensor], layer: int) -> TowerState:
         if modality == "image":
