@@ -194,3 +194,26 @@ def test_readme_examples_run_as_written(capsys):
     for block in examples:
         exec(block, {})
     assert "(layers, heads)" not in capsys.readouterr().err
+
+
+def test_clip_all_heads_at_a_cell_equal_the_whole_attention_block(model, image_pair):
+    from m2ib_lightning.probing.patching import _as_dict, site_hooks
+
+    clean, corrupt, choices = image_pair
+    probe = ActivationPatching(model)
+    whole = probe.run(clean, corrupt, choices, modality="image", site="self_attn")
+    adapter = probe.adapter
+    sites = [adapter.site("image", "self_head", layer) for layer in range(4)]
+    clean_in = {"pixel_values": clean, "choices": _as_dict(choices)}
+    corrupt_in = {"pixel_values": corrupt, "choices": _as_dict(choices)}
+    cache = probe._cache(sites, clean_in, "image")
+    width = cache[0].shape[-1] // sites[0].heads
+    for layer, position in [(1, 3), (3, 0)]:
+        def edit(at, act, layer=layer, position=position):
+            if at == layer:
+                for h in range(sites[0].heads):
+                    act[0, position, h * width : (h + 1) * width] = cache[layer][position, h * width : (h + 1) * width]
+
+        with site_hooks(sites, edit), torch.no_grad():
+            _, ld = probe._scores(adapter.decision_logits(corrupt_in, 1, "image"), (0, 1))
+        torch.testing.assert_close(ld[0], whole.patched_ld[layer, position], atol=1e-5, rtol=1e-5)
