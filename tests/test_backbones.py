@@ -3,9 +3,6 @@ reference, and the ways a config names an adapter."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import transformers

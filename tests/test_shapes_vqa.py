@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from m2ib_lightning.backbones import resolve_model_path
@@ -49,7 +48,7 @@ def test_heldout_two_choice_accuracy_per_kind():
         logits = first_step_logits(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
         answers = torch.tensor(processor.tokenizer.convert_tokens_to_ids([s.question.answer for s in samples]))
         accuracy[kind] = (logits.argmax(-1) == answers).float().mean().item()
-    print(f"\nshipped shapes BLIP VQA, held-out accuracy per kind (answer = argmax over the vocabulary): "
+    print("\nshipped shapes BLIP VQA, held-out accuracy per kind (answer = argmax over the vocabulary): "
           + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     for kind, floor in FLOORS.items():
         assert accuracy[kind] >= floor, (kind, accuracy[kind])

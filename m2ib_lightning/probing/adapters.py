@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

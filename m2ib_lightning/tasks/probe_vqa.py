@@ -265,8 +265,9 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, 
 
 
 def _as_result(res: dict, site: str) -> PatchingResult:
-    nan = torch.tensor(0.0)
-    return PatchingResult(res["effect"], res["patched_ld"], nan, res["clean_ld"], res["corrupt_ld"], 0.0, 0.0, res["flagged"], site, "")
+    """The stored scores as a result for ``mean_effect`` (probabilities are not kept per cell)."""
+    unused = torch.zeros(())
+    return PatchingResult(res["effect"], res["patched_ld"], unused, res["clean_ld"], res["corrupt_ld"], 0.0, 0.0, res["flagged"], site, "")
 
 
 def _write_heads_csv(out: Path, groups: dict, important: dict) -> None:
