@@ -10,9 +10,8 @@ in float32, Adam at lr 1 amplifies last-bit differences to ~1e-5 over a fit.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from .backbones import MODALITIES, Modality, VisionLanguageBackbone, as_backbone
 from .backbones.base import other, tower_inputs
-from .engine import M2IB, M2IBConfig, minmax
+from .engine import M2IB, M2IBConfig, eval_mode, minmax
 
 
 class BackboneCheckError(AssertionError):
@@ -69,15 +68,10 @@ def naive_m2ib(
     layers = {"image": vision_layer % backbone.num_layers("image"), "text": text_layer % backbone.num_layers("text")}
     kwargs = dict(beta=beta, steps=steps, lr=lr, num_noise=num_noise)
     capacities = {}
-    flags = {m: m.training for m in backbone.module.modules()}
-    backbone.module.eval()
-    try:
+    with eval_mode(backbone.module):
         for modality in ("text", "image"):  # the reference's order: text map first
             torch.manual_seed(seed)
             capacities[modality] = _naive_fit(backbone, modality, inputs, layers[modality], **kwargs)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
     rows, cols = backbone.patch_grid(pixel_values)
     patches = capacities["image"][-rows * cols :].reshape(1, 1, rows, cols)
     heat = F.interpolate(patches, size=tuple(pixel_values.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
@@ -197,17 +191,6 @@ class _InjectedError(RuntimeError):
     pass
 
 
-@contextlib.contextmanager
-def _eval(module: nn.Module) -> Iterator[None]:
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 def check_backbone(
     backbone: Any,
     example_inputs: dict[str, Tensor],
@@ -234,7 +217,7 @@ def check_backbone(
     tol = _tolerance(pixels.dtype)
     passed = []
     module = backbone.module
-    with _eval(module), torch.no_grad():
+    with eval_mode(module), torch.no_grad():
         # 1. tail(prefix(x, L)) == embed(x) at every layer
         for m in MODALITIES:
             clean = backbone.embed(m, inputs[m])
@@ -272,7 +255,7 @@ def check_backbone(
             passed.append("padding")
 
     # 3. no cross-talk: one sample's embedding has zero gradient w.r.t. every other sample's hidden states
-    with _eval(module), torch.enable_grad():
+    with eval_mode(module), torch.enable_grad():
         for m in MODALITIES:
             state = backbone.prefix(m, inputs[m], backbone.num_layers(m) // 2)
             hidden = state.hidden.detach().requires_grad_(True)

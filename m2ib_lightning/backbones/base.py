@@ -159,6 +159,19 @@ class HFPreprocessing:
         return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+class HFLayout:
+    """Layout every Hugging Face adapter shares: tower depth from ``blocks``, patch grid from the vision config."""
+
+    config: Any
+
+    def num_layers(self, modality: Modality) -> int:
+        return len(self.blocks(modality))
+
+    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        patch = self.config.vision_config.patch_size
+        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+
 def clean_token(token: str) -> str:
     """A tokenizer piece without its word markers: ``cat</w>`` -> ``cat``, ``##s`` -> ``s``, ``▁cat`` -> ``cat``."""
     return token.removesuffix("</w>").removeprefix("##").removeprefix("▁").removeprefix("Ġ")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._rows import bert_row, blip_vision_row
-from .base import HFPreprocessing, Modality, TowerState, block_output, padding_bias
+from .base import HFLayout, HFPreprocessing, Modality, TowerState, block_output, padding_bias
 from .hf_clip import check_pixels, check_token_ids
 from .loading import load_pretrained
 
@@ -23,7 +23,7 @@ def is_hf_blip_itc(model: Any) -> bool:
     return all(hasattr(model, name) for name in ("vision_model", "text_encoder", "vision_proj", "text_proj"))
 
 
-class HFBlipITCBackbone(HFPreprocessing):
+class HFBlipITCBackbone(HFLayout, HFPreprocessing):
     """Runs a ``transformers.BlipForImageTextRetrieval`` tower (ITC mode) from or up to any encoder block."""
 
     num_prefix_tokens = 1
@@ -51,13 +51,6 @@ class HFBlipITCBackbone(HFPreprocessing):
 
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:
         return self._vision.encoder.layers if modality == "image" else self._text.encoder.layer
-
-    def num_layers(self, modality: Modality) -> int:
-        return len(self.blocks(modality))
-
-    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
-        patch = self.config.vision_config.patch_size
-        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
     def validate_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
         vcfg, tcfg = self.config.vision_config, self.config.text_config

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._rows import pre_ln_row
-from .base import HFPreprocessing, Modality, TowerState, block_output, features, padding_bias
+from .base import HFLayout, HFPreprocessing, Modality, TowerState, block_output, features, padding_bias
 from .loading import load_pretrained
 
 
@@ -30,7 +30,7 @@ def has_pre_ln_blocks(block: nn.Module) -> bool:
     )
 
 
-class HFCLIPBackbone(HFPreprocessing):
+class HFCLIPBackbone(HFLayout, HFPreprocessing):
     """Runs a ``transformers.CLIPModel`` tower from or up to any encoder block."""
 
     num_prefix_tokens = 1
@@ -68,13 +68,6 @@ class HFCLIPBackbone(HFPreprocessing):
     # ----------------------------------------------------------------- layout
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:
         return (self._vision if modality == "image" else self._text).encoder.layers
-
-    def num_layers(self, modality: Modality) -> int:
-        return len(self.blocks(modality))
-
-    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
-        patch = self.config.vision_config.patch_size
-        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
     @property
     def eos_token_id(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._rows import pre_ln_row
-from .base import HFPreprocessing, Modality, TowerState, block_output, features
+from .base import HFLayout, HFPreprocessing, Modality, TowerState, block_output, features
 from .hf_clip import check_pixels, check_token_ids, has_pre_ln_blocks
 from .loading import load_pretrained
 
@@ -26,7 +26,7 @@ def is_hf_siglip(model: Any) -> bool:
     return hasattr(vision, "head") and hasattr(text, "head") and hasattr(model, "logit_bias")
 
 
-class HFSiglipBackbone(HFPreprocessing):
+class HFSiglipBackbone(HFLayout, HFPreprocessing):
     """Runs a ``transformers.SiglipModel`` tower from or up to any encoder block."""
 
     num_prefix_tokens = 0
@@ -59,13 +59,6 @@ class HFSiglipBackbone(HFPreprocessing):
 
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:
         return (self._vision if modality == "image" else self._text).encoder.layers
-
-    def num_layers(self, modality: Modality) -> int:
-        return len(self.blocks(modality))
-
-    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
-        patch = self.config.vision_config.patch_size
-        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
     def validate_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> None:
         vcfg, tcfg = self.config.vision_config, self.config.text_config

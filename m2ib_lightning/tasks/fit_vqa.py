@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..contrastive import adamw_with_warmup_cosine
 from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS, ShapesVQA
 from ..data.world_dataset import ImageToTensor, pad_token_ids
 from ..models.shapes_blip_vqa import (
@@ -91,23 +91,8 @@ class VQATraining(L.LightningModule):
             self.log(f"val/acc_{kind}", correct.float().mean(), batch_size=len(correct), prog_bar=kind in TWO_CHOICE_KINDS)
 
     def configure_optimizers(self):
-        named = list(self.model.named_parameters())
-        decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-        rest = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-        )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.hparams.warmup_steps, total)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
+                                        int(self.trainer.estimated_stepping_batches))
 
 
 @torch.no_grad()
