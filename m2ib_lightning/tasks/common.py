@@ -57,3 +57,33 @@ def refuse_other_settings(cfg: DictConfig, keys: tuple[str, ...]) -> None:
                 f"output_dir={cfg.output_dir!r} holds a run with other `{key}` settings ({saved.get(key)}); "
                 "resume it with the same settings or choose another output_dir"
             )
+
+
+def fit_and_save(cfg: DictConfig, out: Path, module, train_loader, val_loader, processor) -> tuple[Path, int, dict, float]:
+    """Lightning ``fit`` with checkpoints and TensorBoard, a last validation, then ``save_pretrained`` of
+    ``module.model`` and ``processor`` (and its image processor alone, for transformers 4.x) into ``cfg.save_to``.
+
+    Returns (where it was saved, steps, the last validation's metrics, seconds of fitting).
+    """
+    import time
+
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    trainer = L.Trainer(
+        default_root_dir=str(out),
+        logger=TensorBoardLogger(str(out), name="tensorboard"),
+        callbacks=[ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True),
+                   LearningRateMonitor(logging_interval="step")],
+        **OmegaConf.to_container(cfg.trainer),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader)
+    wall = time.perf_counter() - start
+    metrics = trainer.validate(module, val_loader, verbose=False)[0]
+    save_to = Path(cfg.save_to) if cfg.save_to else out / "model"
+    module.model.save_pretrained(save_to)
+    processor.save_pretrained(save_to)
+    processor.image_processor.save_pretrained(save_to)
+    return save_to, trainer.global_step, metrics, wall

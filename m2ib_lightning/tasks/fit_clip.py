@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 from functools import partial
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ..contrastive import ContrastiveCLIP
 from ..data.world_dataset import ImageToTensor, WorldPairs, WorldRetrieval, collate_pairs, collate_retrieval
 from ..models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
-from .common import prepare_output, world_of
+from .common import fit_and_save, prepare_output, world_of
 
 RETRIEVAL_CANDIDATES = 8
 
@@ -43,27 +40,10 @@ def run(cfg: DictConfig) -> Path:
     val_loader = DataLoader(
         WorldRetrieval(heldout, RETRIEVAL_CANDIDATES), batch_size=64, collate_fn=partial(collate_retrieval, pad_id=pad)
     )
-    module = ContrastiveCLIP(model, **cfg.optim)
-    trainer = L.Trainer(
-        default_root_dir=str(out),
-        logger=TensorBoardLogger(str(out), name="tensorboard"),
-        callbacks=[
-            ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True),
-            LearningRateMonitor(logging_interval="step"),
-        ],
-        **OmegaConf.to_container(cfg.trainer),
-    )
-    start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader)
-    wall = time.perf_counter() - start
-    metrics = trainer.validate(module, val_loader, verbose=False)[0]
-
-    save_to = Path(cfg.save_to) if cfg.save_to else out / "model"
-    model.save_pretrained(save_to)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(save_to)
-    image_processor.save_pretrained(save_to)  # preprocessor_config.json too, for transformers 4.x
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    save_to, steps, metrics, wall = fit_and_save(cfg, out, ContrastiveCLIP(model, **cfg.optim), train_loader, val_loader, processor)
     summary = {
-        "steps": trainer.global_step,
+        "steps": steps,
         "wall_time_s": round(wall, 1),
         "retrieval_acc@8": metrics[f"val/retrieval_acc@{RETRIEVAL_CANDIDATES}"],
         "model_dir": str(save_to),
@@ -71,5 +51,5 @@ def run(cfg: DictConfig) -> Path:
     }
     (out / "fit_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"saved the model to {save_to}: {summary['retrieval_acc@8']:.3f} held-out 8-way retrieval accuracy "
-          f"after {summary['steps']} steps, {wall / 60:.1f} min")
+          f"after {steps} steps, {wall / 60:.1f} min")
     return save_to

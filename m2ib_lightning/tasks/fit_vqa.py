@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -26,7 +23,7 @@ from ..models.shapes_blip_vqa import (
     first_step_logits,
     init_vision_from_clip,
 )
-from .common import prepare_output, world_of
+from .common import fit_and_save, prepare_output, world_of
 
 
 class VQAQuestions(Dataset):
@@ -124,25 +121,10 @@ def run(cfg: DictConfig) -> Path:
     train_loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                               num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     val_loader = DataLoader(heldout, batch_size=128, collate_fn=collate)
-    module = VQATraining(model, **cfg.optim)
-    trainer = L.Trainer(
-        default_root_dir=str(out),
-        logger=TensorBoardLogger(str(out), name="tensorboard"),
-        callbacks=[ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True),
-                   LearningRateMonitor(logging_interval="step")],
-        **OmegaConf.to_container(cfg.trainer),
-    )
-    start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader)
-    wall = time.perf_counter() - start
-    metrics = trainer.validate(module, val_loader, verbose=False)[0]
-
-    save_to = Path(cfg.save_to) if cfg.save_to else out / "model"
-    model.save_pretrained(save_to)
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(save_to)
-    image_processor.save_pretrained(save_to)
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    save_to, steps, metrics, wall = fit_and_save(cfg, out, VQATraining(model, **cfg.optim), train_loader, val_loader, processor)
     summary = {
-        "steps": trainer.global_step,
+        "steps": steps,
         "wall_time_s": round(wall, 1),
         "heldout_accuracy": {k.removeprefix("val/acc_"): round(float(v), 4) for k, v in metrics.items()},
         "model_dir": str(save_to),

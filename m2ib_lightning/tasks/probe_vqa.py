@@ -301,9 +301,9 @@ def _heatmap(values: torch.Tensor, columns: list[str], title: str, xlabel: str) 
     import matplotlib.pyplot as plt
 
     grid = values.float().numpy()
+    limit = max(1e-6, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0  # symmetric: 0 is white
     figure, axes = plt.subplots(figsize=(max(4.0, 0.45 * len(columns) + 2), max(2.5, 0.45 * grid.shape[0] + 1.5)))
-    image = axes.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-max(1e-6, np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else -1,
-                        vmax=max(1e-6, np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1, aspect="auto")
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     step = max(1, len(columns) // 24)
     axes.set_xticks(range(0, len(columns), step), [columns[i] for i in range(0, len(columns), step)], rotation=60, ha="right", fontsize=7)
     axes.set_yticks(range(grid.shape[0]), [str(i) for i in range(grid.shape[0])])
