@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import sys
 
-from m2ib_lightning.config import ConfigError, load_config
+from m2ib_lightning.config import ConfigError, describe_tasks, load_config
+from m2ib_lightning.results import OutputInUse
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(describe_tasks())
+        return 0
     path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
     overrides = argv[1:] if path else argv
     try:
@@ -33,7 +37,7 @@ def main(argv: list[str]) -> int:
         from m2ib_lightning.tasks.attribute import run
     try:
         run(cfg)
-    except ConfigError as err:  # found once the model is known (an adapter name, a layer out of range)
+    except (ConfigError, OutputInUse) as err:  # found once the model is known, or the output_dir is in use
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -48,7 +48,7 @@ def _rss_mib(pid: int) -> float | None:
 def run(out: Path, pairs: int, processes: int) -> tuple[dict, dict[int, list[tuple[int, float]]]]:
     """Run train.py; return its summary and, per process, (pairs written, RSS MiB) samples."""
     args = [sys.executable, "train.py", f"output_dir={out}", f"data.num_samples={pairs}", "data.batch_size=16",
-            "export.overlays=false", "trainer.enable_progress_bar=false"]
+            "export.overlays=0", "trainer.enable_progress_bar=false"]
     if processes > 1:
         args += ["trainer.strategy=ddp", f"trainer.devices={processes}", "trainer.accelerator=cpu"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -1,6 +1,10 @@
-"""Lightning callbacks of m2ib-lightning: attribution export and TensorBoard logging."""
+"""Lightning callbacks of m2ib-lightning: attribution export, run summary, progress and TensorBoard logging.
+
+Installed as ``m2ib_lightning.callbacks``; in a checkout it is the top-level ``callbacks/`` folder.
+"""
 
 from .attribution_writer import AttributionWriter
+from .run_summary import RunSummary, SampleProgressBar
 from .tensorboard_maps import TensorBoardAttributionLogger
 
-__all__ = ["AttributionWriter", "TensorBoardAttributionLogger"]
+__all__ = ["AttributionWriter", "RunSummary", "SampleProgressBar", "TensorBoardAttributionLogger"]

@@ -97,7 +97,8 @@ class FitVQAConfig:
 @dataclass
 class AttributeData:
     manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
-    num_samples: int = 64  # without a manifest: this many held-out pairs of the shapes world
+    webdataset: Optional[str] = None  # tar shards as img2dataset writes them, e.g. /data/{00000..00999}.tar
+    num_samples: int = 64  # without manifest or webdataset: this many held-out pairs of the shapes world
     batch_size: int = 8
     num_workers: int = 0
 
@@ -110,7 +111,8 @@ class ModelConfig:
 
 @dataclass
 class ExportConfig:
-    overlays: bool = True  # PNG overlays next to the maps
+    samples_per_shard: int = 1024  # each rank closes a shard file every this many samples
+    overlays: Optional[int] = None  # PNG overlays of the first N samples per rank; default 64 for the world, 0 otherwise
     tensorboard_every_n_batches: int = 2
 
 
@@ -218,6 +220,52 @@ class ConfigError(ValueError):
     """A config file or override that does not fit its schema."""
 
 
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda v: v is None or v >= low), f">= {low}"
+
+
+def _above(low: float) -> tuple[Any, str]:
+    return (lambda v: v > low), f"> {low}"
+
+
+def _one_of(*choices: str) -> tuple[Any, str]:
+    return (lambda v: v in choices), f"one of {list(choices)}"
+
+
+def _subset_of(*choices: str) -> tuple[Any, str]:
+    return (lambda v: len(v) > 0 and set(v) <= set(choices)), f"a non-empty list of {list(choices)}"
+
+
+#: Checked in every task that has the key, before any work; m2ib.* is checked by M2IBConfig itself.
+VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "seed": _at_least(0),
+    "world.seed": _at_least(0), "world.heldout_seed": _at_least(0), "world.image_size": _at_least(16),
+    "world.max_objects": _at_least(1), "world.noise": _at_least(0),
+    "data.num_samples": _at_least(1), "data.train_samples": _at_least(1), "data.val_samples": _at_least(1),
+    "data.batch_size": _at_least(1), "data.num_workers": _at_least(0), "data.num_pairs": _at_least(1),
+    "data.noise_std": _at_least(0), "data.attributes": _subset_of("colour", "shape", "position"),
+    "data.corruption": _subset_of("image", "text", "noise"),
+    "export.samples_per_shard": _at_least(1), "export.overlays": _at_least(0), "export.tensorboard_every_n_batches": _at_least(1),
+    "model.patch_size": _at_least(1), "model.width": _at_least(1), "model.layers": _at_least(1), "model.heads": _at_least(1),
+    "model.projection_dim": _at_least(1), "model.vision_layers": _at_least(1), "model.text_layers": _at_least(1),
+    "optim.lr": _above(0), "optim.weight_decay": _at_least(0), "optim.warmup_steps": _at_least(0),
+    "probe.modalities": _subset_of("image", "text"), "probe.towers": _subset_of("text", "vision"),
+    "probe.direction": _one_of("denoise", "noise"), "probe.vision_positions": _one_of("all", "each"),
+    "probe.batch_size": _at_least(1), "probe.min_gap": _at_least(0), "probe.top_heads": _at_least(0),
+    "baselines.integrated_gradients_steps": _at_least(1), "faithfulness_steps": _at_least(1),
+}
+
+
+def _check_values(config: DictConfig) -> None:
+    for key, (ok, expected) in VALUE_RULES.items():
+        value = OmegaConf.select(config, key, default="__absent__")
+        if isinstance(value, str) and value == "__absent__" or OmegaConf.is_missing(config, key):
+            continue
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        if not ok(value):
+            raise ConfigError(f"bad config value {key}={value!r}: must be {expected}")
+
+
 def _check_trainer_keys(config: DictConfig) -> None:
     """``trainer`` is free-form in the schema: check its keys against ``lightning.Trainer`` itself."""
     import inspect
@@ -253,6 +301,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
             raise ConfigError(f"bad config key {key!r} in {source}: {err.msg if hasattr(err, 'msg') else err}") from err
     if "trainer" in config:
         _check_trainer_keys(config)
+    _check_values(config)
     if "m2ib" in config:
         try:
             M2IBConfig(**config.m2ib)
@@ -263,3 +312,29 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     if missing:
         raise ConfigError(f"config keys {missing} must be set (e.g. {missing[0]}=...)")
     return config
+
+
+def describe_tasks() -> str:
+    """``python train.py --help``: the tasks, each key with its default."""
+    lines = [
+        "usage: python train.py [CONFIG.yaml] [key=value ...]",
+        "",
+        "Runs the task a config names (task=...); without a config, configs/default.yaml (M2IB on the shapes world).",
+        "Every key below can be set in the YAML file or overridden as key=value; `trainer` takes any lightning.Trainer argument.",
+        f"Configs shipped: {', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))}",
+    ]
+    for task, schema in SCHEMAS.items():
+        lines += ["", f"task={task}:"]
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+        for key, value in _flatten(defaults):
+            if key != "task":
+                lines.append(f"  {key}={value}")
+    return "\n".join(lines)
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

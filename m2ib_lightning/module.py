@@ -54,12 +54,13 @@ class M2IBModule(L.LightningModule):
         self.last_batch_seconds = time.perf_counter() - start
         cpu = lambda t: t.detach().cpu()  # noqa: E731
         pick = lambda key: [batch[key][b] for b in keep]  # noqa: E731
-        return {
+        prediction = {
             "failures": failures,
             "id": pick("id"),
             "text": pick("text"),
             "tokens": pick("tokens"),
             "special": pick("special"),
+            "geometry": pick("geometry"),
             "pixel_values": cpu(batch["pixel_values"][rows]),
             "image_size": tuple(batch["pixel_values"].shape[-2:]),
             "patch_grid": result.patch_grid,
@@ -72,3 +73,6 @@ class M2IBModule(L.LightningModule):
             "text_fit": cpu(result.text_fit),
             "curves": {k: cpu(v) for k, v in result.curves.items()},
         }
+        if "target_mask" in batch:
+            prediction["target_mask"] = cpu(batch["target_mask"][rows])
+        return prediction

@@ -21,7 +21,7 @@ from m2ib_lightning.results import index_entries, read_attributions
 def _args(out: Path, bundle: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "train.py", f"output_dir={out}", f"model.name_or_path={bundle}", "m2ib.vision_layer=0",
-        "m2ib.text_layer=1", "m2ib.steps=4", "m2ib.num_noise=3", "export.overlays=false",
+        "m2ib.text_layer=1", "m2ib.steps=4", "m2ib.num_noise=3", "export.overlays=0",
         "trainer.enable_progress_bar=false", *extra,
     ]
 

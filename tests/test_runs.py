@@ -36,7 +36,7 @@ def test_run_exports_maps_that_read_back_equal_to_the_engine(tmp_path, tiny_bund
     assert set(saved["localisation"]) == {"m2ib", "random"}
     assert saved["config"]["m2ib"]["steps"] == 3
     assert (out / "config.yaml").exists()
-    assert len(list((out / "overlays").glob("*.png"))) == 6
+    assert len(list((out / "overlays" / "rank0").glob("*.png"))) == 6
 
     records = list(read_attributions(out))
     assert len(records) == 6 and len({r.id for r in records}) == 6
@@ -93,18 +93,37 @@ def test_safe_names_stay_inside_the_directory(tmp_path, sample_id):
     assert safe_name(sample_id) != safe_name(sample_id + "_")
 
 
-def test_tensorboard_holds_scalars_and_images(tmp_path, tiny_bundle):
+def _events(out: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run(_config(tmp_path, tiny_bundle, "export.tensorboard_every_n_batches=1"))
-    events = list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents*"))
-    assert events
-    accumulator = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    accumulator = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     accumulator.Reload()
-    tags = accumulator.Tags()
-    assert {"fit/image/fit", "fit/text/capacity", "throughput/run_samples_per_s"} <= set(tags["scalars"])
-    assert len(accumulator.Scalars("fit/image/fit")) == 2 * 3  # two batches of three fit steps
-    assert "maps" in tags["images"] and len(accumulator.Images("maps")) == 2
+    return accumulator
+
+
+def test_tensorboard_holds_curves_images_text_maps_and_hparams_with_final_metrics(tmp_path, tiny_bundle):
+    run(_config(tmp_path, tiny_bundle, "export.tensorboard_every_n_batches=1"))
+    events = _events(tmp_path / "run")
+    tags = events.Tags()
+    assert {"fit/image/fit", "fit/text/capacity", "final/image/fit", "throughput/rank0_samples_per_s",
+            "summary/samples_per_s", "localisation/m2ib_pointing_game"} <= set(tags["scalars"])
+    assert len(events.Scalars("fit/image/fit")) == 2 * 3  # two batches of three fit steps
+    assert "maps" in tags["images"] and len(events.Images("maps")) == 2
+    assert "text_maps/text_summary" in tags["tensors"]
+    text = events.Tensors("text_maps/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "shapes-1-0" in text and "`" in text
+    hparams = events.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams
+    assert b"summary/samples_per_s" in hparams["_hparams_/experiment"]  # hparams carry the final metrics, not -1
+
+
+def test_tensorboard_steps_continue_after_a_resume(tmp_path, tiny_bundle):
+    run(_config(tmp_path, tiny_bundle, "data.num_samples=4"))
+    run(_config(tmp_path, tiny_bundle, "data.num_samples=7"))
+    steps = [e.step for e in _events(tmp_path / "run").Scalars("final/image/fit")]
+    assert steps == [4, 7]  # samples in the output after each batch: the second run goes on from 4
+    fit_steps = [e.step for e in _events(tmp_path / "run").Scalars("fit/image/fit")]
+    assert fit_steps == sorted(fit_steps) and fit_steps[3] >= 4
 
 
 @pytest.mark.parametrize(

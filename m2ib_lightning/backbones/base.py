@@ -93,6 +93,27 @@ class VisionLanguageBackbone(Protocol):
         """Raise ValueError naming the argument if the inputs do not fit this model."""
 
 
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How the processor turned an image into pixel values: original size, resize, then crop (all (height, width)).
+
+    Exports keep it, so that maps at the model's input size go back onto the user's own photo.
+    """
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int]  # top, left, height, width within the resized image
+
+    def to_original(self, image_map: Tensor) -> Tensor:
+        """(h, w) map at the crop's size -> (H, W) at the original size; what the crop cut off is 0."""
+        top, left, height, width = self.crop
+        canvas = image_map.new_zeros(self.resized)
+        rows = slice(max(top, 0), min(top + height, self.resized[0]))
+        cols = slice(max(left, 0), min(left + width, self.resized[1]))
+        canvas[rows, cols] = image_map[rows.start - top: rows.stop - top, cols.start - left: cols.stop - left]
+        return torch.nn.functional.interpolate(canvas[None, None], size=self.original, mode="bilinear", align_corners=False)[0, 0]
+
+
 class HFPreprocessing:
     """Preprocessing through a Hugging Face processor (``image_processor`` + ``tokenizer``), for runs.
 
@@ -132,6 +153,27 @@ class HFPreprocessing:
         """One RGB image as the model's (C, H, W) pixel values."""
         processor = self._require_processor()
         return processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def image_geometry(self, image: Any) -> ImageGeometry:
+        """The resize and centre crop ``image_inputs`` applies to this image, from the image processor's settings."""
+        config = self._require_processor().image_processor
+        height, width = image.height, image.width
+        resized = (height, width)
+        size = getattr(config, "size", None) or {}
+        if getattr(config, "do_resize", False) and size:
+            if size.get("shortest_edge"):
+                short, long = sorted((height, width))
+                edge = int(size["shortest_edge"])
+                scaled = (edge, int(edge * long / short))
+                resized = scaled if height <= width else scaled[::-1]
+            elif size.get("height") and size.get("width"):
+                resized = (int(size["height"]), int(size["width"]))
+        crop = (0, 0, *resized)
+        crop_size = getattr(config, "crop_size", None) or {}
+        if getattr(config, "do_center_crop", False) and crop_size:
+            crop_h, crop_w = int(crop_size["height"]), int(crop_size["width"])
+            crop = ((resized[0] - crop_h) // 2, (resized[1] - crop_w) // 2, crop_h, crop_w)
+        return ImageGeometry((height, width), resized, crop)
 
     def text_inputs(self, text: str) -> TextEncoding:
         """One caption as token ids, cut to :attr:`text_limit` (and padded to it for fixed-length models)."""

@@ -1,21 +1,27 @@
-"""Image-text pairs to attribute, turned into model inputs by the backbone adapter.
+"""Image-text pairs to attribute, streamed from a source and turned into model inputs by the backbone adapter.
+
+A source (the shapes world, a manifest, WebDataset shards) yields records and
+failure reports in a fixed order and hands each rank and loader worker its own
+share (``split(slot, slots, skip)``), minus the ids already done. Nothing holds
+the whole dataset: a run of a million pairs keeps only the batch in flight.
 
 A sample's noise seed derives from the run seed and the sample id alone, so
 its maps do not depend on order, batch size, worker count or device count.
 The adapter owns preprocessing (``image_inputs``, ``text_inputs``,
-``pad_token_id``); nothing here knows a model family.
+``pad_token_id``, and ``image_geometry`` where it has one); nothing here knows
+a model family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Iterator, Protocol
 
 import lightning as L
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .records import BadImage, Failure, PairRecord
 from .world import ShapesWorld
@@ -28,39 +34,72 @@ def sample_seed(run_seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def world_records(world: ShapesWorld, count: int) -> list[PairRecord]:
-    """The first ``count`` samples of a (held-out) world as records."""
-    return [
-        PairRecord(world.sample_id(i), world.caption_of(i)[0].text, partial(_world_image, world, i)) for i in range(count)
-    ]
+class PairSource(Protocol):
+    """Where pairs come from; see :class:`~m2ib_lightning.data.manifest.ManifestSource` for the contract."""
+
+    def split(self, slot: int, slots: int, skip: set[str] | frozenset = frozenset()) -> Iterator[PairRecord | Failure]: ...
+
+    def size_hint(self) -> int | None: ...
 
 
-def _world_image(world: ShapesWorld, index: int) -> Image.Image:
+class WorldSource:
+    """The first ``count`` samples of a (held-out) shapes world, with the caption's objects as ground truth."""
+
+    def __init__(self, world: ShapesWorld, count: int):
+        self.world, self.count = world, count
+
+    def size_hint(self) -> int:
+        return self.count
+
+    def split(self, slot: int, slots: int, skip: set[str] | frozenset = frozenset()) -> Iterator[PairRecord]:
+        for index in range(slot, self.count, slots):
+            sample_id = self.world.sample_id(index)
+            if sample_id in skip:  # before anything is drawn
+                continue
+            yield PairRecord(
+                sample_id, self.world.caption_of(index)[0].text, partial(_world_image, self.world, index),
+                load_mask=partial(_world_mask, self.world, index),
+            )
+
+
+def _world_image(world: ShapesWorld, index: int):
     return world.sample(index).image
 
 
-def world_index(sample_id: str) -> int:
-    """Index of a world sample from its id (``shapes-SEED-INDEX``)."""
-    return int(sample_id.rsplit("-", 1)[1])
+def _world_mask(world: ShapesWorld, index: int):
+    return world.sample(index).target_mask
 
 
-class PairDataset(Dataset):
-    """Records minus those already done, as model inputs made by the backbone adapter."""
+class PairStream(IterableDataset):
+    """A source's records minus those already done, as model inputs made by the backbone adapter.
 
-    def __init__(self, records: Sequence[PairRecord], backbone: Any, run_seed: int, skip_ids: set[str] = frozenset()):
-        self.records = [r for r in records if r.id not in skip_ids]
-        self.backbone, self.run_seed = backbone, run_seed
+    Each (rank, loader worker) reads its own share of the source; ``rank`` and
+    ``world_size`` are set by :class:`PairDataModule` once the trainer knows them.
+    It has no ``len()`` on purpose: Lightning would stop a rank after that many
+    batches, and the share of a rank is only known once it is read.
+    """
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def __init__(self, source: PairSource, backbone: Any, run_seed: int, skip_ids: set[str] | frozenset = frozenset()):
+        self.source, self.backbone, self.run_seed, self.skip_ids = source, backbone, run_seed, skip_ids
+        self.rank, self.world_size = 0, 1
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        for entry in self.source.split(slot, slots, self.skip_ids):
+            if isinstance(entry, Failure):
+                yield {"id": entry.id, "failure": entry}
+            else:
+                yield self.item(entry)
+
+    def item(self, record: PairRecord) -> dict[str, Any]:
         """A model-ready sample, or ``{"id", "failure"}`` for a record that cannot be attributed."""
-        record = self.records[index]
         try:
-            pixels = self.backbone.image_inputs(record.load_image())
+            image = record.load_image()
         except BadImage as err:
             return {"id": record.id, "failure": Failure(record.id, str(err))}
+        pixels = self.backbone.image_inputs(image)
         text = self.backbone.text_inputs(record.text)
         item = {
             "id": record.id,
@@ -71,6 +110,10 @@ class PairDataset(Dataset):
             "special": self.backbone.special_mask(text.ids),
             "seed": sample_seed(self.run_seed, record.id),
         }
+        if hasattr(self.backbone, "image_geometry"):
+            item["geometry"] = dataclasses.asdict(self.backbone.image_geometry(image))
+        if record.load_mask is not None:
+            item["target_mask"] = torch.as_tensor(record.load_mask(), dtype=torch.bool)
         if text.truncated:
             reason = f"caption truncated from {text.full_length} to {len(text.ids)} tokens (the model's limit)"
             item["warning"] = Failure(record.id, reason, "warning")
@@ -85,36 +128,44 @@ def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, A
     if not items:
         return {"id": [], "failures": failures}
     ids, mask = pad_token_ids([item["input_ids"] for item in items], pad_id)
-    return {
+    batch = {
         "failures": failures,
         "id": [item["id"] for item in items],
         "text": [item["text"] for item in items],
         "tokens": [item["tokens"] for item in items],
         "special": [item["special"] for item in items],
+        "geometry": [item.get("geometry") for item in items],
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "input_ids": ids,
         "attention_mask": mask,
         "seed": torch.tensor([item["seed"] for item in items], dtype=torch.long),
     }
+    if all("target_mask" in item for item in items):
+        batch["target_mask"] = torch.stack([item["target_mask"] for item in items])
+    return batch
 
 
 class PairDataModule(L.LightningDataModule):
-    """Predict-only data module over a list of records."""
+    """Predict-only data module streaming a source; each rank takes its share at ``setup``."""
 
     def __init__(
         self,
-        records: Sequence[PairRecord],
+        source: PairSource,
         backbone: Any,
         *,
         run_seed: int,
         batch_size: int = 8,
         num_workers: int = 0,
-        skip_ids: set[str] = frozenset(),
+        skip_ids: set[str] | frozenset = frozenset(),
     ):
         super().__init__()
-        self.dataset = PairDataset(records, backbone, run_seed, skip_ids)
+        self.dataset = PairStream(source, backbone, run_seed, skip_ids)
         self.pad_id = backbone.pad_token_id
         self.batch_size, self.num_workers = batch_size, num_workers
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.dataset.rank, self.dataset.world_size = self.trainer.global_rank, self.trainer.world_size
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(

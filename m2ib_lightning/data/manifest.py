@@ -1,23 +1,26 @@
 """Reading image-text pairs from a manifest, COCO captions or a folder, and loading images defensively.
 
-A bad record never stops a run: what can be checked up front (missing fields,
-empty caption, duplicate id, missing file) is reported by :func:`read_pairs`;
-what shows only when decoding (corrupt, truncated, zero-size images) is
-reported by :func:`load_rgb` raising :class:`BadImage` in the data loader.
+A bad record never stops a run: what shows in the manifest itself (missing
+fields, empty caption, duplicate id) comes out of :class:`ManifestSource` as a
+:class:`Failure`; what shows only when loading (missing, corrupt, truncated,
+zero-size images) is reported by :func:`load_rgb` raising :class:`BadImage`
+in the data loader. Nothing is read or stat-ed before it is needed.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .records import BadImage, Failure, PairRecord
+from .records import BadImage, Failure, PairRecord, by_position
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CAPTIONS_FILE = "captions.txt"  # in a folder: one "FILE_NAME<TAB>CAPTION" per line
@@ -38,102 +41,132 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open, fully decode and convert to RGB; raise :class:`BadImage` with a reason otherwise."""
+def load_rgb(source: Path | bytes, name: str | None = None) -> Image.Image:
+    """Open (a file, or the bytes of one), fully decode and convert to RGB; raise :class:`BadImage` with a reason otherwise."""
+    if isinstance(source, (bytes, bytearray)):
+        name, opened = name or "image", io.BytesIO(source)
+    else:
+        name, opened = name or Path(source).name, source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(opened) as image:
                 image.load()  # decode now: a truncated file fails here, not later
                 if image.width == 0 or image.height == 0:
-                    raise BadImage(f"zero-size image ({image.width}x{image.height}): {path.name}")
+                    raise BadImage(f"zero-size image ({image.width}x{image.height}): {name}")
                 return to_rgb(image)
     except BadImage:
         raise
     except FileNotFoundError:
-        raise BadImage(f"image not found: {path}") from None
+        raise BadImage(f"image not found: {source}") from None
     except UnidentifiedImageError:
-        raise BadImage(f"not a readable image file: {path.name}") from None
+        raise BadImage(f"not a readable image file: {name}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImage(f"corrupt or truncated image {path.name}: {err}") from None
+        raise BadImage(f"corrupt or truncated image {name}: {err}") from None
 
 
-def _rows(path: Path) -> list[tuple[str, dict | None, str | None]]:
-    """(where, row, parse error) per record of a JSONL, CSV or COCO captions file."""
+def _rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(where, row, parse error) per record of a JSONL, CSV or COCO captions file; JSONL and CSV are streamed."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append((f"line {number}", row if isinstance(row, dict) else None, None if isinstance(row, dict) else "not a JSON object"))
-            except json.JSONDecodeError as err:
-                rows.append((f"line {number}", None, f"invalid JSON: {err.msg}"))
-        return rows
-    if suffix == ".csv":
+        with open(path, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"line {number}", None, f"invalid JSON: {err.msg}"
+                    continue
+                yield f"line {number}", row if isinstance(row, dict) else None, None if isinstance(row, dict) else "not a JSON object"
+    elif suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = {"id", "image", "text"} - set(reader.fieldnames or ())
-            if missing:
-                raise ValueError(f"manifest {path} lacks the columns {sorted(missing)} (needs id, image, text)")
-            return [(f"line {number}", row, None) for number, row in enumerate(reader, 2)]
-    if suffix == ".json":
+            for number, row in enumerate(csv.DictReader(handle), 2):
+                yield f"line {number}", row, None
+    elif suffix == ".json":
         coco = json.loads(path.read_text(encoding="utf-8-sig"))
-        if not isinstance(coco, dict) or "annotations" not in coco or "images" not in coco:
-            raise ValueError(f"{path} is not COCO captions JSON (needs 'images' and 'annotations')")
         files = {image["id"]: image.get("file_name") for image in coco["images"]}
-        return [
-            (f"annotation {a.get('id')}", {"id": a.get("id"), "image": files.get(a.get("image_id")), "text": a.get("caption")}, None)
-            for a in coco["annotations"]
-        ]
-    raise ValueError(f"manifest {path} must be .jsonl, .csv, COCO .json, or a folder with {CAPTIONS_FILE}")
+        for a in coco["annotations"]:
+            yield f"annotation {a.get('id')}", {"id": a.get("id"), "image": files.get(a.get("image_id")), "text": a.get("caption")}, None
+    else:  # a folder
+        with open(path / CAPTIONS_FILE, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    name, _, text = line.rstrip("\n").partition("\t")
+                    yield f"line {number}", {"id": Path(name).stem, "image": name, "text": text}, None
 
 
-def _folder_rows(folder: Path) -> list[tuple[str, dict | None, str | None]]:
-    captions = folder / CAPTIONS_FILE
-    if not captions.is_file():
-        raise ValueError(f"folder {folder} has no {CAPTIONS_FILE} (one 'FILE_NAME<TAB>CAPTION' per line)")
-    rows = []
-    for number, line in enumerate(captions.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        name, _, text = line.partition("\t")
-        rows.append((f"line {number}", {"id": Path(name).stem, "image": name, "text": text}, None))
-    return rows
+class ManifestSource:
+    """The pairs of a manifest (JSONL/CSV with id, image, text), COCO captions JSON, or a folder with captions.txt.
+
+    Checked when made (exists, known format, CSV columns); read lazily, line by line,
+    each time it is iterated. Image paths are relative to the manifest's folder and
+    are not touched until the image is loaded. Records that are bad on their face
+    (missing fields, empty caption, duplicate id) come out as :class:`Failure`.
+    """
+
+    def __init__(self, source: str | Path):
+        self.path = Path(source)
+        if not self.path.exists():
+            raise FileNotFoundError(f"data.manifest={str(self.path)!r} does not exist")
+        self.root = self.path if self.path.is_dir() else self.path.parent
+        suffix = self.path.suffix.lower()
+        if self.path.is_dir():
+            if not (self.path / CAPTIONS_FILE).is_file():
+                raise ValueError(f"folder {self.path} has no {CAPTIONS_FILE} (one 'FILE_NAME<TAB>CAPTION' per line)")
+        elif suffix == ".csv":
+            with open(self.path, newline="", encoding="utf-8-sig") as handle:
+                missing = {"id", "image", "text"} - set(csv.DictReader(handle).fieldnames or ())
+            if missing:
+                raise ValueError(f"manifest {self.path} lacks the columns {sorted(missing)} (needs id, image, text)")
+        elif suffix == ".json":
+            try:
+                coco = json.loads(self.path.read_text(encoding="utf-8-sig"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path} is not valid JSON: {err.msg}") from None
+            if not isinstance(coco, dict) or "annotations" not in coco or "images" not in coco:
+                raise ValueError(f"{self.path} is not COCO captions JSON (needs 'images' and 'annotations')")
+        elif suffix != ".jsonl":
+            raise ValueError(f"manifest {self.path} must be .jsonl, .csv, COCO .json, or a folder with {CAPTIONS_FILE}")
+
+    def size_hint(self) -> int | None:
+        """Records in the manifest, counted from its lines without parsing them (for the progress bar)."""
+        if self.path.suffix.lower() == ".json":
+            return None
+        path = self.path / CAPTIONS_FILE if self.path.is_dir() else self.path
+        with open(path, "rb") as handle:
+            lines = sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+        return max(lines - (self.path.suffix.lower() == ".csv"), 0)
+
+    def split(self, slot: int, slots: int, skip: set[str] | frozenset = frozenset()) -> Iterator[PairRecord | Failure]:
+        """This rank's and worker's share of the records (see :func:`by_position`)."""
+        return by_position(self, slot, slots, skip)
+
+    def __iter__(self) -> Iterator[PairRecord | Failure]:
+        seen: dict[str, str] = {}
+        for where, row, error in _rows(self.path):
+            raw_id = None if row is None else row.get("id")
+            sample_id = str(raw_id).strip() if raw_id not in (None, "") else where
+            if error:
+                yield Failure(sample_id, f"{where}: {error}")
+                continue
+            image, text = row.get("image"), row.get("text")
+            if raw_id in (None, ""):
+                yield Failure(sample_id, f"{where}: missing id")
+            elif sample_id in seen:
+                yield Failure(sample_id, f"{where}: duplicate id (first at {seen[sample_id]})")
+            elif not isinstance(text, str) or not text.strip():
+                yield Failure(sample_id, f"{where}: empty caption")
+            elif not isinstance(image, str) or not image.strip():
+                yield Failure(sample_id, f"{where}: missing image path")
+            else:
+                yield PairRecord(sample_id, text.strip(), partial(load_rgb, self.root / image))
+            seen.setdefault(sample_id, where)
 
 
 def read_pairs(source: str | Path) -> tuple[list[PairRecord], list[Failure]]:
-    """Records of a manifest (JSONL/CSV with id, image, text), COCO captions JSON, or a folder with captions.
-
-    Image paths are relative to the manifest's folder. Returns the good
-    records and one :class:`Failure` per record skipped up front.
-    """
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"data.manifest={str(source)!r} does not exist")
-    rows = _folder_rows(source) if source.is_dir() else _rows(source)
-    root = source if source.is_dir() else source.parent
-    records, failures, seen = [], [], {}
-    for where, row, error in rows:
-        raw_id = None if row is None else row.get("id")
-        sample_id = str(raw_id).strip() if raw_id not in (None, "") else where
-        if error:
-            failures.append(Failure(sample_id, f"{where}: {error}"))
-            continue
-        image, text = row.get("image"), row.get("text")
-        if raw_id in (None, ""):
-            failures.append(Failure(sample_id, f"{where}: missing id"))
-        elif sample_id in seen:
-            failures.append(Failure(sample_id, f"{where}: duplicate id (first at {seen[sample_id]})"))
-        elif not isinstance(text, str) or not text.strip():
-            failures.append(Failure(sample_id, f"{where}: empty caption"))
-        elif not isinstance(image, str) or not image.strip():
-            failures.append(Failure(sample_id, f"{where}: missing image path"))
-        elif not (root / image).is_file():
-            failures.append(Failure(sample_id, f"{where}: image not found: {image}"))
-        else:
-            records.append(PairRecord(sample_id, text.strip(), partial(load_rgb, root / image)))
-        seen.setdefault(sample_id, where)
+    """All records of a manifest at once (see :class:`ManifestSource`): the good ones, and one Failure per bad one."""
+    records, failures = [], []
+    for entry in ManifestSource(source):
+        (failures if isinstance(entry, Failure) else records).append(entry)
     return records, failures

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 from PIL import Image
 
 
@@ -15,6 +16,7 @@ class PairRecord:
     id: str
     text: str
     load_image: Callable[[], Image.Image]
+    load_mask: Callable[[], "np.ndarray"] | None = None  # ground truth for localisation, where it exists
 
 
 class BadImage(ValueError):
@@ -31,3 +33,16 @@ class Failure:
 
     def to_json(self) -> dict:
         return {"id": self.id, "reason": self.reason, "severity": self.severity}
+
+
+def by_position(
+    entries: Iterable[PairRecord | Failure], slot: int, slots: int, skip: set[str] | frozenset = frozenset()
+) -> Iterator[PairRecord | Failure]:
+    """The entries at positions ``slot``, ``slot + slots``, ... of a stream, minus records already done.
+
+    Every rank and loader worker reads the same stream and keeps its own share, so each
+    record (and each failure report) belongs to exactly one of them.
+    """
+    for position, entry in enumerate(entries):
+        if position % slots == slot and (isinstance(entry, Failure) or entry.id not in skip):
+            yield entry

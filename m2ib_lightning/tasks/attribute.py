@@ -1,118 +1,142 @@
-"""An attribution run: M2IB over a manifest or held-out pairs of the shapes world, exported, logged, scored."""
+"""An attribution run: M2IB over the shapes world, a manifest or WebDataset shards, exported, logged, scored.
+
+The run streams: each rank reads its share of the source, skips ids already in
+the output (the only thing read at start-up), writes rolling shards, and keeps
+running aggregates; the summary at the end comes from those aggregates, synced
+across ranks, never from reading the output back.
+"""
 
 from __future__ import annotations
 
 import json
-import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks import AttributionWriter, TensorBoardAttributionLogger
-
-from ..data.attribution import PairDataModule, world_index, world_records
-from ..data.manifest import read_pairs
-from ..data.world import ShapesWorld
+from ..callbacks import AttributionWriter, RunSummary, SampleProgressBar, TensorBoardAttributionLogger
+from ..config import ConfigError
+from ..data.attribution import PairDataModule, WorldSource
+from ..data.manifest import ManifestSource
 from ..engine import M2IBConfig
-from ..metrics import MaskEnergy, PointingGame
 from ..module import M2IBModule
+from ..results import FAILURES_FILE, RunLock, atomic_write, done_ids, merged_failures
 from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, world_of
-from ..results import FAILURES_FILE, atomic_write, done_ids, failures_path, merged_failures, read_attributions
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
+WORLD_OVERLAYS = 64  # export.overlays unset: overlays of the first 64 world samples per rank, none for user data
 
 
-def localisation(records: list, world: ShapesWorld, seed: int) -> dict[str, dict[str, float]]:
-    """Pointing game and mask energy of the M2IB maps and of uniformly random maps, against the caption's objects."""
-    # Rank 0 scores the maps of every rank, read back from disk: nothing to sync across processes.
-    metrics = {name: (PointingGame(sync_on_compute=False), MaskEnergy(sync_on_compute=False)) for name in ("m2ib", "random")}
-    gen = torch.Generator().manual_seed(seed)
-    for record in records:
-        mask = torch.from_numpy(world.sample(world_index(record.id)).target_mask)[None]
-        if mask.shape[-2:] != record.image_map.shape:
-            raise ValueError(f"maps are {tuple(record.image_map.shape)} but the world's masks {tuple(mask.shape[-2:])}")
-        maps = {"m2ib": record.image_map[None], "random": torch.rand(mask.shape, generator=gen)}
-        for name, (pointing, energy) in metrics.items():
-            pointing.update(maps[name], mask)
-            energy.update(maps[name], mask)
-    return {
-        name: {"pointing_game": round(p.compute().item(), 4), "energy": round(e.compute().item(), 4)}
-        for name, (p, e) in metrics.items()
-    }
+def source_of(cfg: DictConfig):
+    """The pairs a config names: WebDataset shards, a manifest, or the held-out shapes world."""
+    try:
+        if cfg.data.webdataset:
+            from ..data.webdataset import WebDatasetSource
+
+            return WebDatasetSource(cfg.data.webdataset)
+        if cfg.data.manifest:
+            return ManifestSource(cfg.data.manifest)
+    except (OSError, ValueError) as err:
+        key = "data.webdataset" if cfg.data.webdataset else "data.manifest"
+        raise ConfigError(f"{key}: {err}") from err
+    return WorldSource(world_of(cfg), cfg.data.num_samples)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.data.manifest and cfg.data.webdataset:
+        raise ConfigError("data.manifest and data.webdataset are both set: choose one source")
     backbone = backbone_of(cfg)
     check_layers(cfg, backbone)  # before anything is written
-    refuse_other_settings(cfg, RESULT_KEYS)
-    out = prepare_output(cfg, save_config=False)  # rank 0 saves it once the run is known to be resumable
-    world = None
-    if cfg.data.manifest:
-        records, upfront_failures = read_pairs(cfg.data.manifest)
-    else:
-        world = world_of(cfg)
-        records, upfront_failures = world_records(world, cfg.data.num_samples), []
-    already = done_ids(out)
-    datamodule = PairDataModule(
-        records, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers, skip_ids=already,
-    )
-    module = M2IBModule(backbone, M2IBConfig(**cfg.m2ib))
+    source = source_of(cfg)
+    world_run = isinstance(source, WorldSource)
+    out = prepare_output(cfg, save_config=False)  # rank 0 saves it once it holds the lock
     display_image = getattr(backbone, "display_image", None)
-    trainer = L.Trainer(
-        inference_mode=False,
-        logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
-        callbacks=[
-            AttributionWriter(out, overlays=cfg.export.overlays, display_image=display_image),
-            TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, display_image=display_image),
-        ],
-        **OmegaConf.to_container(cfg.trainer),
-    )
-    if trainer.global_rank == 0:
-        atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
-        lines = "".join(json.dumps(f.to_json()) + "\n" for f in upfront_failures)
-        atomic_write(failures_path(out, "manifest"), lines)
-    start = time.perf_counter()
-    if len(datamodule.dataset):
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
-        trainer.strategy.barrier()  # every rank has written its shards before rank 0 reads them
-    wall = time.perf_counter() - start
-    if trainer.global_rank != 0:
-        return {}
+    overlays = cfg.export.overlays if cfg.export.overlays is not None else (WORLD_OVERLAYS if world_run else 0)
+    already = done_ids(out)
+    writer = AttributionWriter(out, samples_per_shard=cfg.export.samples_per_shard, overlays=overlays, display_image=display_image)
+    summary_callback = RunSummary(cfg.seed, localisation=world_run)
+    callbacks = [
+        writer, summary_callback,
+        TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, display_image=display_image,
+                                     step_offset=len(already)),
+    ]
+    trainer_args = OmegaConf.to_container(cfg.trainer)
+    if trainer_args.get("enable_progress_bar", True):
+        total = source.size_hint()
+        callbacks.append(SampleProgressBar(None if total is None else max(total - len(already), 0)))
+    logger = TensorBoardLogger(str(out), name="tensorboard", version="", default_hp_metric=False)
+    # A streamed dataset has no sampler whose indices the writer could get: it does not need them.
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
+    trainer = L.Trainer(inference_mode=False, logger=logger, callbacks=callbacks, **trainer_args)
 
-    results = list(read_attributions(out))
-    failures = merged_failures(out)
+    lock = RunLock(out)
+    if trainer.global_rank == 0:
+        lock.acquire()  # before anything is written; the other ranks are this run's own
+    try:
+        refuse_other_settings(cfg, RESULT_KEYS)
+        if trainer.global_rank == 0:
+            atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        datamodule = PairDataModule(
+            source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers, skip_ids=already,
+        )
+        module = M2IBModule(backbone, M2IBConfig(**cfg.m2ib))
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        if trainer.global_rank != 0:
+            return {}
+        return _finish(cfg, trainer, writer.run_token, summary_callback.result, len(already))
+    finally:
+        lock.release()
+
+
+def _finish(cfg: DictConfig, trainer: L.Trainer, run_token: str, totals: dict[str, Any], already: int) -> dict[str, Any]:
+    """Rank 0: failures.jsonl, summary.json, the final TensorBoard scalars and hparams, and the printed report."""
+    out = Path(cfg.output_dir)
+    failures = merged_failures(out, run_token)
     atomic_write(out / FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
-    run_ids = {r.id for r in records}
-    errors = {f["id"] for f in failures if f["severity"] == "error"}
     summary = {
         "output_dir": str(out),
-        "done": len(run_ids & {r.id for r in results}) - len(already & run_ids),
-        "skipped": len(already & run_ids),
-        "failed": len(errors),
+        **totals,
+        "failed": sum(f["severity"] == "error" for f in failures),
         "warnings": sum(f["severity"] == "warning" for f in failures),
-        "total_in_output": len(results),
-        "wall_time_s": round(wall, 2),
-        "samples_per_s": round(len(datamodule.dataset) / wall, 3) if len(datamodule.dataset) and wall > 0 else None,
-        "localisation": localisation(results, world, cfg.seed) if world is not None else None,
+        "skipped": already,
+        "total_in_output": already + totals["done"],
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    metrics = {"summary/samples_per_s": summary["samples_per_s"] or 0.0, "summary/done": float(summary["done"]),
+               "summary/failed": float(summary["failed"])}
+    for name, values in (summary["localisation"] or {}).items():
+        metrics.update({f"localisation/{name}_{key}": value for key, value in values.items()})
+    trainer.logger.log_hyperparams(_flat_hparams(summary["config"]), metrics=metrics)
+    trainer.logger.log_metrics(metrics, step=summary["total_in_output"])
+    trainer.logger.finalize("success")
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     _print_report(summary)
     return summary
+
+
+def _flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config as flat ``a.b`` keys with scalar values, as TensorBoard's hparams table takes them."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def _print_report(summary: dict[str, Any]) -> None:
     print(f"\nM2IB attribution run: {summary['output_dir']}")
     print(f"  {summary['done']} attributed, {summary['skipped']} already done, {summary['failed']} failed "
           f"({summary['warnings']} warnings, see {FAILURES_FILE}); "
-          f"{summary['wall_time_s']} s ({summary['samples_per_s']} samples/s)")
+          f"{summary['wall_time_s']} s ({summary['samples_per_s']} samples/s over all ranks)")
     if summary["localisation"]:
-        print(f"  localisation over {summary['total_in_output']} held-out pairs (caption's objects as ground truth):")
+        print(f"  localisation over the {summary['done']} pairs of this run (caption's objects as ground truth):")
         print("  | map | pointing game | energy in mask |")
         print("  |---|---|---|")
         for name, values in summary["localisation"].items():

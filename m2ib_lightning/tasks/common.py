@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +22,14 @@ def world_of(cfg: DictConfig, seed: int | None = None) -> ShapesWorld:
 def prepare_output(cfg: DictConfig, save_config: bool = True) -> Path:
     """Create ``output_dir`` and save the resolved config in it."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={str(out)!r} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir={str(out)!r} cannot be created: {err.strerror}") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={str(out)!r} is not writable")
     if save_config:
         atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
     return out

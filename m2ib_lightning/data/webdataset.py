@@ -1,0 +1,97 @@
+"""Image-text pairs from WebDataset tar shards, as img2dataset writes them.
+
+Each sample is a group of tar members sharing a key: an image (``key.jpg``,
+``.jpeg``, ``.png`` or ``.webp``) and a caption (``key.txt``, or ``key.json``
+with a ``caption`` field). The key is the sample id. Shards are split across
+ranks and loader workers (whole shards while there are at least as many shards
+as readers, else every reader reads every shard and keeps its share of the
+samples). A sample without an image or a caption, an image that does not
+decode, and a tar that cannot be read are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+from .manifest import load_rgb
+from .records import Failure, PairRecord, by_position
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _require_webdataset():
+    try:
+        import webdataset
+    except ImportError as err:  # pragma: no cover - a dependency of the package
+        raise ImportError("data.webdataset needs the `webdataset` package: pip install webdataset") from err
+    return webdataset
+
+
+class WebDatasetSource:
+    """The pairs of a brace pattern of tar shards, e.g. ``/data/{00000..00999}.tar``."""
+
+    def __init__(self, urls: str):
+        wds = _require_webdataset()
+        self.pattern = urls
+        self.urls = list(wds.shardlists.expand_urls(urls))
+        if not self.urls:
+            raise ValueError(f"data.webdataset={urls!r} names no shard")
+        local = [u for u in self.urls if "://" not in u and not u.startswith("pipe:")]
+        missing = [u for u in local if not Path(u).is_file()]
+        if local and len(missing) == len(local):
+            raise FileNotFoundError(f"data.webdataset={urls!r}: no shard exists (first: {missing[0]})")
+
+    def size_hint(self) -> int | None:
+        """Samples in all shards, from img2dataset's ``NNNNN_stats.json`` files where every shard has one."""
+        total = 0
+        for url in self.urls:
+            stats = Path(url).with_name(Path(url).stem + "_stats.json")
+            try:
+                total += int(json.loads(stats.read_text())["successes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return total
+
+    def split(self, slot: int, slots: int, skip: set[str] | frozenset = frozenset()) -> Iterator[PairRecord | Failure]:
+        if len(self.urls) >= slots:
+            yield from self._samples(self.urls[slot::slots], skip)
+        else:
+            yield from by_position(self._samples(self.urls, frozenset()), slot, slots, skip)
+
+    def _samples(self, urls: list[str], skip: set[str] | frozenset) -> Iterator[PairRecord | Failure]:
+        wds = _require_webdataset()
+        for url in urls:
+            errors: list[Exception] = []
+
+            def keep_going(err: Exception) -> bool:
+                errors.append(err)
+                return False  # stop reading this tar: what follows a broken member cannot be trusted
+
+            for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=keep_going):
+                key = sample.get("__key__")
+                if key is None or key in skip:
+                    continue
+                yield self._record(sample, key, url)
+            for err in errors:
+                yield Failure(url, f"shard {Path(url).name}: unreadable tar ({type(err).__name__}: {err}); its later samples are skipped")
+
+    @staticmethod
+    def _record(sample: dict[str, Any], key: str, url: str) -> PairRecord | Failure:
+        where = f"{Path(url).name}:{key}"
+        image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if image is None:
+            return Failure(key, f"{where}: no image member (key.jpg, .jpeg, .png or .webp)")
+        text = None
+        if "txt" in sample:
+            text = sample["txt"].decode("utf-8", errors="replace")
+        elif "json" in sample:
+            try:
+                text = json.loads(sample["json"]).get("caption")
+            except (ValueError, AttributeError):
+                return Failure(key, f"{where}: key.json is not a JSON object")
+        if not isinstance(text, str) or not text.strip():
+            return Failure(key, f"{where}: no caption (key.txt, or key.json with a caption)")
+        return PairRecord(key, text.strip(), partial(load_rgb, bytes(image), where))
