@@ -40,8 +40,20 @@ class M2IBConfig:
     #: whatever its batch-mates, batch size or device count. False fits the batch at once: faster on
     #: GPUs, equal in exact arithmetic, but float32 rounding then differs with the batch (~1e-6 on maps).
     batch_invariant: bool = True
+    #: Where the noise is drawn: "cpu" (per-sample CPU generators; the stream of the official code and of
+    #: every device) or "auto" (per-sample generators on the fitting device: no host-to-device copy each
+    #: step on GPUs; on a GPU its maps differ from the CPU stream's, on a CPU they are the same).
+    noise_device: str = "cpu"
+    #: "32": float32 throughout (exact to the reference). "bf16": the tail (the blocks after the bottleneck)
+    #: runs under bfloat16 autocast; alpha, the loss and Adam stay float32.
+    precision: str = "32"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", str(self.precision))
+        if self.noise_device not in ("cpu", "auto"):
+            raise ValueError(f"noise_device must be 'cpu' or 'auto', got {self.noise_device!r}")
+        if self.precision not in ("32", "bf16"):
+            raise ValueError(f"precision must be '32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.batch_invariant, bool):
             raise TypeError(f"batch_invariant must be a bool, got {type(self.batch_invariant).__name__}")
         for name in ("vision_layer", "text_layer", "steps", "num_noise"):
@@ -131,21 +143,22 @@ def image_maps_from_capacity(token_capacity: Tensor, grid: tuple[int, int], size
 
 
 # ------------------------------------------------------------------------- noise
-def generators_for(seeds: Tensor) -> list[torch.Generator]:
-    """One CPU generator per sample: the noise stream is the same on any device."""
-    return [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()]
+def generators_for(seeds: Tensor, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample, on ``device``: a CPU generator's stream is the same on any machine."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds.tolist()]
 
 
 def draw_noise(
     generators: list[torch.Generator], copies: int, token_mask: Tensor, dim: int, dtype: torch.dtype
 ) -> Tensor:
-    """Standard-normal noise (B, K, T, D) on the CPU: each sample draws (K, its real tokens, D) from its own generator."""
+    """Standard-normal noise (B, K, T, D) on the generators' device: each sample draws (K, its real tokens, D) from its own."""
     batch, tokens = token_mask.shape
-    mask = token_mask.cpu()
-    noise = torch.zeros(batch, copies, tokens, dim, dtype=dtype)
+    device = generators[0].device
+    mask = token_mask.to(device)
+    noise = torch.zeros(batch, copies, tokens, dim, dtype=dtype, device=device)
     for row, gen in enumerate(generators):
         real = mask[row]
-        draw = torch.randn((copies, int(real.sum()), dim), generator=gen, dtype=dtype)
+        draw = torch.randn((copies, int(real.sum()), dim), generator=gen, dtype=dtype, device=device)
         if bool(real.all()):
             noise[row] = draw
         else:
@@ -162,8 +175,12 @@ class TowerObjective:
     at padding. Sample b's terms depend on alpha[b] and noise[b] only.
     """
 
-    def __init__(self, backbone: VisionLanguageBackbone, modality: Modality, state: TowerState, target: Tensor, copies: int):
+    def __init__(
+        self, backbone: VisionLanguageBackbone, modality: Modality, state: TowerState, target: Tensor, copies: int,
+        precision: str = "32",
+    ):
         self.backbone, self.modality, self.copies = backbone, modality, copies
+        self.bf16 = precision == "bf16"
         self.hidden = state.hidden.detach()
         self.token_mask = state.token_mask
         self.copied_state = state.repeat_interleave(copies)
@@ -177,8 +194,9 @@ class TowerObjective:
         mu, var = masked_moments(hidden, alpha)
         nats = capacity(mu, var) * self.element_mask  # the same for every noise copy
         noisy = torch.where(self.real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
-        embedding = self.backbone.tail(self.modality, noisy.reshape(batch * self.copies, tokens, dim), self.copied_state)
-        fit = F.cosine_similarity(embedding, self.copied_target, dim=-1, eps=1e-6).view(batch, self.copies).mean(1)
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            embedding = self.backbone.tail(self.modality, noisy.reshape(batch * self.copies, tokens, dim), self.copied_state)
+        fit = F.cosine_similarity(embedding.to(hidden.dtype), self.copied_target, dim=-1, eps=1e-6).view(batch, self.copies).mean(1)
         return nats.sum((1, 2)) / self.elements, fit, nats
 
 
@@ -191,9 +209,9 @@ def fit_tower(
     config: M2IBConfig,
 ) -> TowerFit:
     """Fit the bottleneck on ``state.hidden`` for a batch; ``target`` is the other tower's clean embedding."""
-    objective = TowerObjective(backbone, modality, state, target, config.num_noise)
+    objective = TowerObjective(backbone, modality, state, target, config.num_noise, config.precision)
     hidden = objective.hidden
-    generators = generators_for(seeds)
+    generators = generators_for(seeds, hidden.device if config.noise_device == "auto" else "cpu")
     alpha = torch.full_like(hidden, INITIAL_ALPHA, requires_grad=True)
     optimizer = torch.optim.Adam([alpha], lr=config.lr)
     capacity_curve, fit_curve = [], []
@@ -399,6 +417,8 @@ def attribute(
     num_noise: int = 10,
     seed: Seeds = 0,
     batch_invariant: bool = True,
+    noise_device: str = "cpu",
+    precision: str = "32",
 ) -> AttributionResult:
     """M2IB image and text maps for a batch of pairs; see :class:`M2IB`.
 
@@ -410,6 +430,6 @@ def attribute(
     """
     config = M2IBConfig(
         vision_layer=vision_layer, text_layer=text_layer, beta=beta, steps=steps, lr=lr, num_noise=num_noise,
-        batch_invariant=batch_invariant,
+        batch_invariant=batch_invariant, noise_device=noise_device, precision=precision,
     )
     return M2IB(model, config).attribute(pixel_values, input_ids, attention_mask, seed=seed)

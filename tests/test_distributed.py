@@ -5,13 +5,16 @@ DDP runs in subprocesses of train.py, never inside pytest.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -49,38 +52,67 @@ def _assert_same_maps(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(a[key][1], b[key][1], atol=atol, rtol=0)
 
 
+def _ids(out: Path) -> list[str]:
+    return [e["id"] for e in index_entries(out)]
+
+
+def _ddp(processes: int) -> tuple[str, ...]:
+    return ("trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu") if processes == 2 else ()
+
+
 def test_two_ddp_processes_give_the_maps_of_one(tmp_path, tiny_bundle):
     _train(*_args(tmp_path / "one", tiny_bundle, "data.num_samples=10", "data.batch_size=4"))
-    _train(*_args(tmp_path / "two", tiny_bundle, "data.num_samples=10", "data.batch_size=4",
-                  "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"))
+    _train(*_args(tmp_path / "two", tiny_bundle, "data.num_samples=10", "data.batch_size=4", *_ddp(2)))
     _train(*_args(tmp_path / "bs3", tiny_bundle, "data.num_samples=10", "data.batch_size=3"))
     one, two, bs3 = _maps(tmp_path / "one"), _maps(tmp_path / "two"), _maps(tmp_path / "bs3")
     assert len(one) == 10
     assert sorted(p.name for p in (tmp_path / "two").glob("index-rank*.jsonl")) == ["index-rank0.jsonl", "index-rank1.jsonl"]
-    ids = [e["id"] for e in index_entries(tmp_path / "two")]
+    ids = _ids(tmp_path / "two")
     assert len(ids) == len(set(ids)) == 10, "a sample was attributed twice or not at all"
     _assert_same_maps(one, two, atol=0)  # bitwise: each sample is fitted alone (m2ib.batch_invariant)
     _assert_same_maps(one, bs3, atol=0)
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert summaries[0]["localisation"] == summaries[1]["localisation"]  # synced across ranks, not rank 0's share
+    assert summaries[1]["done"] == 10
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_bundle):
-    extra = ("data.num_samples=120", "data.batch_size=2")
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1)])
+def test_resume_after_sigkill_under_another_topology_equals_an_uninterrupted_run(tmp_path, tiny_bundle, before, after):
+    extra = ("data.num_samples=60", "data.batch_size=2", "export.samples_per_shard=4")
     _train(*_args(tmp_path / "full", tiny_bundle, *extra))
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _args(killed, tiny_bundle, *extra), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _args(killed, tiny_bundle, *extra, *_ddp(before)), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,  # its own process group: DDP workers die with it
     )
     deadline = time.monotonic() + 300
-    while (len(index_entries(killed)) if killed.exists() else 0) < 6:
+    while (len(_ids(killed)) if killed.exists() else 0) < 8:
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = len(index_entries(killed))
-    assert 6 <= written < 120, f"the run was not killed halfway ({written} written)"
+    written = len(_ids(killed))
+    assert 8 <= written < 60, f"the run was not killed halfway ({written} written)"
+    assert (killed / "run.lock").exists()  # left behind by the killed run: stale, the rerun takes it over
 
-    _train(*_args(killed, tiny_bundle, *extra))
-    ids = [e["id"] for e in index_entries(killed)]
-    assert len(ids) == len(set(ids)) == 120
+    _train(*_args(killed, tiny_bundle, *extra, *_ddp(after)))
+    ids = _ids(killed)
+    assert len(ids) == len(set(ids)) == 60, "a sample was lost or attributed twice"
     _assert_same_maps(_maps(tmp_path / "full"), _maps(killed), atol=0)
+    assert not (killed / "run.lock").exists()
+
+
+def test_a_live_run_is_refused_naming_it_and_a_stale_lock_is_taken_over(tmp_path, tiny_bundle):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "then"}))
+    proc = subprocess.run(_args(out, tiny_bundle, "data.num_samples=2"), cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 2 and f"in use by the run of pid {os.getpid()}" in proc.stderr
+    assert not list(out.glob("index-rank*.jsonl"))
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    (out / "run.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
+    _train(*_args(out, tiny_bundle, "data.num_samples=2"))
+    assert len(_ids(out)) == 2 and not (out / "run.lock").exists()
