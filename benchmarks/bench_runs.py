@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from m2ib_lightning.results import index_entries  # noqa: E402
+from m2ib_lightning.results import INDEX_PATTERN  # noqa: E402
 
 
 def _children(pid: int) -> list[int]:
@@ -54,7 +54,7 @@ def run(out: Path, pairs: int, processes: int) -> tuple[dict, dict[int, list[tup
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples: dict[int, list[tuple[int, float]]] = {}
     while proc.poll() is None:
-        written = len(index_entries(out)) if out.exists() else 0
+        written = sum(p.read_bytes().count(b"\n") for p in out.glob(INDEX_PATTERN))
         for pid in [proc.pid, *_children(proc.pid)]:
             rss = _rss_mib(pid)
             if rss is not None:

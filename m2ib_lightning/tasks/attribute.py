@@ -9,6 +9,7 @@ across ranks, never from reading the output back.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def source_of(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    entered = time.perf_counter()
     if cfg.data.manifest and cfg.data.webdataset:
         raise ConfigError("data.manifest and data.webdataset are both set: choose one source")
     backbone = backbone_of(cfg)
@@ -88,13 +90,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         if trainer.global_rank != 0:
             return {}
-        return _finish(cfg, trainer, writer.run_token, summary_callback.result, len(already))
+        phases = {"startup_s": summary_callback.start - entered, "predict_s": summary_callback.result["wall_time_s"]}
+        return _finish(cfg, trainer, writer.run_token, summary_callback.result, len(already), phases, time.perf_counter())
     finally:
         lock.release()
 
 
-def _finish(cfg: DictConfig, trainer: L.Trainer, run_token: str, totals: dict[str, Any], already: int) -> dict[str, Any]:
-    """Rank 0: failures.jsonl, summary.json, the final TensorBoard scalars and hparams, and the printed report."""
+def _finish(
+    cfg: DictConfig, trainer: L.Trainer, run_token: str, totals: dict[str, Any], already: int,
+    phases: dict[str, float], predicted_at: float,
+) -> dict[str, Any]:
+    """Rank 0: failures.jsonl, summary.json, the final TensorBoard scalars and hparams, and the printed report.
+
+    ``phases`` holds the seconds of start-up (entering the run to the first batch) and of predict; the
+    seconds of this finishing step (from ``predicted_at``) are added to it.
+    """
     out = Path(cfg.output_dir)
     failures = merged_failures(out, run_token)
     atomic_write(out / FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
@@ -114,6 +124,7 @@ def _finish(cfg: DictConfig, trainer: L.Trainer, run_token: str, totals: dict[st
     trainer.logger.log_hyperparams(_flat_hparams(summary["config"]), metrics=metrics)
     trainer.logger.log_metrics(metrics, step=summary["total_in_output"])
     trainer.logger.finalize("success")
+    summary["phases"] = {**{k: round(v, 3) for k, v in phases.items()}, "finish_s": round(time.perf_counter() - predicted_at, 3)}
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     _print_report(summary)
     return summary
