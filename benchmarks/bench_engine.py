@@ -5,7 +5,13 @@ speed-up, peak memory and the largest map difference. The naive reference is
 the official code's algorithm (m2ib_lightning.testing.naive_m2ib): both towers
 in full at every step through the model's own forward, the bottleneck as a hook.
 
-    python benchmarks/bench_engine.py [--pairs 1] [--families "CLIP ViT-B/32" ...]
+A second table compares the engine in bf16 (``m2ib.precision=bf16``: the tail
+under bfloat16 autocast, alpha, loss and Adam in float32) with float32: speed-up,
+the fit's achieved GFLOP/s next to this machine's matmul GFLOP/s in each
+precision, the largest map difference and the Spearman rank correlation of the
+maps; and, on the shapes world with the shipped CLIP, the pointing game of both.
+
+    python benchmarks/bench_engine.py [--pairs 1] [--families "CLIP ViT-B/32" ...] [--tables reference precision]
 """
 
 from __future__ import annotations
@@ -103,17 +109,100 @@ def run_method(family: str, method: str, count: int, out: Path) -> None:
     torch.save({"seconds": seconds, "peak": peak_rss_mib(), "loaded": loaded_rss, "maps": maps}, out)
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ranks = [x.flatten().double().argsort().argsort().double() for x in (a, b)]
+    return torch.corrcoef(torch.stack(ranks))[0, 1].item()
+
+
+def timed_attribution(model, pairs, precision: str):
+    """Seconds per pair and the results, after one untimed warm-up pair."""
+    m2ib_lightning.attribute(model, *pairs[0], precision=precision)
+    start = time.perf_counter()
+    results = [m2ib_lightning.attribute(model, pixels, ids, seed=seed, precision=precision) for seed, (pixels, ids) in enumerate(pairs[1:])]
+    return (time.perf_counter() - start) / (len(pairs) - 1), results
+
+
+def precision_table(families: list[str], count: int) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    peak = {p: matmul_gflops(d) for p, d in (("32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"\nbf16 vs float32 (engine, defaults, {count} pair(s) after a warm-up; "
+          f"this machine's 2048^3 matmul: float32 {peak['32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s)")
+    print("| backbone | float32 s / pair | bf16 s / pair | speed-up | fit GFLOP/s float32 / bf16 (share of matmul peak) "
+          "| max image-map diff | Spearman image / text capacity |")
+    print("|---|---|---|---|---|---|---|")
+    for family in families:
+        torch.manual_seed(0)
+        model, pairs = FAMILIES[family][0]().eval(), make_pairs(family, count + 1)
+        with FlopCounterMode(display=False) as counter:
+            m2ib_lightning.attribute(model, *pairs[1])
+        flops = counter.get_total_flops()
+        seconds, results = {}, {}
+        for precision in ("32", "bf16"):
+            seconds[precision], results[precision] = timed_attribution(model, pairs, precision)
+        exact, low = results["32"], results["bf16"]
+        image_diff = max((a.image_maps - b.image_maps).abs().max().item() for a, b in zip(exact, low))
+        rho_image = min(spearman(a.image_capacity, b.image_capacity) for a, b in zip(exact, low))
+        rho_text = min(spearman(a.text_capacity, b.text_capacity) for a, b in zip(exact, low))
+        rates = {p: flops / seconds[p] / 1e9 for p in seconds}
+        print(f"| {family} | {seconds['32']:.2f} | {seconds['bf16']:.2f} | {seconds['32'] / seconds['bf16']:.2f}x "
+              f"| {rates['32']:.0f} ({rates['32'] / peak['32']:.0%}) / {rates['bf16']:.0f} ({rates['bf16'] / peak['bf16']:.0%}) "
+              f"| {image_diff:.3f} | {rho_image:.3f} / {rho_text:.3f} |", flush=True)
+    shapes_world_fidelity()
+
+
+def shapes_world_fidelity(samples: int = 128) -> None:
+    """Pointing game of float32 and bf16 maps of the shipped CLIP on held-out world pairs (default.yaml's layers)."""
+    from m2ib_lightning.backbones import load_backbone
+    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.metrics import pointing_game
+
+    backbone = load_backbone("builtin:shapes-clip")
+    world = ShapesWorld(seed=1)
+    hits, rhos = {"32": [], "bf16": []}, []
+    for i in range(samples):
+        sample = world.sample(i)
+        text = backbone.text_inputs(sample.text)
+        pixels, ids = backbone.image_inputs(sample.image)[None], torch.tensor([text.ids])
+        maps = {}
+        for precision in ("32", "bf16"):
+            result = m2ib_lightning.attribute(backbone, pixels, ids, vision_layer=0, text_layer=1, seed=i, precision=precision)
+            maps[precision] = result.image_maps
+            hits[precision].append(pointing_game(result.image_maps, torch.from_numpy(sample.target_mask)[None]).item())
+        rhos.append(spearman(maps["32"], maps["bf16"]))
+    mean = {p: sum(v) / len(v) for p, v in hits.items()}
+    print(f"\nshapes world, shipped CLIP, {samples} held-out pairs: pointing game float32 {mean['32']:.3f}, "
+          f"bf16 {mean['bf16']:.3f} (difference {mean['bf16'] - mean['32']:+.3f}); Spearman of the image maps "
+          f"mean {sum(rhos) / len(rhos):.3f}, min {min(rhos):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=1, help="pairs timed for each method")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--tables", nargs="+", default=["reference", "precision"], choices=["reference", "precision"])
     parser.add_argument("--method", choices=["engine", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--family", choices=list(FAMILIES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
         return run_method(args.family, args.method, args.pairs, args.out)
+    if "reference" in args.tables:
+        reference_table(args)
+    if "precision" in args.tables:
+        precision_table(args.families, args.pairs)
 
+
+def reference_table(args: argparse.Namespace) -> None:
     print(f"M2IB engine vs the naive reference: random weights, CPU, {torch.get_num_threads()} threads, "
           f"{args.pairs} pair(s), defaults (layer 9 of 12, 10 steps, 10 noise copies), each method in its own process")
     print("| backbone | naive s / pair | engine s / pair | speed-up | peak RSS MiB naive / engine (model loaded) "
