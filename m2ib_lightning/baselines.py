@@ -1,123 +1,349 @@
-"""Baseline image attributions for a CLIP image-text pair, to compare M2IB against.
+"""Attribution methods to compare M2IB with, through the backbone adapter protocol (any shipped backbone).
 
-Each explains the same score, the cosine similarity between the image's and
-the caption's projected embeddings, and returns maps (B, H, W) min-maxed to
-[0, 1] like M2IB's. Gradient methods come from Captum; one class per method,
-one ``attribute`` call, as in Captum itself.
+Every method explains the same score, the cosine similarity between the image's and
+the caption's embeddings (``backbone.embed``), and returns :class:`Maps` of M2IB's
+shapes: an image map (B, H, W) and, where the method has one, a text map (B, L), each
+min-maxed to [0, 1] (text over the caption's real tokens, 0 at padding). One class per
+method with one ``attribute`` call, as in Captum; Captum does the gradient methods where
+its API fits. A method is picked by name from :data:`METHODS` (``register_method`` adds one).
+
+Methods touch the model only through hooks, removed also on errors, and leave its
+weights, gradients and train/eval flags as they were.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .backbones.base import features
-from .engine import eval_mode, image_maps_from_capacity, minmax
+from .backbones import as_backbone
+from .backbones.base import block_output, tower_inputs
+from .engine import M2IB, M2IBConfig, eval_mode, image_maps_from_capacity, minmax
 
 
-class ImageTextScore(nn.Module):
-    """f(pixels) = cos(image embedding, fixed caption embedding), one value per image.
+@dataclass
+class Maps:
+    """A method's maps for a batch: image (B, H, W) and text (B, L) or None, each in [0, 1]."""
 
-    Given k images per caption, they come grouped by sample: rows b*k .. b*k + k - 1 go with caption b.
-    """
+    image: Tensor
+    text: Tensor | None = None
 
-    def __init__(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor):
-        super().__init__()
-        self.model = model
+
+METHODS: dict[str, type["AttributionMethod"]] = {}
+
+
+def register_method(cls: type["AttributionMethod"]) -> type["AttributionMethod"]:
+    """Class decorator: make a method available by its ``name`` (in configs: ``methods: [...]``)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(name: str, backbone: Any, **settings: Any) -> "AttributionMethod":
+    if name not in METHODS:
+        raise ValueError(f"unknown attribution method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name](backbone, **settings)
+
+
+@contextlib.contextmanager
+def _hooked(module: torch.nn.Module, *, pre: Callable | None = None, post: Callable | None = None) -> Iterator[None]:
+    handles = []
+    try:
+        if pre is not None:
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        if post is not None:
+            handles.append(module.register_forward_hook(post))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    """A block's inputs with its hidden states (first positional or ``hidden_states``) replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _block_input(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class PairScorer:
+    """The score every method explains and every faithfulness metric follows: the cosine similarity of a pair's
+    embeddings, with one side perturbed and the other side clean."""
+
+    def __init__(self, backbone: Any):
+        self.backbone = as_backbone(backbone)
+
+    def embedding(self, modality: str, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return F.normalize(self.backbone.embed(modality, tower_inputs(modality, pixel_values, input_ids, attention_mask)), dim=-1)
+
+    def clean(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B,) scores of the unperturbed pairs."""
         with torch.no_grad():
-            text = features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-        self.register_buffer("text", F.normalize(text, dim=-1), persistent=False)
+            return (self.embedding("image", pixel_values, None, None) * self.embedding("text", None, input_ids, attention_mask)).sum(-1)
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        image = features(self.model.get_image_features(pixel_values=pixel_values))
-        copies, rest = divmod(image.shape[0], self.text.shape[0])
-        if rest:
-            raise ValueError(f"{image.shape[0]} images for {self.text.shape[0]} captions")
-        return (F.normalize(image, dim=-1) * self.text.repeat_interleave(copies, dim=0)).sum(-1)
+    def image_score(self, input_ids: Tensor, attention_mask: Tensor) -> Callable[[Tensor], Tensor]:
+        """f(pixels) = cos(image embedding, the clean caption embedding); k images per caption come grouped by sample."""
+        with torch.no_grad():
+            text = self.embedding("text", None, input_ids, attention_mask)
+
+        def score(pixel_values: Tensor) -> Tensor:
+            image = self.embedding("image", pixel_values, None, None)
+            return (image * text.repeat_interleave(image.shape[0] // text.shape[0], dim=0)).sum(-1)
+
+        return score
+
+    def text_score(self, pixel_values: Tensor, attention_mask: Tensor) -> Callable[[Tensor], Tensor]:
+        """f(ids) = cos(caption embedding, the clean image embedding); k captions per image come grouped by sample."""
+        with torch.no_grad():
+            image = self.embedding("image", pixel_values, None, None)
+
+        def score(input_ids: Tensor) -> Tensor:
+            copies = input_ids.shape[0] // image.shape[0]
+            text = self.embedding("text", None, input_ids, attention_mask.repeat_interleave(copies, dim=0))
+            return (text * image.repeat_interleave(copies, dim=0)).sum(-1)
+
+        return score
 
 
-class _Baseline:
-    name = "baseline"
+class AttributionMethod(PairScorer):
+    """A method's common frame: the adapter, the scores, and eval mode with gradients on during ``attribute``."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    name: ClassVar[str] = "method"
+    has_text_map: ClassVar[bool] = False
 
-    def attribute(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        with eval_mode(self.model), torch.enable_grad():
-            return self._maps(ImageTextScore(self.model, input_ids, mask), pixel_values).detach()
+    def __init__(self, backbone: Any, **settings: Any):
+        super().__init__(backbone)
+        if settings:
+            raise TypeError(f"method {self.name!r} takes no settings {sorted(settings)}")
 
-    def _maps(self, score: ImageTextScore, pixel_values: Tensor) -> Tensor:
+    def attribute(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None
+    ) -> Maps:
+        """Maps for a batch. ``seeds`` (B,) seed the methods that draw random numbers, per sample; ``special``
+        (B, L) marks BOS/EOS/CLS/SEP/padding (default: the adapter's ``special_mask``)."""
+        if special is None:
+            special = special_tokens(self.backbone, input_ids)
+        self.words = attention_mask.bool() & ~special.to(attention_mask.device)
+        with eval_mode(self.backbone.module), torch.enable_grad():
+            maps = self._maps(pixel_values, input_ids, attention_mask, seeds)
+        return Maps(maps.image.detach(), None if maps.text is None else maps.text.detach())
+
+    def _maps(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor) -> Maps:
+        """The method itself; ``self.words`` (B, L) marks the caption's words (real tokens, not special)."""
         raise NotImplementedError
 
+    def token_map(self, tokens: Tensor, pixel_values: Tensor) -> Tensor:
+        """Per-token values of the image tower (B, T) -> image map (B, H, W) through the patch grid."""
+        patches = tokens[:, self.backbone.num_prefix_tokens:]
+        return image_maps_from_capacity(patches, self.backbone.patch_grid(pixel_values), tuple(pixel_values.shape[-2:]))
 
-class GradientSaliency(_Baseline):
+
+@register_method
+class M2IBMethod(AttributionMethod):
+    """M2IB itself (both maps); ``settings`` are :class:`~m2ib_lightning.engine.M2IBConfig`'s."""
+
+    name = "m2ib"
+    has_text_map = True
+
+    def __init__(self, backbone: Any, **settings: Any):
+        PairScorer.__init__(self, backbone)
+        self.explainer = M2IB(self.backbone, M2IBConfig(**settings))
+
+    def attribute(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None
+    ) -> Maps:
+        result = self.explainer.attribute(pixel_values, input_ids, attention_mask, seed=seeds)
+        return Maps(result.image_maps, result.text_maps)
+
+
+@register_method
+class GradientSaliency(AttributionMethod):
     """|d score / d pixel| summed over channels (Simonyan et al., 2014; Captum ``Saliency``)."""
 
     name = "saliency"
 
-    def _maps(self, score: ImageTextScore, pixel_values: Tensor) -> Tensor:
+    def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
         from captum.attr import Saliency
 
-        return minmax(Saliency(score).attribute(pixel_values, abs=True).sum(1))
+        score = self.image_score(input_ids, attention_mask)
+        return Maps(minmax(Saliency(score).attribute(pixel_values, abs=True).sum(1)))
 
 
-class IntegratedGradientsMap(_Baseline):
-    """|integrated gradients| from the mean image (zero after normalisation), summed over channels."""
+@register_method
+class IntegratedGradientsMethod(AttributionMethod):
+    """Integrated gradients (Sundararajan et al., 2017). Image: on pixels from the zero image (the mean colour after
+    normalisation; Captum ``IntegratedGradients``). Text: on the token embeddings entering the first text block, from
+    the caption with its words replaced by ``replacement_id`` (BOS/EOS kept). |attribution| summed over channels."""
 
     name = "integrated_gradients"
+    has_text_map = True
 
-    def __init__(self, model: nn.Module, steps: int = 16):
-        super().__init__(model)
-        self.steps = steps
+    def __init__(self, backbone: Any, steps: int = 16, replacement_id: int | None = None):
+        super().__init__(backbone)
+        self.steps, self.replacement_id = steps, replacement_id
 
-    def _maps(self, score: ImageTextScore, pixel_values: Tensor) -> Tensor:
+    def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
         from captum.attr import IntegratedGradients
 
-        attributions = IntegratedGradients(score).attribute(
+        image = IntegratedGradients(self.image_score(input_ids, attention_mask)).attribute(
             pixel_values, baselines=torch.zeros_like(pixel_values), n_steps=self.steps, internal_batch_size=pixel_values.shape[0]
         )
-        return minmax(attributions.abs().sum(1))
+        return Maps(minmax(image.abs().sum(1)), self._text(pixel_values, input_ids, attention_mask))
+
+    def _text(self, pixel_values, input_ids, attention_mask) -> Tensor:
+        score = self.text_score(pixel_values, attention_mask)
+        block = self.backbone.blocks("text")[0]
+        words = self.words
+        replacement = self.replacement_id if self.replacement_id is not None else self.backbone.pad_token_id
+        baseline_ids = input_ids.masked_fill(words, replacement)
+        captured: dict[str, Tensor] = {}
+
+        def capture(module, args, kwargs):
+            captured["hidden"] = _block_input(args, kwargs).detach()
+
+        with _hooked(block, pre=capture), torch.no_grad():
+            score(baseline_ids)
+            start = captured["hidden"]
+            score(input_ids)
+            end = captured["hidden"]
+        alphas = (torch.arange(self.steps, dtype=end.dtype, device=end.device) + 0.5) / self.steps  # midpoint rule
+        path = (start[:, None] + alphas[None, :, None, None] * (end - start)[:, None]).flatten(0, 1).requires_grad_()
+
+        def interpolate(module, args, kwargs):
+            return _replace_hidden(args, kwargs, path)
+
+        with _hooked(block, pre=interpolate):
+            scores = score(input_ids.repeat_interleave(self.steps, dim=0))
+        (grads,) = torch.autograd.grad(scores.sum(), [path])
+        attribution = ((end - start) * grads.view(*end.shape[:1], self.steps, *end.shape[1:]).mean(1)).sum(-1).abs()
+        return minmax(attribution, attention_mask.bool())
 
 
-class TokenGradientXActivation(_Baseline):
-    """Gradient x activation on the output of vision block ``layer``, summed over channels, per patch
-    (a Grad-CAM for ViT tokens; Captum ``LayerGradientXActivation``), ReLU, upsampled like M2IB's map."""
+def special_tokens(backbone: Any, input_ids: Tensor) -> Tensor:
+    """(B, L) True at BOS/EOS/CLS/SEP/padding, from the adapter's tokenizer."""
+    return torch.tensor([backbone.special_mask(row) for row in input_ids.tolist()], dtype=torch.bool, device=input_ids.device)
+
+
+@register_method
+class GradXActivation(AttributionMethod):
+    """Gradient x activation (Shrikumar et al., 2016). Image: on the tokens leaving vision block ``layer`` (default the penultimate: after the last block only the pooled token reaches the score; Captum
+    ``LayerGradientXActivation``), summed over channels, ReLU, per patch. Text: gradient x token embedding entering
+    the first text block, |summed over channels|."""
 
     name = "grad_x_activation"
+    has_text_map = True
 
-    def __init__(self, model: nn.Module, layer: int):
-        super().__init__(model)
+    def __init__(self, backbone: Any, layer: int = -2):
+        super().__init__(backbone)
         self.layer = layer
 
-    def _maps(self, score: ImageTextScore, pixel_values: Tensor) -> Tensor:
+    def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
         from captum.attr import LayerGradientXActivation
 
-        block = self.model.vision_model.encoder.layers[self.layer]
-        tokens = LayerGradientXActivation(score, block).attribute(pixel_values)
-        tokens = tokens[0] if isinstance(tokens, tuple) else tokens
-        patch = self.model.config.vision_config.patch_size
-        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        return image_maps_from_capacity(tokens.sum(-1).clamp_min(0), grid, tuple(pixel_values.shape[-2:]))
+        block = self.backbone.blocks("image")[self.layer]
+        tokens = LayerGradientXActivation(self.image_score(input_ids, attention_mask), block).attribute(pixel_values)
+        image = self.token_map(block_output(tokens).sum(-1).clamp_min(0), pixel_values)
+        return Maps(image, self._text(pixel_values, input_ids, attention_mask))
+
+    def _text(self, pixel_values, input_ids, attention_mask) -> Tensor:
+        score = self.text_score(pixel_values, attention_mask)
+        captured: dict[str, Tensor] = {}
+
+        def leaf(module, args, kwargs):
+            captured["hidden"] = _block_input(args, kwargs).detach().requires_grad_()
+            return _replace_hidden(args, kwargs, captured["hidden"])
+
+        with _hooked(self.backbone.blocks("text")[0], pre=leaf):
+            scores = score(input_ids)
+        hidden = captured["hidden"]
+        (grads,) = torch.autograd.grad(scores.sum(), [hidden])
+        return minmax((grads * hidden).sum(-1).abs(), attention_mask.bool())
 
 
-class RandomMap(_Baseline):
-    """Uniform noise: the floor every method must beat."""
+@register_method
+class GradCAM(AttributionMethod):
+    """Grad-CAM (Selvaraju et al., 2017) on the patch tokens leaving vision block ``layer`` (default the penultimate): channel weights are the
+    gradients averaged over patches, the map is ReLU(sum_c w_c A_tc). Written out because Captum's ``LayerGradCam``
+    takes channels at dimension 1 (CNN layout), where a ViT block has tokens."""
+
+    name = "grad_cam"
+
+    def __init__(self, backbone: Any, layer: int = -2):
+        super().__init__(backbone)
+        self.layer = layer
+
+    def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
+        score = self.image_score(input_ids, attention_mask)
+        captured: dict[str, Tensor] = {}
+
+        def keep(module, args, output):
+            captured["tokens"] = block_output(output)
+
+        with _hooked(self.backbone.blocks("image")[self.layer], post=keep):
+            scores = score(pixel_values)
+        tokens = captured["tokens"]
+        (grads,) = torch.autograd.grad(scores.sum(), [tokens])
+        prefix = self.backbone.num_prefix_tokens
+        weights = grads[:, prefix:].mean(1, keepdim=True)
+        cam = (weights * tokens[:, prefix:]).sum(-1).clamp_min(0)
+        return Maps(image_maps_from_capacity(cam, self.backbone.patch_grid(pixel_values), tuple(pixel_values.shape[-2:])))
+
+
+@register_method
+class RISE(AttributionMethod):
+    """RISE (Petsiuk et al., 2018): the score-weighted mean of ``masks`` random masks (cells of a ``cells`` x ``cells``
+    grid kept with probability ``keep``, upsampled bilinearly with a random shift), drawn from each sample's seed and
+    scored ``chunk`` at a time. The map is sum_i s_i M_i / (N p)."""
+
+    name = "rise"
+
+    def __init__(self, backbone: Any, masks: int = 500, cells: int = 7, keep: float = 0.5, chunk: int = 100):
+        super().__init__(backbone)
+        self.masks, self.cells, self.keep, self.chunk = masks, cells, keep, chunk
+
+    def random_masks(self, seed: int, height: int, width: int, device: torch.device) -> Tensor:
+        gen = torch.Generator().manual_seed(int(seed))
+        grid = (torch.rand(self.masks, 1, self.cells, self.cells, generator=gen) < self.keep).float()
+        cell_h, cell_w = -(-height // self.cells), -(-width // self.cells)
+        big = F.interpolate(grid, size=((self.cells + 1) * cell_h, (self.cells + 1) * cell_w), mode="bilinear", align_corners=False)
+        dy = torch.randint(0, cell_h, (self.masks,), generator=gen)
+        dx = torch.randint(0, cell_w, (self.masks,), generator=gen)
+        return torch.stack([big[i, 0, dy[i]: dy[i] + height, dx[i]: dx[i] + width] for i in range(self.masks)]).to(device)
+
+    def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
+        height, width = pixel_values.shape[-2:]
+        out = []
+        for b in range(pixel_values.shape[0]):
+            score = self.image_score(input_ids[b: b + 1], attention_mask[b: b + 1])
+            masks = self.random_masks(int(seeds[b]), height, width, pixel_values.device)
+            total = torch.zeros(height, width, device=pixel_values.device)
+            with torch.no_grad():
+                for start in range(0, self.masks, self.chunk):
+                    chunk = masks[start: start + self.chunk]
+                    scores = score(pixel_values[b: b + 1] * chunk[:, None].to(pixel_values.dtype))
+                    total += (scores[:, None, None].float() * chunk).sum(0)
+            out.append(total / (self.masks * self.keep))
+        return Maps(minmax(torch.stack(out)))
+
+
+@register_method
+class RandomMap(AttributionMethod):
+    """Uniform noise from each sample's seed, for both maps: the floor every method must beat."""
 
     name = "random"
+    has_text_map = True
 
-    def __init__(self, model: nn.Module, seed: int = 0):
-        super().__init__(model)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def _maps(self, score: ImageTextScore, pixel_values: Tensor) -> Tensor:
+    def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
         b, _, h, w = pixel_values.shape
-        return torch.rand(b, h, w, generator=self.generator).to(pixel_values.device)
-
-
-BASELINES: dict[str, Any] = {
-    cls.name: cls for cls in (GradientSaliency, IntegratedGradientsMap, TokenGradientXActivation, RandomMap)
-}
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()]
+        image = torch.stack([torch.rand(h, w, generator=g) for g in gens]).to(pixel_values.device)
+        text = torch.stack([torch.rand(input_ids.shape[1], generator=g) for g in gens]).to(pixel_values.device)
+        return Maps(image, minmax(text, attention_mask.bool()))

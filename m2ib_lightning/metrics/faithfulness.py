@@ -1,42 +1,108 @@
-"""Faithfulness of image maps: deletion and insertion curves (Petsiuk et al., RISE, 2018).
+"""Faithfulness of maps: deletion and insertion curves (Petsiuk et al., RISE, 2018), for images and for text.
 
-Deletion replaces the pixels a map ranks highest, a growing share at a time,
-by ``fill`` (0 after CLIP normalisation: the dataset's mean colour) and
-follows the model's score; a faithful map makes it fall fast (low area under
-the curve). Insertion starts from the filled image and puts the top pixels
-back; a faithful map makes the score rise fast (high area).
+Deletion replaces what a map ranks highest, a growing share at a time, by a baseline
+and follows the model's score; a faithful map makes the score fall fast (low area
+under the curve, ``AUC = mean of the trapezoids over the fractions 0, 1/steps, ..., 1``).
+Insertion starts from the baseline and puts the top-ranked parts back; a faithful
+map makes the score rise fast (high area).
+
+Images: pixels, or patches of ``unit`` x ``unit`` pixels ranked by the map's mean over
+the patch; baselines ``zero`` (the dataset mean colour, after normalisation), ``mean``
+(the image's own mean colour) or ``blur`` (a Gaussian blur of the image, sigma 5 px at
+224 px as in RISE). Text: the caption's words (real tokens other than BOS/EOS/CLS/SEP)
+in map order, replaced by a chosen token id.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .mean import MeanOverSamples
 
+BASELINES = ("zero", "mean", "blur")
 
-def perturbation_curve(
-    score: Callable[[Tensor], Tensor], pixel_values: Tensor, maps: Tensor, *, mode: str, steps: int = 10, fill: float = 0.0
-) -> Tensor:
-    """(B, steps + 1) scores with 0, 1/steps, ..., all of the top-ranked pixels deleted or inserted."""
+
+def _check_mode(mode: str, steps: int) -> None:
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def blurred(pixel_values: Tensor) -> Tensor:
+    """Gaussian blur of each channel, sigma = 5 px per 224 px of height (RISE's insertion baseline)."""
+    sigma = max(5.0 * pixel_values.shape[-2] / 224, 0.5)
+    radius = math.ceil(2 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=pixel_values.dtype, device=pixel_values.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = pixel_values.shape[1]
+    padded = F.pad(pixel_values, (radius, radius, radius, radius), mode="replicate")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def image_baseline(pixel_values: Tensor, baseline: str) -> Tensor:
+    if baseline == "zero":
+        return torch.zeros_like(pixel_values)
+    if baseline == "mean":
+        return pixel_values.mean((2, 3), keepdim=True).expand_as(pixel_values)
+    if baseline == "blur":
+        return blurred(pixel_values)
+    raise ValueError(f"baseline must be one of {list(BASELINES)}, got {baseline!r}")
+
+
+def perturbation_curve(
+    score: Callable[[Tensor], Tensor], pixel_values: Tensor, maps: Tensor, *, mode: str, steps: int = 10,
+    unit: int = 1, baseline: str = "zero",
+) -> Tensor:
+    """(B, steps + 1) scores with 0, 1/steps, ..., all of the top-ranked pixels (or patches) deleted or inserted."""
+    _check_mode(mode, steps)
     b, c, h, w = pixel_values.shape
     if maps.shape != (b, h, w):
         raise ValueError(f"maps must be (B, H, W) = {(b, h, w)}, got {tuple(maps.shape)}")
-    rank = maps.flatten(1).argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)  # 0 = most salient
+    if unit < 1 or h % unit or w % unit:
+        raise ValueError(f"unit must be >= 1 and divide the image size {h}x{w}, got {unit}")
+    cells = F.avg_pool2d(maps[:, None].float(), unit)[:, 0] if unit > 1 else maps
+    rows, cols = cells.shape[-2:]
+    rank = cells.flatten(1).argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)  # 0 = most salient
     fractions = torch.arange(steps + 1, device=maps.device) / steps
-    top = rank[:, None, :] < (fractions * h * w).round().long()[None, :, None]  # (B, steps+1, H*W)
+    top = rank[:, None, :] < (fractions * rows * cols).round().long()[None, :, None]  # (B, steps+1, cells)
+    top = top.view(b * (steps + 1), 1, rows, cols)
+    if unit > 1:
+        top = top.repeat_interleave(unit, dim=2).repeat_interleave(unit, dim=3)
     top = top.view(b, steps + 1, 1, h, w)
     images = pixel_values[:, None].expand(b, steps + 1, c, h, w)
-    filled = torch.full_like(images, fill)
+    filled = image_baseline(pixel_values, baseline)[:, None].expand(b, steps + 1, c, h, w)
     perturbed = torch.where(top, filled, images) if mode == "deletion" else torch.where(top, images, filled)
     with torch.no_grad():
         return score(perturbed.reshape(b * (steps + 1), c, h, w)).view(b, steps + 1)
+
+
+def text_perturbation_curve(
+    score: Callable[[Tensor], Tensor], input_ids: Tensor, maps: Tensor, words: Tensor, replacement_id: int, *,
+    mode: str, steps: int = 10,
+) -> Tensor:
+    """(B, steps + 1) scores with 0, 1/steps, ..., all of each caption's words replaced (deletion) or restored
+    (insertion) in the map's order; ``score`` takes (B * (steps + 1), L) ids, grouped by sample."""
+    _check_mode(mode, steps)
+    if maps.shape != input_ids.shape or words.shape != input_ids.shape:
+        raise ValueError(f"maps and words must have the shape of input_ids {tuple(input_ids.shape)}")
+    b, length = input_ids.shape
+    ranked = maps.float().masked_fill(~words, float("-inf"))
+    rank = ranked.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
+    fractions = torch.arange(steps + 1, device=maps.device) / steps
+    counts = (fractions[None, :] * words.sum(1, keepdim=True)).round().long()  # (B, steps+1) words touched
+    top = (rank[:, None, :] < counts[:, :, None]) & words[:, None, :]  # (B, steps+1, L)
+    touched = top if mode == "deletion" else words[:, None, :] & ~top
+    ids = input_ids[:, None].expand(b, steps + 1, length).masked_fill(touched, replacement_id)
+    with torch.no_grad():
+        return score(ids.reshape(b * (steps + 1), length)).view(b, steps + 1)
 
 
 def curve_auc(curves: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""The state every per-sample metric here shares: a sum and a count, summed across processes."""
+"""The state every per-sample metric here shares: a sum, a sum of squares and a count, summed across processes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,20 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
+def standard_error(total: Tensor, squares: Tensor, count: Tensor) -> Tensor:
+    """Standard error of the mean from sums: sqrt(s^2 / n) with the unbiased sample variance s^2 (0 for n < 2)."""
+    n = count.double()
+    if n < 2:
+        return torch.zeros((), dtype=torch.float32, device=total.device)
+    variance = ((squares - total * total / n) / (n - 1)).clamp_min(0)
+    return (variance / n).sqrt().float()
+
+
 class MeanOverSamples(Metric):
-    """Mean of a per-sample score over every sample seen; subclasses say how a batch is scored."""
+    """Mean of a per-sample score over every sample seen, with its standard error; subclasses say how a batch is scored.
+
+    ``compute()`` is the mean, ``standard_error()`` its standard error; both sync across processes.
+    """
 
     full_state_update = False
     is_differentiable = False
@@ -16,15 +28,26 @@ class MeanOverSamples(Metric):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("squares", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _per_sample(self, *args: Tensor) -> Tensor:
         raise NotImplementedError
 
     def update(self, *args: Tensor) -> None:
-        scores = self._per_sample(*args)
-        self.total += scores.sum().double()
+        self.update_scores(self._per_sample(*args))
+
+    def update_scores(self, scores: Tensor) -> None:
+        """Add per-sample scores already computed (e.g. those of an earlier, resumed run)."""
+        scores = scores.double().to(self.total.device)
+        self.total += scores.sum()
+        self.squares += (scores * scores).sum()
         self.count += scores.numel()
 
     def compute(self) -> Tensor:
         return (self.total / self.count).float()
+
+    def standard_error(self) -> Tensor:
+        """Standard error of the mean over every sample seen on every process."""
+        with self.sync_context():
+            return standard_error(self.total, self.squares, self.count)

@@ -1,0 +1,168 @@
+"""Scoring attribution methods against each other: per-sample metric values (pure torch), and the Lightning
+module that runs them in ``predict`` and keeps synced torchmetrics states.
+
+For each method and sample: image confidence drop and increase, image deletion and
+insertion AUC, and, where the data has ground truth, pointing game, energy in the mask
+and top-k IoU; for methods with text maps, text confidence drop and increase and text
+deletion and insertion AUC. See ``m2ib_lightning.metrics`` for every definition.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .baselines import AttributionMethod, Maps, PairScorer
+from .metrics import (
+    ConfidenceDrop, ConfidenceIncrease, CurveAUC, MaskEnergy, PointingGame, TopKIoU, confidence_drop, confidence_increase,
+    curve_auc, keep_image, keep_text, mask_energy, perturbation_curve, pointing_game, text_perturbation_curve, top_k_iou,
+)
+from .metrics.mean import MeanOverSamples
+
+#: metric -> (class, whether higher is better), in table order
+METRICS: dict[str, type[MeanOverSamples]] = {
+    "image_confidence_drop": ConfidenceDrop, "image_confidence_increase": ConfidenceIncrease,
+    "image_deletion_auc": CurveAUC, "image_insertion_auc": CurveAUC,
+    "pointing_game": PointingGame, "energy": MaskEnergy, "top_k_iou": TopKIoU,
+    "text_confidence_drop": ConfidenceDrop, "text_confidence_increase": ConfidenceIncrease,
+    "text_deletion_auc": CurveAUC, "text_insertion_auc": CurveAUC,
+}
+HIGHER_IS_BETTER = {name: name.endswith(("increase", "insertion_auc", "pointing_game", "energy", "iou")) for name in METRICS}
+LOCALISATION = ("pointing_game", "energy", "top_k_iou")
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """How maps are scored."""
+
+    steps: int = 10  # deletion/insertion fractions 0, 1/steps, ..., 1
+    unit: int | None = None  # pixels per deletion cell side; None: the model's patch size
+    deletion_baseline: str = "zero"  # zero (mean colour after normalisation) | mean | blur
+    insertion_baseline: str = "blur"
+    replacement_id: int | None = None  # the id that replaces words; None: the tokenizer's padding id
+    top_k_fraction: float | None = None  # top region of top-k IoU; None: as large as the mask
+
+
+class Evaluator:
+    """Per-sample metric values of a method's maps for a batch (no state; torchmetrics classes aggregate them)."""
+
+    def __init__(self, backbone: Any, settings: MetricSettings = MetricSettings()):
+        self.scorer = PairScorer(backbone)
+        self.settings = settings
+
+    def values(self, maps: Maps, batch: dict[str, Any], clean: Tensor, words: Tensor) -> dict[str, Tensor]:
+        px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        s = self.settings
+        unit = s.unit or px.shape[-2] // self.scorer.backbone.patch_grid(px)[0]
+        image_score = self.scorer.image_score(ids, mask)
+        with torch.no_grad():
+            kept = image_score(keep_image(px, maps.image))
+        out = {
+            "image_confidence_drop": confidence_drop(clean, kept),
+            "image_confidence_increase": confidence_increase(clean, kept),
+            "image_deletion_auc": curve_auc(perturbation_curve(
+                image_score, px, maps.image, mode="deletion", steps=s.steps, unit=unit, baseline=s.deletion_baseline)),
+            "image_insertion_auc": curve_auc(perturbation_curve(
+                image_score, px, maps.image, mode="insertion", steps=s.steps, unit=unit, baseline=s.insertion_baseline)),
+        }
+        if "target_mask" in batch:
+            target = batch["target_mask"]
+            out["pointing_game"] = pointing_game(maps.image, target)
+            out["energy"] = mask_energy(maps.image, target)
+            out["top_k_iou"] = top_k_iou(maps.image, target, s.top_k_fraction)
+        if maps.text is not None:
+            text_score = self.scorer.text_score(px, mask)
+            replacement = s.replacement_id if s.replacement_id is not None else self.scorer.backbone.pad_token_id
+            with torch.no_grad():
+                kept = text_score(keep_text(ids, maps.text, words, replacement))
+            out["text_confidence_drop"] = confidence_drop(clean, kept)
+            out["text_confidence_increase"] = confidence_increase(clean, kept)
+            for mode in ("deletion", "insertion"):
+                curve = text_perturbation_curve(text_score, ids, maps.text, words, replacement, mode=mode, steps=s.steps)
+                out[f"text_{mode}_auc"] = curve_auc(curve)
+        return out
+
+
+class EvaluationModule(L.LightningModule):
+    """Every method on every predict batch, scored; the backbone and the methods are injected.
+
+    Returns per-sample maps and metric values for the writer, and keeps one torchmetrics
+    metric per (method, metric) plus seconds and sample counts per method, synced at the end.
+    """
+
+    def __init__(self, backbone: Any, methods: dict[str, AttributionMethod], settings: MetricSettings = MetricSettings()):
+        super().__init__()
+        self.methods, self.evaluator = methods, Evaluator(backbone, settings)
+        self.model = self.evaluator.scorer.backbone.module  # registered, so that Lightning moves it to the device
+        self.metrics = nn.ModuleDict({
+            method: nn.ModuleDict({name: cls() if name != "top_k_iou" else TopKIoU(settings.top_k_fraction) for name, cls in METRICS.items()})
+            for method in methods
+        })
+        self.seconds = nn.ModuleDict({method: _Sum() for method in methods})
+        self.save_hyperparameters({"methods": list(methods), "metrics": vars(settings)})
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if not batch["id"]:
+            return {"id": [], "failures": batch["failures"]}
+        px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        width = int(mask.sum(1).max())
+        batch = {**batch, "input_ids": ids[:, :width], "attention_mask": mask[:, :width]}
+        special = torch.tensor([row[:width] + [True] * (width - len(row[:width])) for row in batch["special"]], device=ids.device)
+        words = batch["attention_mask"].bool() & ~special
+        clean = self.evaluator.scorer.clean(px, batch["input_ids"], batch["attention_mask"])
+        maps, values, seconds = {}, {}, {}
+        for name, method in self.methods.items():
+            start = time.perf_counter()
+            with torch.enable_grad():
+                maps[name] = method.attribute(px, batch["input_ids"], batch["attention_mask"], batch["seed"], special)
+            seconds[name] = time.perf_counter() - start
+            values[name] = self.evaluator.values(maps[name], batch, clean, words)
+            for metric, per_sample in values[name].items():
+                self.metrics[name][metric].update_scores(per_sample)
+            self.seconds[name].add(seconds[name], len(batch["id"]))
+        return {
+            "id": batch["id"], "failures": batch["failures"], "text": batch["text"], "tokens": batch["tokens"],
+            "special": batch["special"], "lengths": batch["attention_mask"].sum(1).cpu(), "pixel_values": px.cpu(),
+            "maps": {n: Maps(m.image.cpu(), None if m.text is None else m.text.cpu()) for n, m in maps.items()},
+            "values": {n: {k: v.cpu() for k, v in vals.items()} for n, vals in values.items()},
+            "seconds": seconds,
+        }
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Per method: each metric's mean and standard error (None where it does not apply), samples and samples/s.
+
+        Syncs across processes: call it on every rank.
+        """
+        table = {}
+        for method, metrics in self.metrics.items():
+            row: dict[str, Any] = {}
+            for name, metric in metrics.items():
+                count = int(_synced_count(metric))
+                row[name] = None if count == 0 else (metric.compute().item(), metric.standard_error().item())
+            seconds, samples = self.seconds[method].totals()
+            row["samples"] = int(samples)
+            row["samples_per_s"] = samples / seconds if seconds > 0 else None
+            table[method] = row
+        return table
+
+
+def _synced_count(metric: MeanOverSamples) -> Tensor:
+    with metric.sync_context():
+        return metric.count.clone()
+
+
+class _Sum(MeanOverSamples):
+    """Seconds spent and samples seen, summed across processes."""
+
+    def add(self, seconds: float, samples: int) -> None:
+        self.total += seconds
+        self.count += samples
+
+    def totals(self) -> tuple[float, float]:
+        with self.sync_context():
+            return self.total.item(), self.count.item()
