@@ -63,6 +63,11 @@ def _hooked(module: torch.nn.Module, *, pre: Callable | None = None, post: Calla
             handle.remove()
 
 
+def _leaf(pixel_values: Tensor) -> Tensor:
+    """Pixels as a leaf that requires gradients, as Captum wants its inputs (the caller's tensor is left alone)."""
+    return pixel_values.detach().clone().requires_grad_()
+
+
 def _replace_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
     """A block's inputs with its hidden states (first positional or ``hidden_states``) replaced."""
     if args:
@@ -174,7 +179,7 @@ class GradientSaliency(AttributionMethod):
         from captum.attr import Saliency
 
         score = self.image_score(input_ids, attention_mask)
-        return Maps(minmax(Saliency(score).attribute(pixel_values, abs=True).sum(1)))
+        return Maps(minmax(Saliency(score).attribute(_leaf(pixel_values), abs=True).sum(1)))
 
 
 @register_method
@@ -194,7 +199,7 @@ class IntegratedGradientsMethod(AttributionMethod):
         from captum.attr import IntegratedGradients
 
         image = IntegratedGradients(self.image_score(input_ids, attention_mask)).attribute(
-            pixel_values, baselines=torch.zeros_like(pixel_values), n_steps=self.steps, internal_batch_size=pixel_values.shape[0]
+            _leaf(pixel_values), baselines=torch.zeros_like(pixel_values), n_steps=self.steps, internal_batch_size=pixel_values.shape[0]
         )
         return Maps(minmax(image.abs().sum(1)), self._text(pixel_values, input_ids, attention_mask))
 
@@ -249,7 +254,7 @@ class GradXActivation(AttributionMethod):
         from captum.attr import LayerGradientXActivation
 
         block = self.backbone.blocks("image")[self.layer]
-        tokens = LayerGradientXActivation(self.image_score(input_ids, attention_mask), block).attribute(pixel_values)
+        tokens = LayerGradientXActivation(self.image_score(input_ids, attention_mask), block).attribute(_leaf(pixel_values))
         image = self.token_map(block_output(tokens).sum(-1).clamp_min(0), pixel_values)
         return Maps(image, self._text(pixel_values, input_ids, attention_mask))
 
@@ -332,6 +337,82 @@ class RISE(AttributionMethod):
                     total += (scores[:, None, None].float() * chunk).sum(0)
             out.append(total / (self.masks * self.keep))
         return Maps(minmax(torch.stack(out)))
+
+
+class _AttentionMethod(AttributionMethod):
+    """Methods that read each block's attention probabilities (eager attention, through the adapter's
+    ``attention_modules`` and ``eager_attention``). Relevance flows from the position each tower pools (CLS, EOS;
+    the mean over tokens for an attention-pooling head) to its tokens."""
+
+    has_text_map = True
+    needs_gradients = False
+
+    def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
+        for needed in ("attention_modules", "eager_attention"):
+            if not hasattr(self.backbone, needed):
+                raise TypeError(f"{self.name} needs attention probabilities: {type(self.backbone).__name__} has no {needed}()")
+        image = self._relevance("image", pixel_values, input_ids, attention_mask)
+        text = self._relevance("text", pixel_values, input_ids, attention_mask)
+        return Maps(self.token_map(image, pixel_values), minmax(text, attention_mask.bool()))
+
+    def _relevance(self, modality, pixel_values, input_ids, attention_mask) -> Tensor:
+        """(B, T) relevance of each token of one tower for its pooled embedding."""
+        probs: list[Tensor] = []
+
+        def keep(module, args, output):
+            probs.append(output[1])
+
+        inputs = tower_inputs(modality, pixel_values, input_ids, attention_mask)
+        score = (self.image_score(input_ids, attention_mask) if modality == "image"
+                 else self.text_score(pixel_values, attention_mask))
+        argument = pixel_values if modality == "image" else input_ids
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.backbone.eager_attention())
+            for module in self.backbone.attention_modules(modality):
+                stack.enter_context(_hooked(module, post=keep))
+            scores = score(argument) if self.needs_gradients else None
+            if scores is None:
+                with torch.no_grad():
+                    score(argument)
+        if any(p is None for p in probs):
+            raise RuntimeError(f"{self.name}: the model returned no attention probabilities (transformers 5 is needed)")
+        grads = torch.autograd.grad(scores.sum(), probs) if self.needs_gradients else [None] * len(probs)
+        tokens = probs[0].shape[-1]
+        relevance = torch.eye(tokens, dtype=probs[0].dtype, device=probs[0].device).expand(probs[0].shape[0], tokens, tokens)
+        for attention, grad in zip(probs, grads):
+            relevance = self._step(relevance, attention.detach(), None if grad is None else grad.detach())
+        state = self.backbone.prefix(modality, inputs, 0)
+        if state.pool_index is None:  # attention-pooling head: every token feeds the embedding
+            return relevance.mean(1)
+        return relevance[torch.arange(relevance.shape[0], device=relevance.device), state.pool_index]
+
+    def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+@register_method
+class AttentionRollout(_AttentionMethod):
+    """Attention rollout (Abnar & Zuidema, 2020): per block the head-mean attention with the residual added,
+    0.5 A + 0.5 I, rows renormalised, multiplied through the tower."""
+
+    name = "rollout"
+
+    def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
+        mixed = 0.5 * attention.mean(1) + 0.5 * torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)
+        return (mixed / mixed.sum(-1, keepdim=True)) @ relevance
+
+
+@register_method
+class CheferRelevance(_AttentionMethod):
+    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021) for dual encoders: per block
+    R <- R + E_heads[(dS/dA * A)^+] R, from R = I; the row of the pooled token is the map."""
+
+    name = "chefer"
+    needs_gradients = True
+
+    def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
+        weighted = (grad * attention).clamp_min(0).mean(1)
+        return relevance + weighted @ relevance
 
 
 @register_method

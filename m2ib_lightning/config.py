@@ -189,14 +189,30 @@ class ProbeVQAConfig:
 
 @dataclass
 class EvaluateData:
-    num_samples: int = 48  # held-out pairs of the shapes world
+    manifest: Optional[str] = None  # pairs (id, image, text; optional mask or boxes); unset: held-out pairs of the world
+    num_samples: int = 48  # without a manifest: this many held-out pairs of the shapes world
     batch_size: int = 16
+    num_workers: int = 0
 
 
 @dataclass
-class BaselineSettings:
-    grad_x_activation_layer: int = 0  # vision block whose tokens Grad x Activation explains
-    integrated_gradients_steps: int = 16
+class EvaluateMetrics:
+    steps: int = 10  # deletion/insertion fractions 0, 1/steps, ..., 1
+    unit: Optional[int] = None  # pixels per deletion cell side; unset: the model's patch size
+    deletion_baseline: str = "zero"  # zero (the mean colour after normalisation) | mean (the image's) | blur
+    insertion_baseline: str = "blur"
+    replacement_id: Optional[int] = None  # the token id that replaces words; unset: the tokenizer's padding id
+    top_k_fraction: Optional[float] = None  # top region of top-k IoU; unset: as large as the mask
+
+
+@dataclass
+class EvaluateExport:
+    samples_per_shard: int = 1024
+    grid_samples: int = 8  # rows of the picture grid (image, then one map per method)
+
+
+def _default_methods() -> List[str]:
+    return ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "rollout", "chefer", "random"]
 
 
 @dataclass
@@ -208,9 +224,11 @@ class EvaluateConfig:
     data: EvaluateData = field(default_factory=EvaluateData)
     model: ModelConfig = field(default_factory=ModelConfig)
     m2ib: M2IBConfig = field(default_factory=M2IBConfig)
-    methods: List[str] = field(default_factory=lambda: ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "random"])
-    baselines: BaselineSettings = field(default_factory=BaselineSettings)
-    faithfulness_steps: int = 10
+    methods: List[str] = field(default_factory=_default_methods)
+    baselines: Dict[str, Any] = field(default_factory=dict)  # settings per method, e.g. {rise: {masks: 500}}
+    metrics: EvaluateMetrics = field(default_factory=EvaluateMetrics)
+    export: EvaluateExport = field(default_factory=EvaluateExport)
+    trainer: Dict[str, Any] = field(default_factory=dict)
 
 
 SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig}
@@ -252,7 +270,9 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "probe.modalities": _subset_of("image", "text"), "probe.towers": _subset_of("text", "vision"),
     "probe.direction": _one_of("denoise", "noise"), "probe.vision_positions": _one_of("all", "each"),
     "probe.batch_size": _at_least(1), "probe.min_gap": _at_least(0), "probe.top_heads": _at_least(0),
-    "baselines.integrated_gradients_steps": _at_least(1), "faithfulness_steps": _at_least(1),
+    "metrics.steps": _at_least(1), "metrics.unit": _at_least(1), "metrics.top_k_fraction": (lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
+    "metrics.deletion_baseline": _one_of("zero", "mean", "blur"), "metrics.insertion_baseline": _one_of("zero", "mean", "blur"),
+    "export.grid_samples": _at_least(0),
 }
 
 

@@ -105,6 +105,7 @@ class EvaluationModule(L.LightningModule):
         })
         self.seconds = nn.ModuleDict({method: _Sum() for method in methods})
         self.save_hyperparameters({"methods": list(methods), "metrics": vars(settings)})
+        self.table: dict[str, dict[str, Any]] = {}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         if not batch["id"]:
@@ -132,6 +133,9 @@ class EvaluationModule(L.LightningModule):
             "values": {n: {k: v.cpu() for k, v in vals.items()} for n, vals in values.items()},
             "seconds": seconds,
         }
+
+    def on_predict_end(self) -> None:
+        self.table = self.results()  # every rank: the sync is collective
 
     def results(self) -> dict[str, dict[str, Any]]:
         """Per method: each metric's mean and standard error (None where it does not apply), samples and samples/s.

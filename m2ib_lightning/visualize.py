@@ -92,3 +92,23 @@ def grid(figures: list[Image.Image], columns: int = 4) -> Image.Image:
     for i, figure in enumerate(figures):
         sheet.paste(figure, ((i % columns) * width, (i // columns) * height))
     return sheet
+
+
+def method_grid(images: list[np.ndarray], heats: dict[str, list[np.ndarray]], scale: int = 3) -> Image.Image:
+    """One row per sample: the image, then each method's map over it; method names on top."""
+    from PIL import ImageDraw
+
+    h, w = images[0].shape[:2]
+    cell = (w * scale, h * scale)
+    header = 14
+    names = ["image", *heats]
+    sheet = Image.new("RGB", (len(names) * cell[0], header + len(images) * cell[1]), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(names):
+        draw.text((c * cell[0] + 2, 1), name[: cell[0] // 6], fill="black")
+    for r, image in enumerate(images):
+        top = header + r * cell[1]
+        sheet.paste(Image.fromarray(image, "RGB").resize(cell, Image.NEAREST), (0, top))
+        for c, name in enumerate(heats, 1):
+            sheet.paste(overlay(image, heats[name][r]).resize(cell, Image.NEAREST), (c * cell[0], top))
+    return sheet

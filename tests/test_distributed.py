@@ -116,3 +116,21 @@ def test_a_live_run_is_refused_naming_it_and_a_stale_lock_is_taken_over(tmp_path
     (out / "run.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
     _train(*_args(out, tiny_bundle, "data.num_samples=2"))
     assert len(_ids(out)) == 2 and not (out / "run.lock").exists()
+
+
+def test_an_evaluation_on_two_processes_gives_the_table_of_one(tmp_path, tiny_bundle):
+    def evaluate(out: Path, *extra: str) -> dict:
+        _train(sys.executable, "train.py", "configs/evaluate_shapes.yaml", f"output_dir={out}", f"model.name_or_path={tiny_bundle}",
+               "data.num_samples=6", "data.batch_size=2", "m2ib.vision_layer=0", "m2ib.text_layer=1", "m2ib.steps=2",
+               "m2ib.num_noise=2", "metrics.steps=4", "methods=[m2ib,saliency,rise,chefer,random]",
+               "baselines={rise: {masks: 16, chunk: 8}}", "trainer.enable_progress_bar=false", *extra)
+        return json.loads((out / "summary.json").read_text())["methods"]
+
+    one = evaluate(tmp_path / "one")
+    two = evaluate(tmp_path / "two", *_ddp(2))
+    assert set(one) == set(two) == {"m2ib", "saliency", "rise", "chefer", "random"}
+    for method, row in one.items():
+        assert row["samples"] == two[method]["samples"] == 6
+        for metric, value in row.items():
+            if metric != "samples_per_s" and value is not None:
+                assert two[method][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (method, metric)

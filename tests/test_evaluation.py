@@ -1,96 +1,183 @@
-"""Baselines, faithfulness curves, and the comparison run."""
+"""Methods through the adapter protocol, the evaluator against the metrics' definitions, and the evaluation run."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import tiny_clip
-from m2ib_lightning.baselines import (
-    BASELINES, GradientSaliency, ImageTextScore, IntegratedGradientsMap, RandomMap, TokenGradientXActivation,
-)
-from m2ib_lightning.metrics import CurveAUC, curve_auc, perturbation_curve
+from conftest import ROOT, make_images, make_texts, tiny_blip_itc, tiny_clip, tiny_siglip
+from m2ib_lightning.baselines import METHODS, Maps, PairScorer, make_method
+from m2ib_lightning.config import load_config
+from m2ib_lightning.evaluation import Evaluator, MetricSettings
+from m2ib_lightning.metrics import curve_auc, perturbation_curve
+from m2ib_lightning.tasks.evaluate import run
 
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_clip(seed=5)
-
-
-@pytest.fixture(scope="module")
-def pair():
-    from conftest import make_images, make_texts
-
-    ids, mask = make_texts([5, 8], seed=2)
-    return make_images(2, seed=2), ids, mask
+SETTINGS = {
+    "m2ib": {"vision_layer": 0, "text_layer": 0, "steps": 2, "num_noise": 2},
+    "integrated_gradients": {"steps": 3, "replacement_id": 0},
+    "rise": {"masks": 24, "chunk": 10},
+}
 
 
-@pytest.mark.parametrize(
-    "make", [GradientSaliency, lambda m: IntegratedGradientsMap(m, steps=4), lambda m: TokenGradientXActivation(m, layer=1), RandomMap]
-)
-def test_baselines_give_normalised_maps_and_leave_the_model_alone(model, pair, make):
+def _batch(model_name: str):
+    pixels = make_images(2, seed=2)
+    ids, mask = make_texts([12, 12] if model_name == "siglip" else [5, 8], seed=2)  # SigLIP: fixed length, no padding
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True
+    for b, n in enumerate(mask.sum(1).tolist()):
+        special[b, n - 1] = True
+    return pixels, ids, mask, special
+
+
+MODELS = {"clip": lambda: tiny_clip(seed=5), "siglip": lambda: tiny_siglip(seed=5), "blip": lambda: tiny_blip_itc(seed=5)}
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_on_every_shipped_adapter_gives_finite_maps_and_leaves_the_model_alone(family, name):
+    model = MODELS[family]()
+    pixels, ids, mask, special = _batch(family)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    maps = make(model).attribute(*pair)
-    assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()
-    assert maps.min() >= 0 and maps.max() <= 1
+    attention = (model.config._attn_implementation, model.config.vision_config._attn_implementation)
+    model.train()
+    method = make_method(name, model, **SETTINGS.get(name, {}))
+    maps = method.attribute(pixels, ids, mask, torch.tensor([1, 2]), special)
+    size = pixels.shape[-1]
+    assert maps.image.shape == (2, size, size) and torch.isfinite(maps.image).all()
+    assert maps.image.min() >= 0 and maps.image.max() <= 1
+    assert (maps.text is not None) == method.has_text_map
+    if maps.text is not None:
+        assert maps.text.shape == ids.shape and torch.isfinite(maps.text).all()
+        assert (maps.text[~mask.bool()] == 0).all() and maps.text.max() <= 1
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
-    assert set(BASELINES) == {"saliency", "integrated_gradients", "grad_x_activation", "random"}
+    assert model.training  # its own flag back
+    assert (model.config._attn_implementation, model.config.vision_config._attn_implementation) == attention
 
 
-def test_score_is_the_cosine_of_the_pair_and_groups_copies_by_sample(model, pair):
-    pixels, ids, mask = pair
-    score = ImageTextScore(model, ids, mask)
-    single = score(pixels)
-    assert single.shape == (2,) and (single.abs() <= 1).all()
-    copies = score(pixels.repeat_interleave(3, dim=0))
-    torch.testing.assert_close(copies.view(2, 3), single[:, None].expand(2, 3), atol=1e-5, rtol=0)
+def test_methods_are_deterministic_per_seed_and_differ_across_seeds():
+    model = tiny_clip(seed=5)
+    pixels, ids, mask, special = _batch("clip")
+    rise = make_method("rise", model, masks=24, chunk=10)
+    a = rise.attribute(pixels, ids, mask, torch.tensor([1, 2]), special).image
+    assert torch.equal(a, rise.attribute(pixels, ids, mask, torch.tensor([1, 2]), special).image)
+    assert not torch.equal(a, rise.attribute(pixels, ids, mask, torch.tensor([3, 4]), special).image)
+    with pytest.raises(ValueError, match="unknown attribution method 'nope'"):
+        make_method("nope", model)
+    with pytest.raises(TypeError, match="takes no settings"):
+        make_method("saliency", model, steps=3)
 
 
-def test_deletion_and_insertion_curves_on_a_linear_score():
-    weights = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    score = lambda x: (x * weights).flatten(1).sum(1)  # noqa: E731
-    pixels = torch.ones(1, 3, 8, 8)
-    best, worst = weights.sum(1), -weights.sum(1)
-    deletion = perturbation_curve(score, pixels, best, mode="deletion", steps=8)
-    insertion = perturbation_curve(score, pixels, best, mode="insertion", steps=8)
-    torch.testing.assert_close(deletion[:, 0], score(pixels))
-    torch.testing.assert_close(deletion[:, -1], torch.zeros(1))
-    torch.testing.assert_close(insertion[:, 0], torch.zeros(1))
-    torch.testing.assert_close(insertion[:, -1], score(pixels))
-    assert (deletion[:, 1:] <= deletion[:, :-1] + 1e-6).all()
-    assert curve_auc(deletion) < curve_auc(perturbation_curve(score, pixels, worst, mode="deletion", steps=8))
-    assert curve_auc(insertion) > curve_auc(perturbation_curve(score, pixels, worst, mode="insertion", steps=8))
+def test_confidence_drop_and_increase_follow_the_definition_on_a_toy_model():
+    model = tiny_clip(seed=5).eval()
+    pixels, ids, mask, special = _batch("clip")
+    words = mask.bool() & ~special
+    maps = Maps(torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0)),
+                torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) * mask)
+    batch = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
+    evaluator = Evaluator(model, MetricSettings(steps=2, replacement_id=0))
+    clean = evaluator.scorer.clean(pixels, ids, mask)
+    values = evaluator.values(maps, batch, clean, words)
+    with torch.no_grad():
+        image = F.normalize(model.get_image_features(pixel_values=pixels * maps.image[:, None]).pooler_output, dim=-1)
+        text = F.normalize(model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+        s = (F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1) * text).sum(-1)
+        s_image = (image * text).sum(-1)
+        kept = ids.clone()
+        for b in range(2):
+            median = maps.text[b][words[b]].median()
+            kept[b][words[b] & (maps.text[b] <= median)] = 0
+        s_text = (F.normalize(model.get_text_features(input_ids=kept, attention_mask=mask).pooler_output, dim=-1)
+                  * F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)).sum(-1)
+    torch.testing.assert_close(clean, s, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values["image_confidence_drop"], (s - s_image).clamp_min(0) * 100, atol=1e-3, rtol=0)
+    torch.testing.assert_close(values["image_confidence_increase"], (s_image > s).float() * 100)
+    torch.testing.assert_close(values["text_confidence_drop"], (s - s_text).clamp_min(0) * 100, atol=1e-3, rtol=0)
+    torch.testing.assert_close(values["text_confidence_increase"], (s_text > s).float() * 100)
 
 
-def test_curve_auc_metric_is_the_trapezoid_mean():
-    metric = CurveAUC()
-    metric.update(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
-    metric.update(torch.tensor([[0.0, 0.0, 1.0]]))
-    torch.testing.assert_close(metric.compute(), torch.tensor((0.5 + 1.0 + 0.25) / 3))
-    with pytest.raises(ValueError, match="mode must be"):
-        perturbation_curve(lambda x: x.sum(), torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2), mode="erase")
+def test_deleting_the_most_salient_patch_first_lowers_a_patch_model_faster():
+    """A toy model whose score is a weighted sum of patch means: the map equal to the weights must win."""
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.rand(4, 4, generator=gen)
+    pixel_weights = weights.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    score = lambda x: (x.mean(1) * pixel_weights).flatten(1).sum(1)  # noqa: E731
+    pixels = torch.rand(3, 3, 16, 16, generator=gen) + 0.5
+    faithful, reversed_ = pixel_weights.expand(3, 16, 16), -pixel_weights.expand(3, 16, 16)
+    kwargs = dict(mode="deletion", steps=16, unit=4)
+    fast = curve_auc(perturbation_curve(score, pixels, faithful, **kwargs))
+    slow = curve_auc(perturbation_curve(score, pixels, reversed_, **kwargs))
+    assert (fast < slow).all()
+    first = perturbation_curve(score, pixels, faithful, **kwargs)[:, 1]
+    assert (first < perturbation_curve(score, pixels, reversed_, **kwargs)[:, 1]).all()
 
 
-def test_evaluate_run_prints_and_saves_a_comparison_table(tmp_path, tiny_bundle):
-    from m2ib_lightning.config import CONFIG_DIR, load_config
-    from m2ib_lightning.tasks.evaluate import run
-
-    cfg = load_config(CONFIG_DIR / "evaluate_shapes.yaml", [
-        f"output_dir={tmp_path}", f"model.name_or_path={tiny_bundle}", "data.num_samples=4", "data.batch_size=2",
-        "m2ib.text_layer=0", "m2ib.steps=2", "m2ib.num_noise=2", "baselines.integrated_gradients_steps=2",
-        "faithfulness_steps=4",
+def _config(out: Path, bundle: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "evaluate_shapes.yaml", [
+        f"output_dir={out}", f"model.name_or_path={bundle}", "data.num_samples=6", "data.batch_size=4",
+        "m2ib.vision_layer=0", "m2ib.text_layer=0", "m2ib.steps=2", "m2ib.num_noise=2", "metrics.steps=4",
+        "baselines.integrated_gradients.steps=3", "baselines.rise.masks=20", "baselines.rise.chunk=10",
+        "trainer.enable_progress_bar=false", *overrides,
     ])
-    summary = run(cfg)
-    saved = json.loads((tmp_path / "summary.json").read_text())
-    assert set(saved["methods"]) == {"m2ib", "saliency", "integrated_gradients", "grad_x_activation", "random"}
-    for row in summary["methods"].values():
-        assert set(row) == {"pointing_game", "energy", "deletion_auc", "insertion_auc", "seconds_per_pair"}
-        assert 0 <= row["pointing_game"] <= 1 and 0 <= row["energy"] <= 1
-    with pytest.raises(ValueError, match="methods has unknown entries"):
-        run(load_config(CONFIG_DIR / "evaluate_shapes.yaml", [f"output_dir={tmp_path}", f"model.name_or_path={tiny_bundle}",
-                                                             "methods=[m2ib,lime]"]))
+
+
+def test_evaluation_run_writes_tables_maps_grid_and_tensorboard_and_resumes(tmp_path, tiny_bundle):
+    from m2ib_lightning.results import read_attributions  # noqa: F401  (the layout is shared; maps are per method)
+    from safetensors.torch import load_file
+
+    full = run(_config(tmp_path / "full", tiny_bundle))
+    out = tmp_path / "full"
+    assert full["pairs"] == 6 and set(full["methods"]) == set(METHODS)
+    md = (out / "results.md").read_text()
+    assert "| m2ib |" in md and "±" in md and "pointing game ↑" in md and "text conf. drop ↓" in md
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("method,image_confidence_drop,image_confidence_drop_se") and len(rows) == 1 + len(METHODS)
+    (shard,) = (out / "shards").glob("*.safetensors")
+    tensors = load_file(shard)
+    assert tensors["m2ib/image"].shape == (6, 64, 64) and "random/text" in tensors and "saliency/text" not in tensors
+    assert (out / "figures" / "methods_grid.png").exists()
+    assert list((out / "tensorboard").glob("events.out.tfevents*"))
+
+    partial = tmp_path / "partial"
+    run(_config(partial, tiny_bundle, "data.num_samples=4"))
+    resumed = run(_config(partial, tiny_bundle))
+    assert resumed["already_done"] == 4 and resumed["pairs"] == 6
+    for method, row in full["methods"].items():
+        for metric, value in row.items():
+            if metric != "samples_per_s":
+                assert value == pytest.approx(resumed["methods"][method][metric], rel=1e-5, abs=1e-6), (method, metric)
+    with pytest.raises(ValueError, match="other `metrics` settings"):
+        run(_config(partial, tiny_bundle, "metrics.steps=5"))
+
+
+def test_a_manifest_without_ground_truth_gives_faithfulness_columns_only(tmp_path, siglip_bundle):
+    import numpy as np
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    rows = [{"id": f"p{i}", "image": f"{i}.png", "text": "a red circle"} for i in range(3)]
+    rows[1]["boxes"] = [[0, 0, 10, 10]]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = run(_config(tmp_path / "run", siglip_bundle, f"data.manifest={tmp_path / 'm.jsonl'}", "data.batch_size=1",
+                          "methods=[m2ib,random,grad_cam]", "baselines={}"))
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert summary["pairs"] == 3 and "image conf. drop" in md
+    assert summary["methods"]["m2ib"]["pointing_game"] is not None  # p1 has boxes: scored on that sample only
+    assert summary["methods"]["m2ib"]["samples"] == 3
+
+
+def test_unknown_methods_and_settings_exit_2(tmp_path, tiny_bundle):
+    for override, message in (("methods=[m2ib,nope]", "methods: unknown ['nope']"),
+                              ("baselines.rise.bogus=1", "baselines.rise: ")):
+        proc = subprocess.run([sys.executable, "train.py", "configs/evaluate_shapes.yaml", f"output_dir={tmp_path / 'x'}",
+                               f"model.name_or_path={tiny_bundle}", override], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

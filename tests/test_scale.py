@@ -247,3 +247,20 @@ def test_bf16_keeps_the_maps_close_and_the_fit_in_float32(clip):
         rho = torch.corrcoef(torch.stack([_ranks(exact.image_capacity[b]), _ranks(bf16.image_capacity[b])]))[0, 1]
         assert rho > 0.9, rho
     torch.testing.assert_close(exact.curves["image/fit"], bf16.curves["image/fit"], atol=0.05, rtol=0)
+
+
+def test_a_rerun_passes_over_finished_tars_without_reading_their_samples(tmp_path, monkeypatch):
+    import webdataset
+
+    _tar(tmp_path / "00000.tar", {f"{i:09d}.jpg": _jpeg(i) for i in range(3)} | {f"{i:09d}.txt": b"x" for i in range(3)})
+    source = WebDatasetSource(str(tmp_path / "00000.tar"))
+    keys = {e.id for e in source.split(0, 1)}
+    assert len(keys) == 3
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished tar was read")
+
+    monkeypatch.setattr(webdataset.tariterators, "tarfile_samples", forbidden)
+    assert list(source.split(0, 1, skip=keys)) == []
+    with pytest.raises(AssertionError, match="a finished tar was read"):
+        list(source.split(0, 1, skip=keys - {"000000001"}))

@@ -11,8 +11,9 @@ behind this protocol.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -113,6 +114,18 @@ class ImageGeometry:
         canvas[rows, cols] = image_map[rows.start - top: rows.stop - top, cols.start - left: cols.stop - left]
         return torch.nn.functional.interpolate(canvas[None, None], size=self.original, mode="bilinear", align_corners=False)[0, 0]
 
+    def to_model(self, mask: Tensor) -> Tensor:
+        """(H, W) ground-truth mask of the original image -> the model input's (crop) coordinates, nearest neighbour."""
+        if tuple(mask.shape) != self.original:
+            raise ValueError(f"mask is {tuple(mask.shape)} but the image is {self.original}")
+        resized = torch.nn.functional.interpolate(mask[None, None].float(), size=self.resized, mode="nearest")[0, 0]
+        top, left, height, width = self.crop
+        out = resized.new_zeros(height, width)
+        rows = slice(max(top, 0), min(top + height, self.resized[0]))
+        cols = slice(max(left, 0), min(left + width, self.resized[1]))
+        out[rows.start - top: rows.stop - top, cols.start - left: cols.stop - left] = resized[rows, cols]
+        return out.bool()
+
 
 class HFPreprocessing:
     """Preprocessing through a Hugging Face processor (``image_processor`` + ``tokenizer``), for runs.
@@ -212,6 +225,23 @@ class HFLayout:
     def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
         patch = self.config.vision_config.patch_size
         return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+    def attention_modules(self, modality: Modality) -> list[nn.Module]:
+        """Each block's self-attention, whose output is (context, probabilities (B, heads, T, T)) in eager attention."""
+        return [getattr(block, "self_attn", None) or block.attention.self for block in self.blocks(modality)]
+
+    @contextlib.contextmanager
+    def eager_attention(self) -> Iterator[None]:
+        """Run attention in eager mode (attention probabilities returned) and restore the model's setting, also on errors."""
+        configs = [c for c in (self.config, getattr(self.config, "vision_config", None), getattr(self.config, "text_config", None)) if c is not None]
+        saved = [c._attn_implementation for c in configs]
+        try:
+            for c in configs:
+                c._attn_implementation = "eager"
+            yield
+        finally:
+            for c, value in zip(configs, saved):
+                c._attn_implementation = value
 
 
 def clean_token(token: str) -> str:

@@ -110,10 +110,21 @@ class PairStream(IterableDataset):
             "special": self.backbone.special_mask(text.ids),
             "seed": sample_seed(self.run_seed, record.id),
         }
-        if hasattr(self.backbone, "image_geometry"):
-            item["geometry"] = dataclasses.asdict(self.backbone.image_geometry(image))
+        geometry = self.backbone.image_geometry(image) if hasattr(self.backbone, "image_geometry") else None
+        if geometry is not None:
+            item["geometry"] = dataclasses.asdict(geometry)
         if record.load_mask is not None:
-            item["target_mask"] = torch.as_tensor(record.load_mask(), dtype=torch.bool)
+            try:
+                mask = torch.as_tensor(record.load_mask(), dtype=torch.bool)
+                if tuple(mask.shape) != tuple(pixels.shape[-2:]):  # given on the original image
+                    if geometry is None:
+                        raise ValueError(f"mask is {tuple(mask.shape)}, the model input {tuple(pixels.shape[-2:])}")
+                    mask = geometry.to_model(mask)
+            except (BadImage, ValueError) as err:
+                return {"id": record.id, "failure": Failure(record.id, f"ground truth: {err}")}
+            if not mask.any():
+                return {"id": record.id, "failure": Failure(record.id, "ground truth: the mask is empty inside the model's crop")}
+            item["target_mask"] = mask
         if text.truncated:
             reason = f"caption truncated from {text.full_length} to {len(text.ids)} tokens (the model's limit)"
             item["warning"] = Failure(record.id, reason, "warning")

@@ -15,7 +15,7 @@ import json
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -160,8 +160,49 @@ class ManifestSource:
             elif not isinstance(image, str) or not image.strip():
                 yield Failure(sample_id, f"{where}: missing image path")
             else:
-                yield PairRecord(sample_id, text.strip(), partial(load_rgb, self.root / image))
+                truth = _ground_truth(row, self.root, self.root / image)
+                if isinstance(truth, str):
+                    yield Failure(sample_id, f"{where}: {truth}")
+                else:
+                    yield PairRecord(sample_id, text.strip(), partial(load_rgb, self.root / image), load_mask=truth)
             seen.setdefault(sample_id, where)
+
+
+def _ground_truth(row: dict, root: Path, image: Path) -> Callable[[], np.ndarray] | None | str:
+    """A row's optional ground truth for localisation: ``mask`` (an image file, non-zero = inside) or ``boxes``
+    ([[x0, y0, x1, y1], ...] in the original image's pixels). A loader, None, or the reason it is unusable."""
+    if row.get("mask"):
+        return partial(_mask_file, root / str(row["mask"]))
+    boxes = row.get("boxes")
+    if boxes in (None, ""):
+        return None
+    if isinstance(boxes, str):
+        try:
+            boxes = json.loads(boxes)
+        except json.JSONDecodeError:
+            return "boxes is not a JSON list of [x0, y0, x1, y1]"
+    if not isinstance(boxes, list) or not boxes or not all(
+        isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in boxes
+    ):
+        return "boxes must be a non-empty list of [x0, y0, x1, y1]"
+    return partial(_box_mask, image, [tuple(b) for b in boxes])
+
+
+def _mask_file(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as mask:
+            return np.asarray(mask.convert("L")) > 0
+    except (OSError, ValueError) as err:
+        raise BadImage(f"mask {path.name} cannot be read: {err}") from None
+
+
+def _box_mask(image: Path, boxes: list[tuple[float, ...]]) -> np.ndarray:
+    with Image.open(image) as opened:
+        width, height = opened.size
+    mask = np.zeros((height, width), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(int(y0), 0): max(int(np.ceil(y1)), 0), max(int(x0), 0): max(int(np.ceil(x1)), 0)] = True
+    return mask
 
 
 def read_pairs(source: str | Path) -> tuple[list[PairRecord], list[Failure]]:

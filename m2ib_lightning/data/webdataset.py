@@ -12,6 +12,7 @@ decode, and a tar that cannot be read are reported and skipped.
 from __future__ import annotations
 
 import json
+import tarfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,6 +65,8 @@ class WebDatasetSource:
     def _samples(self, urls: list[str], skip: set[str] | frozenset) -> Iterator[PairRecord | Failure]:
         wds = _require_webdataset()
         for url in urls:
+            if skip and _all_done(url, skip):
+                continue  # a rerun passes over finished shards reading their headers only
             errors: list[Exception] = []
 
             def keep_going(err: Exception) -> bool:
@@ -95,3 +98,17 @@ class WebDatasetSource:
         if not isinstance(text, str) or not text.strip():
             return Failure(key, f"{where}: no caption (key.txt, or key.json with a caption)")
         return PairRecord(key, text.strip(), partial(load_rgb, bytes(image), where))
+
+
+def _all_done(url: str, skip: set[str] | frozenset) -> bool:
+    """Whether every sample key of a local tar is done, from its member headers (seeking past the data)."""
+    if "://" in url or url.startswith("pipe:") or not Path(url).is_file():
+        return False
+    try:
+        with tarfile.open(url, "r:") as tar:  # random access: headers only
+            names = [m.name for m in tar.getmembers() if m.isreg() and not m.name.startswith("__")]
+    except (tarfile.TarError, OSError):
+        return False  # read it the normal way, which reports what is wrong
+    base_plus_ext = _require_webdataset().tariterators.base_plus_ext  # the keys webdataset itself gives
+    keys = {base_plus_ext(name)[0] for name in names}
+    return bool(keys) and None not in keys and keys <= skip

@@ -1,88 +1,169 @@
-"""A comparison run: M2IB and baseline image maps on held-out world pairs, scored for localisation and faithfulness."""
+"""A comparison run: M2IB and baseline methods on the same pairs through Lightning ``predict``, every method's
+maps written, every metric with its standard error, synced across ranks; results.md, results.csv, TensorBoard."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-import time
-from typing import Any, Callable
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 
-from ..baselines import BASELINES, GradientSaliency, ImageTextScore, IntegratedGradientsMap, RandomMap, TokenGradientXActivation
-from ..data.attribution import sample_seed
-from ..engine import M2IB, M2IBConfig
-from ..metrics import CurveAUC, MaskEnergy, PointingGame, perturbation_curve
-from ..results import atomic_write
-from .common import backbone_of, prepare_output, world_of
+from ..baselines import METHODS, make_method
+from ..callbacks import EvaluationWriter, SampleProgressBar
+from ..config import ConfigError
+from ..data.attribution import PairDataModule, WorldSource
+from ..data.manifest import ManifestSource
+from ..evaluation import HIGHER_IS_BETTER, METRICS, EvaluationModule, MetricSettings
+from ..results import FAILURES_FILE, RunLock, atomic_write, done_ids, index_entries, merged_failures
+from ..visualize import method_grid
+from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, world_of
 
-MapFn = Callable[[Tensor, Tensor, Tensor, list[str]], Tensor]
+#: Settings that change the table: a rerun into the same output_dir must keep them.
+RESULT_KEYS = ("seed", "model", "m2ib", "world", "methods", "baselines", "metrics")
+
+LABELS = {
+    "image_confidence_drop": "image conf. drop", "image_confidence_increase": "image conf. increase",
+    "image_deletion_auc": "image deletion AUC", "image_insertion_auc": "image insertion AUC",
+    "pointing_game": "pointing game", "energy": "energy in mask", "top_k_iou": "top-k IoU",
+    "text_confidence_drop": "text conf. drop", "text_confidence_increase": "text conf. increase",
+    "text_deletion_auc": "text deletion AUC", "text_insertion_auc": "text insertion AUC",
+}
 
 
-def _methods(cfg: DictConfig, model) -> dict[str, MapFn]:
-    """name -> f(pixel_values, input_ids, attention_mask, ids) -> maps (B, H, W)."""
-    unknown = set(cfg.methods) - {"m2ib", *BASELINES}
+def build_methods(cfg: DictConfig, backbone: Any) -> dict[str, Any]:
+    """The methods ``cfg.methods`` names, from the registry, with their ``cfg.baselines`` settings (m2ib: ``cfg.m2ib``)."""
+    unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
-        raise ValueError(f"methods has unknown entries {sorted(unknown)}; choose from {sorted({'m2ib', *BASELINES})}")
-    explainer = M2IB(model, M2IBConfig(**cfg.m2ib))
-    made = {
-        "saliency": GradientSaliency(model),
-        "integrated_gradients": IntegratedGradientsMap(model, steps=cfg.baselines.integrated_gradients_steps),
-        "grad_x_activation": TokenGradientXActivation(model, layer=cfg.baselines.grad_x_activation_layer),
-        "random": RandomMap(model, seed=cfg.seed),
-    }
-    methods: dict[str, MapFn] = {}
+        raise ConfigError(f"methods: unknown {unknown}; registered: {sorted(METHODS)}")
+    extra = sorted(set(cfg.baselines) - set(cfg.methods))
+    if extra:
+        raise ConfigError(f"baselines has settings for {extra}, which methods does not list")
+    methods = {}
     for name in cfg.methods:
-        if name == "m2ib":
-            methods[name] = lambda px, ids, mask, keys: explainer.attribute(
-                px, ids, mask, seed=torch.tensor([sample_seed(cfg.seed, k) for k in keys])
-            ).image_maps
-        else:
-            methods[name] = lambda px, ids, mask, keys, b=made[name]: b.attribute(px, ids, mask)
+        settings = OmegaConf.to_container(cfg.m2ib) if name == "m2ib" else dict(cfg.baselines.get(name) or {})
+        try:
+            methods[name] = make_method(name, backbone, **settings)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"baselines.{name}: {err}") from err
     return methods
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    out = prepare_output(cfg)
     backbone = backbone_of(cfg)
-    model, processor = backbone.module, backbone.processor
-    methods = _methods(cfg, model)
-    world = world_of(cfg)
-    metrics = {
-        name: {"pointing_game": PointingGame(), "energy": MaskEnergy(), "deletion_auc": CurveAUC(), "insertion_auc": CurveAUC()}
-        for name in methods
-    }
-    seconds = dict.fromkeys(methods, 0.0)
-    for start in range(0, cfg.data.num_samples, cfg.data.batch_size):
-        samples = [world.sample(i) for i in range(start, min(start + cfg.data.batch_size, cfg.data.num_samples))]
-        inputs = processor(images=[s.image for s in samples], text=[s.text for s in samples], padding=True, return_tensors="pt")
-        px, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
-        targets = torch.stack([torch.from_numpy(s.target_mask) for s in samples])
-        score = ImageTextScore(model.eval(), ids, mask)
-        for name, method in methods.items():
-            tic = time.perf_counter()
-            maps = method(px, ids, mask, [s.id for s in samples])
-            seconds[name] += time.perf_counter() - tic
-            m = metrics[name]
-            m["pointing_game"].update(maps, targets)
-            m["energy"].update(maps, targets)
-            for mode in ("deletion", "insertion"):
-                m[f"{mode}_auc"].update(perturbation_curve(score, px, maps, mode=mode, steps=cfg.faithfulness_steps))
+    check_layers(cfg, backbone)
+    methods = build_methods(cfg, backbone)
+    try:
+        source = ManifestSource(cfg.data.manifest) if cfg.data.manifest else WorldSource(world_of(cfg), cfg.data.num_samples)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.manifest: {err}") from err
+    out = prepare_output(cfg, save_config=False)
+    already = done_ids(out)
+    display_image = getattr(backbone, "display_image", None)
+    writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, grid_samples=cfg.export.grid_samples,
+                              display_image=display_image)
+    module = EvaluationModule(backbone, methods, MetricSettings(**cfg.metrics))
+    trainer_args = OmegaConf.to_container(cfg.trainer)
+    callbacks = [writer]
+    if trainer_args.get("enable_progress_bar", True):
+        total = source.size_hint()
+        callbacks.append(SampleProgressBar(None if total is None else max(total - len(already), 0)))
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
+    logger = TensorBoardLogger(str(out), name="tensorboard", version="", default_hp_metric=False)
+    trainer = L.Trainer(inference_mode=False, logger=logger, callbacks=callbacks, **trainer_args)
 
-    table = {
-        name: {**{k: round(v.compute().item(), 4) for k, v in m.items()},
-               "seconds_per_pair": round(seconds[name] / cfg.data.num_samples, 4)}
-        for name, m in metrics.items()
+    lock = RunLock(out)
+    if trainer.global_rank == 0:
+        lock.acquire()
+    try:
+        refuse_other_settings(cfg, RESULT_KEYS)
+        if trainer.global_rank == 0:
+            atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+            earlier_samples(module, out)  # rank 0 alone: the sync sums them once
+        datamodule = PairDataModule(source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
+                                    num_workers=cfg.data.num_workers, skip_ids=already)
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        if trainer.global_rank != 0:
+            return {}
+        return _finish(cfg, trainer, module.table, writer, len(already))
+    finally:
+        lock.release()
+
+
+def earlier_samples(module: EvaluationModule, out: Path) -> None:
+    """Add the metric values and seconds of samples done by earlier runs into this run's metrics (a resumed table).
+
+    Reads the per-sample scalars of the index, never the maps.
+    """
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    seconds: dict[str, list[float]] = defaultdict(list)
+    for entry in index_entries(out):
+        for method, metrics in entry["values"].items():
+            if method in module.metrics:
+                for name, value in metrics.items():
+                    values[(method, name)].append(value)
+                seconds[method].append(entry["seconds"][method])
+    for (method, name), scores in values.items():
+        module.metrics[method][name].update_scores(torch.tensor(scores, dtype=torch.float64))
+    for method, times in seconds.items():
+        module.seconds[method].add(sum(times), len(times))
+
+
+def _cell(value: tuple[float, float] | None) -> str:
+    return "–" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
+
+
+def tables(table: dict[str, dict[str, Any]]) -> tuple[str, str, list[str]]:
+    """(results.md, results.csv, the metric columns used): metrics no method has are left out."""
+    columns = [m for m in METRICS if any(row[m] is not None for row in table.values())]
+    arrows = {m: "↑" if HIGHER_IS_BETTER[m] else "↓" for m in columns}
+    md = ["| method | " + " | ".join(f"{LABELS[m]} {arrows[m]}" for m in columns) + " | samples/s |",
+          "|---" * (len(columns) + 2) + "|"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", *[f"{m}{suffix}" for m in columns for suffix in ("", "_se")], "samples", "samples_per_s"])
+    for method, row in table.items():
+        rate = "–" if row["samples_per_s"] is None else f"{row['samples_per_s']:.1f}"
+        md.append(f"| {method} | " + " | ".join(_cell(row[m]) for m in columns) + f" | {rate} |")
+        flat = [v for m in columns for v in (row[m] if row[m] is not None else ("", ""))]
+        writer.writerow([method, *flat, row["samples"], row["samples_per_s"] or ""])
+    return "\n".join(md) + "\n", buffer.getvalue(), columns
+
+
+def _finish(cfg: DictConfig, trainer: L.Trainer, table: dict, writer: EvaluationWriter, already: int) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    failures = merged_failures(out, writer.run_token)
+    atomic_write(out / FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
+    md, csv_text, columns = tables(table)
+    samples = max((row["samples"] for row in table.values()), default=0)
+    header = (f"{samples} pairs ({'the shapes world' if not cfg.data.manifest else cfg.data.manifest}), "
+              f"model {cfg.model.name_or_path}; mean ± standard error; ↑ higher is better, ↓ lower is better\n\n")
+    atomic_write(out / "results.md", header + md)
+    atomic_write(out / "results.csv", csv_text)
+    experiment = trainer.logger.experiment
+    experiment.add_text("results", header + md, 0)
+    if writer.grid_images:
+        grid = method_grid(writer.grid_images, writer.grid_maps)
+        (out / "figures").mkdir(exist_ok=True)
+        atomic_write(out / "figures" / "methods_grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+        experiment.add_image("methods_grid", np.asarray(grid), 0, dataformats="HWC")
+    metrics = {f"{method}/{m}": row[m][0] for method, row in table.items() for m in columns if row[m] is not None}
+    trainer.logger.log_hyperparams({"methods": ",".join(table), "model": cfg.model.name_or_path}, metrics=metrics)
+    trainer.logger.finalize("success")
+    summary = {
+        "output_dir": str(out), "pairs": samples, "already_done": already,
+        "failed": sum(f["severity"] == "error" for f in failures),
+        "methods": {method: {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for method, row in table.items()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    summary = {"output_dir": str(out), "pairs": cfg.data.num_samples, "methods": table,
-               "config": OmegaConf.to_container(cfg, resolve=True)}
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    print(f"\nattribution methods on {cfg.data.num_samples} held-out pairs: {out}")
-    print("| method | pointing game | energy in mask | deletion AUC (lower is better) | insertion AUC (higher is better) | s / pair |")
-    print("|---|---|---|---|---|---|")
-    for name, row in table.items():
-        print(f"| {name} | {row['pointing_game']:.3f} | {row['energy']:.3f} | {row['deletion_auc']:.3f} | "
-              f"{row['insertion_auc']:.3f} | {row['seconds_per_pair']:.3f} |")
-    print()
+    print(f"\nattribution methods on {samples} pairs: {out}/results.md\n\n{header}{md}")
     return summary
