@@ -181,3 +181,14 @@ def test_unknown_methods_and_settings_exit_2(tmp_path, tiny_bundle):
         proc = subprocess.run([sys.executable, "train.py", "configs/evaluate_shapes.yaml", f"output_dir={tmp_path / 'x'}",
                                f"model.name_or_path={tiny_bundle}", override], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_on_the_shipped_clip_m2ib_beats_random_by_more_than_twice_the_standard_error(tmp_path):
+    summary = run(load_config(ROOT / "configs" / "evaluate_shapes.yaml", [
+        f"output_dir={tmp_path / 'run'}", "data.num_samples=48", "methods=[m2ib,random]", "baselines={}",
+        "metrics.steps=8", "trainer.enable_progress_bar=false",
+    ]))
+    m2ib, random = summary["methods"]["m2ib"], summary["methods"]["random"]
+    for metric in ("pointing_game", "image_insertion_auc"):
+        (mean, se), (floor, floor_se) = m2ib[metric], random[metric]
+        assert mean - floor > 2 * (se**2 + floor_se**2) ** 0.5, (metric, m2ib[metric], random[metric])
