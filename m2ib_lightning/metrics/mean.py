@@ -34,15 +34,16 @@ class MeanOverSamples(Metric):
     def _per_sample(self, *args: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def update(self, *args: Tensor) -> None:
-        self.update_scores(self._per_sample(*args))
-
-    def update_scores(self, scores: Tensor) -> None:
-        """Add per-sample scores already computed (e.g. those of an earlier, resumed run)."""
-        scores = scores.double().to(self.total.device)
+    def update(self, *args: Tensor, scores: Tensor | None = None) -> None:
+        """Score a batch (the subclass's inputs), or add per-sample ``scores`` already computed."""
+        scores = (self._per_sample(*args) if scores is None else scores).double().to(self.total.device)
         self.total += scores.sum()
         self.squares += (scores * scores).sum()
         self.count += scores.numel()
+
+    def update_scores(self, scores: Tensor) -> None:
+        """Add per-sample scores already computed (by a functional twin, or by an earlier, resumed run)."""
+        self.update(scores=scores)
 
     def compute(self) -> Tensor:
         return (self.total / self.count).float()

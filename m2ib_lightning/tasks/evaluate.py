@@ -40,13 +40,16 @@ LABELS = {
 
 
 def build_methods(cfg: DictConfig, backbone: Any) -> dict[str, Any]:
-    """The methods ``cfg.methods`` names, from the registry, with their ``cfg.baselines`` settings (m2ib: ``cfg.m2ib``)."""
+    """The methods ``cfg.methods`` names, from the registry, with their ``cfg.baselines`` settings (m2ib: ``cfg.m2ib``).
+
+    The order of ``cfg.methods`` is the order of the table's rows.
+    """
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"methods: unknown {unknown}; registered: {sorted(METHODS)}")
-    extra = sorted(set(cfg.baselines) - set(cfg.methods))
-    if extra:
-        raise ConfigError(f"baselines has settings for {extra}, which methods does not list")
+    extra = sorted(set(cfg.baselines) - set(METHODS))
+    if extra:  # settings of registered methods left out of `methods` simply do not apply
+        raise ConfigError(f"baselines has settings for {extra}, which are no registered method; registered: {sorted(METHODS)}")
     methods = {}
     for name in cfg.methods:
         settings = OmegaConf.to_container(cfg.m2ib) if name == "m2ib" else dict(cfg.baselines.get(name) or {})
