@@ -51,6 +51,7 @@ class RollingShardWriter(BasePredictionWriter):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.rank = trainer.global_rank
+        self.run_token = trainer.strategy.broadcast(self.run_token)  # rank 0's: one name for this run on every rank
         (self.output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         for path in (index_path(self.output_dir, self.rank), failures_path(self.output_dir, self.rank)):
             cut_partial_line(path)

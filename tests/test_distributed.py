@@ -134,3 +134,19 @@ def test_an_evaluation_on_two_processes_gives_the_table_of_one(tmp_path, tiny_bu
         for metric, value in row.items():
             if metric != "samples_per_s" and value is not None:
                 assert two[method][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (method, metric)
+
+
+def test_records_failing_on_any_rank_are_listed_in_failures_jsonl(tmp_path, tiny_bundle):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    rows = [{"id": "gone-0", "image": "missing-0.png", "text": "a red circle"},  # position 0: rank 0
+            {"id": "gone-1", "image": "missing-1.png", "text": "a red circle"},  # position 1: rank 1
+            *({"id": f"ok-{i}", "image": "red.png", "text": "a red circle"} for i in range(4))]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    _train(*_args(out, tiny_bundle, f"data.manifest={tmp_path / 'm.jsonl'}", "data.batch_size=2", *_ddp(2)))
+    reports = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in reports) == ["gone-0", "gone-1"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 4 and summary["failed"] == 2
