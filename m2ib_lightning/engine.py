@@ -191,13 +191,15 @@ class TowerObjective:
 
     def __call__(self, alpha: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hidden, (batch, tokens, dim) = self.hidden, self.hidden.shape
-        mu, var = masked_moments(hidden, alpha)
-        nats = capacity(mu, var) * self.element_mask  # the same for every noise copy
-        noisy = torch.where(self.real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
+        with torch.autocast(hidden.device.type, enabled=False):  # the bottleneck and the loss stay in full precision
+            mu, var = masked_moments(hidden, alpha)
+            nats = capacity(mu, var) * self.element_mask  # the same for every noise copy
+            noisy = torch.where(self.real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
         with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             embedding = self.backbone.tail(self.modality, noisy.reshape(batch * self.copies, tokens, dim), self.copied_state)
-        fit = F.cosine_similarity(embedding.to(hidden.dtype), self.copied_target, dim=-1, eps=1e-6).view(batch, self.copies).mean(1)
-        return nats.sum((1, 2)) / self.elements, fit, nats
+        with torch.autocast(hidden.device.type, enabled=False):
+            fit = F.cosine_similarity(embedding.to(hidden.dtype), self.copied_target, dim=-1, eps=1e-6).view(batch, self.copies).mean(1)
+            return nats.sum((1, 2)) / self.elements, fit, nats
 
 
 def fit_tower(
@@ -215,16 +217,19 @@ def fit_tower(
     alpha = torch.full_like(hidden, INITIAL_ALPHA, requires_grad=True)
     optimizer = torch.optim.Adam([alpha], lr=config.lr)
     capacity_curve, fit_curve = [], []
-    for step in range(config.steps):
-        noise = draw_noise(generators, config.num_noise, state.token_mask, hidden.shape[-1], hidden.dtype)
-        compression, fit, nats = objective(alpha, noise.to(hidden.device))
-        capacity_curve.append(compression.detach())
-        fit_curve.append(fit.detach())
-        if step == config.steps - 1:
-            break  # the map is read from this pass; the reference's last update changes nothing that is returned
-        loss = (config.beta * compression - fit).sum()  # a sum: each sample's gradient equals its solo run's
-        (alpha.grad,) = torch.autograd.grad(loss, [alpha])
-        optimizer.step()
+    # One autocast region over the whole fit, so that bf16 casts of the weights are made once, not at every step.
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=objective.bf16):
+        for step in range(config.steps):
+            noise = draw_noise(generators, config.num_noise, state.token_mask, hidden.shape[-1], hidden.dtype)
+            compression, fit, nats = objective(alpha, noise.to(hidden.device))
+            capacity_curve.append(compression.detach())
+            fit_curve.append(fit.detach())
+            if step == config.steps - 1:
+                break  # the map is read from this pass; the reference's last update changes nothing that is returned
+            loss = (config.beta * compression - fit).sum()  # a sum: each sample's gradient equals its solo run's
+            (alpha.grad,) = torch.autograd.grad(loss, [alpha])
+            with torch.autocast(hidden.device.type, enabled=False):
+                optimizer.step()
     return TowerFit(
         capacity=nats.detach().sum(-1),
         fit=fit.detach(),
