@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -160,7 +161,8 @@ def test_evaluation_run_writes_tables_maps_grid_and_tensorboard_and_resumes(tmp_
         run(_config(partial, tiny_bundle, "metrics.steps=5"))
 
 
-def test_a_manifest_without_ground_truth_gives_faithfulness_columns_only(tmp_path, siglip_bundle):
+@pytest.mark.parametrize("bundle", ["siglip_bundle", "blip_itc_bundle"])
+def test_every_method_runs_under_predict_on_other_families_and_a_manifest_gives_faithfulness_only(request, tmp_path, bundle):
     import numpy as np
     from PIL import Image
 
@@ -169,12 +171,15 @@ def test_a_manifest_without_ground_truth_gives_faithfulness_columns_only(tmp_pat
     rows = [{"id": f"p{i}", "image": f"{i}.png", "text": "a red circle"} for i in range(3)]
     rows[1]["boxes"] = [[0, 0, 10, 10]]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    summary = run(_config(tmp_path / "run", siglip_bundle, f"data.manifest={tmp_path / 'm.jsonl'}", "data.batch_size=1",
-                          "methods=[m2ib,random,grad_cam]", "baselines={}"))
+    summary = run(_config(tmp_path / "run", request.getfixturevalue(bundle), f"data.manifest={tmp_path / 'm.jsonl'}",
+                          "data.batch_size=1", "m2ib.vision_layer=-1", "m2ib.text_layer=-1"))
     md = (tmp_path / "run" / "results.md").read_text()
-    assert summary["pairs"] == 3 and "image conf. drop" in md
+    assert summary["pairs"] == 3 and "image conf. drop" in md and set(summary["methods"]) == set(METHODS)
     assert summary["methods"]["m2ib"]["pointing_game"] is not None  # p1 has boxes: scored on that sample only
-    assert summary["methods"]["m2ib"]["samples"] == 3
+    for method, row in summary["methods"].items():
+        assert row["samples"] == 3
+        values = [v for k, v in row.items() if k not in ("samples", "samples_per_s") and v is not None]
+        assert values and all(math.isfinite(x) for pair in values for x in pair), method
 
 
 def test_unknown_methods_and_settings_exit_2(tmp_path, tiny_bundle):

@@ -209,3 +209,17 @@ def test_every_metric_on_two_processes_equals_one(tmp_path):
     assert set(two) == set(one) == {"drop", "increase", "auc", "pointing", "energy", "iou"}
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
+
+
+def test_curves_of_constant_all_zero_and_one_token_maps_by_hand():
+    pixels = torch.ones(1, 1, 2, 2)
+    weights = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    score = lambda x: (x[:, 0] * weights).flatten(1).sum(1)  # noqa: E731
+    for flat in (torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5)):  # ties: raster order
+        assert perturbation_curve(score, pixels, flat, mode="deletion", steps=4)[0].tolist() == pytest.approx([10, 9, 7, 4, 0])
+        assert perturbation_curve(score, pixels, flat, mode="insertion", steps=4)[0].tolist() == pytest.approx([0, 1, 3, 6, 10])
+    ids, words = torch.tensor([[1, 7, 2]]), torch.tensor([[False, True, False]])
+    one = lambda x: (x == 7).any(1).float()  # noqa: E731
+    for maps in (torch.zeros(1, 3), torch.tensor([[0.0, 1.0, 0.0]])):
+        assert text_perturbation_curve(one, ids, maps, words, 0, mode="deletion", steps=2)[0].tolist() == [1.0, 1.0, 0.0]
+        assert text_perturbation_curve(one, ids, maps, words, 0, mode="insertion", steps=2)[0].tolist() == [0.0, 0.0, 1.0]
