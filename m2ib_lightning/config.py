@@ -190,7 +190,8 @@ class ProbeVQAConfig:
 @dataclass
 class EvaluateData:
     manifest: Optional[str] = None  # pairs (id, image, text; optional mask or boxes); unset: held-out pairs of the world
-    num_samples: int = 48  # without a manifest: this many held-out pairs of the shapes world
+    webdataset: Optional[str] = None  # tar shards as img2dataset writes them (no ground truth)
+    num_samples: int = 48  # without manifest or webdataset: this many held-out pairs of the shapes world
     batch_size: int = 16
     num_workers: int = 0
 

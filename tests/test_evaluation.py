@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, make_images, make_texts, tiny_blip_itc, tiny_clip, tiny_siglip
-from m2ib_lightning.baselines import METHODS, Maps, PairScorer, make_method
+from m2ib_lightning.baselines import METHODS, Maps, make_method
 from m2ib_lightning.config import load_config
 from m2ib_lightning.evaluation import Evaluator, MetricSettings
 from m2ib_lightning.metrics import curve_auc, perturbation_curve
@@ -131,7 +131,6 @@ def _config(out: Path, bundle: Path, *overrides: str):
 
 
 def test_evaluation_run_writes_tables_maps_grid_and_tensorboard_and_resumes(tmp_path, tiny_bundle):
-    from m2ib_lightning.results import read_attributions  # noqa: F401  (the layout is shared; maps are per method)
     from safetensors.torch import load_file
 
     full = run(_config(tmp_path / "full", tiny_bundle))

@@ -264,3 +264,15 @@ def test_a_rerun_passes_over_finished_tars_without_reading_their_samples(tmp_pat
     assert list(source.split(0, 1, skip=keys)) == []
     with pytest.raises(AssertionError, match="a finished tar was read"):
         list(source.split(0, 1, skip=keys - {"000000001"}))
+
+
+def test_an_evaluation_reads_webdataset_shards_too(tmp_path, tiny_bundle, shards):
+    from m2ib_lightning.tasks.evaluate import run as evaluate
+
+    pattern, good, bad = shards
+    summary = evaluate(load_config(ROOT / "configs" / "evaluate_shapes.yaml", [
+        f"output_dir={tmp_path / 'eval'}", f"model.name_or_path={tiny_bundle}", f"data.webdataset={pattern}",
+        "methods=[saliency,random]", "metrics.steps=2", "trainer.enable_progress_bar=false",
+    ]))
+    assert summary["pairs"] == len(good) and summary["failed"] == len(bad)
+    assert summary["methods"]["random"]["pointing_game"] is None  # no ground truth in the tars

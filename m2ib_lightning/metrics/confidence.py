@@ -21,7 +21,6 @@ and EOS removed (which moves the pooled position of CLIP's text tower).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .mean import MeanOverSamples

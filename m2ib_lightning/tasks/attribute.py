@@ -19,38 +19,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import AttributionWriter, RunSummary, SampleProgressBar, TensorBoardAttributionLogger
-from ..config import ConfigError
 from ..data.attribution import PairDataModule, WorldSource
-from ..data.manifest import ManifestSource
 from ..engine import M2IBConfig
 from ..module import M2IBModule
 from ..results import FAILURES_FILE, RunLock, atomic_write, done_ids, merged_failures
-from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, world_of
+from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, source_of
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
 WORLD_OVERLAYS = 64  # export.overlays unset: overlays of the first 64 world samples per rank, none for user data
 
 
-def source_of(cfg: DictConfig):
-    """The pairs a config names: WebDataset shards, a manifest, or the held-out shapes world."""
-    try:
-        if cfg.data.webdataset:
-            from ..data.webdataset import WebDatasetSource
-
-            return WebDatasetSource(cfg.data.webdataset)
-        if cfg.data.manifest:
-            return ManifestSource(cfg.data.manifest)
-    except (OSError, ValueError) as err:
-        key = "data.webdataset" if cfg.data.webdataset else "data.manifest"
-        raise ConfigError(f"{key}: {err}") from err
-    return WorldSource(world_of(cfg), cfg.data.num_samples)
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     entered = time.perf_counter()
-    if cfg.data.manifest and cfg.data.webdataset:
-        raise ConfigError("data.manifest and data.webdataset are both set: choose one source")
     backbone = backbone_of(cfg)
     check_layers(cfg, backbone)  # before anything is written
     source = source_of(cfg)

@@ -19,6 +19,26 @@ def world_of(cfg: DictConfig, seed: int | None = None) -> ShapesWorld:
     return ShapesWorld(seed=seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects, noise=cfg.world.noise)
 
 
+def source_of(cfg: DictConfig):
+    """The pairs a run's config names: WebDataset shards, a manifest, or the held-out shapes world."""
+    from ..data.attribution import WorldSource
+    from ..data.manifest import ManifestSource
+
+    webdataset = cfg.data.get("webdataset")
+    if cfg.data.manifest and webdataset:
+        raise ConfigError("data.manifest and data.webdataset are both set: choose one source")
+    try:
+        if webdataset:
+            from ..data.webdataset import WebDatasetSource
+
+            return WebDatasetSource(webdataset)
+        if cfg.data.manifest:
+            return ManifestSource(cfg.data.manifest)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{'data.webdataset' if webdataset else 'data.manifest'}: {err}") from err
+    return WorldSource(world_of(cfg), cfg.data.num_samples)
+
+
 def prepare_output(cfg: DictConfig, save_config: bool = True) -> Path:
     """Create ``output_dir`` and save the resolved config in it."""
     out = Path(cfg.output_dir)

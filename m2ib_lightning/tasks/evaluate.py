@@ -20,12 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from ..baselines import METHODS, make_method
 from ..callbacks import EvaluationWriter, SampleProgressBar
 from ..config import ConfigError
-from ..data.attribution import PairDataModule, WorldSource
-from ..data.manifest import ManifestSource
+from ..data.attribution import PairDataModule
 from ..evaluation import HIGHER_IS_BETTER, METRICS, EvaluationModule, MetricSettings
 from ..results import FAILURES_FILE, RunLock, atomic_write, done_ids, index_entries, merged_failures
 from ..visualize import method_grid
-from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, world_of
+from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, source_of
 
 #: Settings that change the table: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world", "methods", "baselines", "metrics")
@@ -64,10 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     backbone = backbone_of(cfg)
     check_layers(cfg, backbone)
     methods = build_methods(cfg, backbone)
-    try:
-        source = ManifestSource(cfg.data.manifest) if cfg.data.manifest else WorldSource(world_of(cfg), cfg.data.num_samples)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"data.manifest: {err}") from err
+    source = source_of(cfg)
     out = prepare_output(cfg, save_config=False)
     already = done_ids(out)
     display_image = getattr(backbone, "display_image", None)
@@ -147,7 +143,8 @@ def _finish(cfg: DictConfig, trainer: L.Trainer, table: dict, writer: Evaluation
     atomic_write(out / FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
     md, csv_text, columns = tables(table)
     samples = max((row["samples"] for row in table.values()), default=0)
-    header = (f"{samples} pairs ({'the shapes world' if not cfg.data.manifest else cfg.data.manifest}), "
+    data = cfg.data.manifest or cfg.data.webdataset or "the shapes world"
+    header = (f"{samples} pairs ({data}), "
               f"model {cfg.model.name_or_path}; mean ± standard error; ↑ higher is better, ↓ lower is better\n\n")
     atomic_write(out / "results.md", header + md)
     atomic_write(out / "results.csv", csv_text)
