@@ -3,6 +3,7 @@ and the first samples kept for the side-by-side picture grid."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,6 +11,12 @@ import numpy as np
 import torch
 
 from .attribution_writer import RollingShardWriter
+
+
+def _number(value: torch.Tensor) -> float | None:
+    """A metric value for JSON: None where it does not apply to the sample (no ground truth)."""
+    number = float(value)
+    return None if math.isnan(number) else number
 
 
 class EvaluationWriter(RollingShardWriter):
@@ -36,7 +43,7 @@ class EvaluationWriter(RollingShardWriter):
                 "tokens": prediction["tokens"][row][:length],
                 "special": prediction["special"][row][:length],
                 "length": length,
-                "values": {m: {k: float(v[row]) for k, v in vals.items()} for m, vals in prediction["values"].items()},
+                "values": {m: {k: _number(v[row]) for k, v in vals.items()} for m, vals in prediction["values"].items()},
                 "seconds": {m: s / count for m, s in prediction["seconds"].items()},
             }
             tensors = {}

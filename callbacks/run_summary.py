@@ -25,18 +25,18 @@ def processed(batch_or_outputs: dict[str, Any]) -> int:
 
 
 class RunSummary(L.Callback):
-    """Counts (done, failed, warnings), wall time and samples/s summed over ranks, and, where the
-    data has ground truth (``localisation=True``), pointing game and mask energy of the M2IB maps
-    next to uniformly random maps (seeded per sample id, so the same on any topology).
+    """Counts (done, failed, warnings), wall time and samples/s summed over ranks, and, for the samples
+    with ground truth (the world's objects, a manifest's masks or boxes), pointing game and mask energy
+    of the M2IB maps next to uniformly random maps (seeded per sample id, so the same on any topology).
 
     ``result`` is set on every rank at the end of predict.
     """
 
-    def __init__(self, seed: int, localisation: bool):
+    def __init__(self, seed: int):
         self.seed = seed
         self.counts = {name: SumMetric() for name in ("done", "failed", "warnings")}
         self.wall = MaxMetric()
-        self.maps = {name: (PointingGame(), MaskEnergy()) for name in ("m2ib", "random")} if localisation else {}
+        self.maps = {name: (PointingGame(), MaskEnergy()) for name in ("m2ib", "random")}
         self.result: dict[str, Any] | None = None
         self.start = 0.0
 
@@ -59,15 +59,16 @@ class RunSummary(L.Callback):
         self.counts["done"].update(len(outputs["id"]))
         self.counts["failed"].update(severities.count("error"))
         self.counts["warnings"].update(severities.count("warning"))
-        if not self.maps or not outputs["id"]:
+        if "target_mask" not in outputs or not outputs["has_target"].any():
             return
-        masks = outputs["target_mask"]
-        grid = outputs["image_capacity"]
+        rows = outputs["has_target"]
+        masks = outputs["target_mask"][rows]
+        grid = outputs["image_capacity"][rows]
         maps = {
             "m2ib": image_maps_from_capacity(grid.flatten(1), tuple(grid.shape[-2:]), tuple(masks.shape[-2:])),
             "random": torch.stack([
                 torch.rand(masks.shape[-2:], generator=torch.Generator().manual_seed(sample_seed(self.seed, "random\x00" + i)))
-                for i in outputs["id"]
+                for i, has in zip(outputs["id"], rows.tolist()) if has
             ]),
         }
         device = pl_module.device
@@ -79,8 +80,8 @@ class RunSummary(L.Callback):
         self.wall.update(time.perf_counter() - self.start)
         counts = {name: int(metric.compute().item()) for name, metric in self.counts.items()}
         wall = float(self.wall.compute().item())
-        localisation = None
-        if self.maps and counts["done"]:
+        localisation, with_truth = None, self.maps["m2ib"][0].samples()
+        if with_truth:
             localisation = {
                 name: {"pointing_game": round(p.compute().item(), 4), "energy": round(e.compute().item(), 4)}
                 for name, (p, e) in self.maps.items()
@@ -90,6 +91,7 @@ class RunSummary(L.Callback):
             "wall_time_s": round(wall, 2),
             "samples_per_s": round((counts["done"] + counts["failed"]) / wall, 3) if wall > 0 else None,
             "localisation": localisation,
+            "localisation_pairs": with_truth,
         }
 
 

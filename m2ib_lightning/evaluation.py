@@ -70,11 +70,12 @@ class Evaluator:
             "image_insertion_auc": curve_auc(perturbation_curve(
                 image_score, px, maps.image, mode="insertion", steps=s.steps, unit=unit, baseline=s.insertion_baseline)),
         }
-        if "target_mask" in batch:
-            target = batch["target_mask"]
-            out["pointing_game"] = pointing_game(maps.image, target)
-            out["energy"] = mask_energy(maps.image, target)
-            out["top_k_iou"] = top_k_iou(maps.image, target, s.top_k_fraction)
+        if "target_mask" in batch:  # NaN for samples without ground truth
+            rows = batch["has_target"].to(px.device)
+            target, image = batch["target_mask"][rows], maps.image[rows]
+            for name, value in (("pointing_game", pointing_game(image, target)), ("energy", mask_energy(image, target)),
+                                ("top_k_iou", top_k_iou(image, target, s.top_k_fraction))):
+                out[name] = torch.full((len(rows),), float("nan"), device=px.device).masked_scatter(rows, value.float())
         if maps.text is not None:
             text_score = self.scorer.text_score(px, mask)
             replacement = s.replacement_id if s.replacement_id is not None else self.scorer.backbone.pad_token_id
@@ -124,7 +125,7 @@ class EvaluationModule(L.LightningModule):
             seconds[name] = time.perf_counter() - start
             values[name] = self.evaluator.values(maps[name], batch, clean, words)
             for metric, per_sample in values[name].items():
-                self.metrics[name][metric].update_scores(per_sample)
+                self.metrics[name][metric].update_scores(per_sample[~per_sample.isnan()])
             self.seconds[name].add(seconds[name], len(batch["id"]))
         return {
             "id": batch["id"], "failures": batch["failures"], "text": batch["text"], "tokens": batch["tokens"],
@@ -146,18 +147,12 @@ class EvaluationModule(L.LightningModule):
         for method, metrics in self.metrics.items():
             row: dict[str, Any] = {}
             for name, metric in metrics.items():
-                count = int(_synced_count(metric))
-                row[name] = None if count == 0 else (metric.compute().item(), metric.standard_error().item())
+                row[name] = None if metric.samples() == 0 else (metric.compute().item(), metric.standard_error().item())
             seconds, samples = self.seconds[method].totals()
             row["samples"] = int(samples)
             row["samples_per_s"] = samples / seconds if seconds > 0 else None
             table[method] = row
         return table
-
-
-def _synced_count(metric: MeanOverSamples) -> Tensor:
-    with metric.sync_context():
-        return metric.count.clone()
 
 
 class _Sum(MeanOverSamples):

@@ -75,4 +75,5 @@ class M2IBModule(L.LightningModule):
         }
         if "target_mask" in batch:
             prediction["target_mask"] = cpu(batch["target_mask"][rows])
+            prediction["has_target"] = cpu(batch["has_target"][rows.cpu()])
         return prediction

@@ -171,10 +171,13 @@ def test_every_method_runs_under_predict_on_other_families_and_a_manifest_gives_
     rows[1]["boxes"] = [[0, 0, 10, 10]]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     summary = run(_config(tmp_path / "run", request.getfixturevalue(bundle), f"data.manifest={tmp_path / 'm.jsonl'}",
-                          "data.batch_size=1", "m2ib.vision_layer=-1", "m2ib.text_layer=-1"))
+                          "data.batch_size=3", "m2ib.vision_layer=-1", "m2ib.text_layer=-1"))
     md = (tmp_path / "run" / "results.md").read_text()
     assert summary["pairs"] == 3 and "image conf. drop" in md and set(summary["methods"]) == set(METHODS)
-    assert summary["methods"]["m2ib"]["pointing_game"] is not None  # p1 has boxes: scored on that sample only
+    # p1 alone has boxes: localisation scores that one sample of the batch (standard error 0), the others have none
+    assert summary["methods"]["m2ib"]["pointing_game"][1] == 0.0
+    lines = {e["id"]: e for e in map(json.loads, (tmp_path / "run" / "index-rank0.jsonl").read_text().splitlines())}
+    assert lines["p0"]["values"]["m2ib"]["pointing_game"] is None and lines["p1"]["values"]["m2ib"]["pointing_game"] is not None
     for method, row in summary["methods"].items():
         assert row["samples"] == 3
         values = [v for k, v in row.items() if k not in ("samples", "samples_per_s") and v is not None]

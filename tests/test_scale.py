@@ -200,6 +200,19 @@ def test_world_source_skips_done_ids_before_drawing():
 
 
 # ------------------------------------------------------------------------- original size
+def test_an_attribution_run_scores_localisation_on_manifest_boxes(tmp_path, tiny_bundle):
+    Image.new("RGB", (64, 64), "gray").save(tmp_path / "gray.png")
+    rows = [{"id": "boxed", "image": "gray.png", "text": "a red circle", "boxes": [[0, 0, 32, 32]]},
+            {"id": "plain", "image": "gray.png", "text": "a red circle"},
+            {"id": "bad-box", "image": "gray.png", "text": "a red circle", "boxes": "[1, 2]"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run(_config(tmp_path / "run", tiny_bundle, f"data.manifest={tmp_path / 'm.jsonl'}"))
+    assert summary["done"] == 2 and summary["failed"] == 1 and summary["localisation_pairs"] == 1
+    assert set(summary["localisation"]) == {"m2ib", "random"}
+    reasons = (tmp_path / "run" / "failures.jsonl").read_text()
+    assert "boxes must be a non-empty list" in reasons
+
+
 def test_maps_go_back_onto_the_original_photo(tmp_path, tiny_bundle):
     from m2ib_lightning.backbones import load_backbone
 

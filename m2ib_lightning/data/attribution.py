@@ -151,8 +151,11 @@ def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, A
         "attention_mask": mask,
         "seed": torch.tensor([item["seed"] for item in items], dtype=torch.long),
     }
-    if all("target_mask" in item for item in items):
-        batch["target_mask"] = torch.stack([item["target_mask"] for item in items])
+    if any("target_mask" in item for item in items):  # ground truth where the data has it; has_target says where
+        size = batch["pixel_values"].shape[-2:]
+        empty = torch.zeros(size, dtype=torch.bool)
+        batch["target_mask"] = torch.stack([item.get("target_mask", empty) for item in items])
+        batch["has_target"] = torch.tensor(["target_mask" in item for item in items])
     return batch
 
 

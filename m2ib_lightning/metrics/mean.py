@@ -48,6 +48,11 @@ class MeanOverSamples(Metric):
     def compute(self) -> Tensor:
         return (self.total / self.count).float()
 
+    def samples(self) -> int:
+        """Samples seen on every process."""
+        with self.sync_context():
+            return int(self.count.item())
+
     def standard_error(self) -> Tensor:
         """Standard error of the mean over every sample seen on every process."""
         with self.sync_context():

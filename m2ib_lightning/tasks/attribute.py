@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     overlays = cfg.export.overlays if cfg.export.overlays is not None else (WORLD_OVERLAYS if world_run else 0)
     already = done_ids(out)
     writer = AttributionWriter(out, samples_per_shard=cfg.export.samples_per_shard, overlays=overlays, display_image=display_image)
-    summary_callback = RunSummary(cfg.seed, localisation=world_run)
+    summary_callback = RunSummary(cfg.seed)
     callbacks = [
         writer, summary_callback,
         TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, display_image=display_image,
@@ -128,7 +128,7 @@ def _print_report(summary: dict[str, Any]) -> None:
           f"({summary['warnings']} warnings, see {FAILURES_FILE}); "
           f"{summary['wall_time_s']} s ({summary['samples_per_s']} samples/s over all ranks)")
     if summary["localisation"]:
-        print(f"  localisation over the {summary['done']} pairs of this run (caption's objects as ground truth):")
+        print(f"  localisation over the {summary['localisation_pairs']} pairs of this run with ground truth:")
         print("  | map | pointing game | energy in mask |")
         print("  |---|---|---|")
         for name, values in summary["localisation"].items():

@@ -108,7 +108,8 @@ def earlier_samples(module: EvaluationModule, out: Path) -> None:
         for method, metrics in entry["values"].items():
             if method in module.metrics:
                 for name, value in metrics.items():
-                    values[(method, name)].append(value)
+                    if value is not None:  # None: the metric does not apply to that sample
+                        values[(method, name)].append(value)
                 seconds[method].append(entry["seconds"][method])
     for (method, name), scores in values.items():
         module.metrics[method][name].update_scores(torch.tensor(scores, dtype=torch.float64))
