@@ -217,6 +217,31 @@ def read_attributions(
         )
 
 
+@dataclass
+class EvaluationRecord:
+    id: str
+    text: str
+    tokens: list[str]
+    maps: dict[str, tuple[Tensor, Tensor | None]]  # method -> (image map (H, W), text map (length,) or None)
+    values: dict[str, dict[str, float | None]]  # method -> metric -> value (None: does not apply to this sample)
+
+
+def read_evaluation(output_dir: str | Path) -> Iterator[EvaluationRecord]:
+    """The samples of an evaluation run with every method's maps and metric values, streamed one shard at a time."""
+    output_dir = Path(output_dir)
+    tensors: dict[str, Tensor] = {}
+    loaded = None
+    for entry in index_entries(output_dir):
+        if entry["shard"] != loaded:
+            tensors, loaded = load_file(output_dir / SHARD_DIR / entry["shard"]), entry["shard"]
+        row, length = entry["row"], entry["length"]
+        maps = {
+            method: (tensors[f"{method}/image"][row], tensors[f"{method}/text"][row, :length] if f"{method}/text" in tensors else None)
+            for method in entry["values"]
+        }
+        yield EvaluationRecord(entry["id"], entry["text"], entry["tokens"], maps, entry["values"])
+
+
 def to_original_size(image_map: Tensor, entry: dict) -> Tensor:
     """A map at the model input's size put back onto the original image, from the geometry in the index."""
     from .backbones.base import ImageGeometry

@@ -17,6 +17,7 @@ from m2ib_lightning.baselines import METHODS, Maps, make_method
 from m2ib_lightning.config import load_config
 from m2ib_lightning.evaluation import Evaluator, MetricSettings
 from m2ib_lightning.metrics import curve_auc, perturbation_curve
+from m2ib_lightning.results import read_evaluation
 from m2ib_lightning.tasks.evaluate import run
 
 SETTINGS = {
@@ -144,6 +145,11 @@ def test_evaluation_run_writes_tables_maps_grid_and_tensorboard_and_resumes(tmp_
     tensors = load_file(shard)
     assert tensors["m2ib/image"].shape == (6, 64, 64) and "random/text" in tensors and "saliency/text" not in tensors
     assert (out / "figures" / "methods_grid.png").exists()
+    records = list(read_evaluation(out))
+    assert len(records) == 6 and set(records[0].maps) == set(METHODS)
+    image, text = records[0].maps["m2ib"]
+    assert image.shape == (64, 64) and text.shape == (len(records[0].tokens),) and records[0].maps["saliency"][1] is None
+    assert records[0].values["m2ib"]["pointing_game"] is not None
     assert list((out / "tensorboard").glob("events.out.tfevents*"))
 
     partial = tmp_path / "partial"
