@@ -307,6 +307,22 @@ def _check_inputs(pixel_values: Any, input_ids: Any, attention_mask: Any) -> tup
     return pixel_values, input_ids, attention_mask.long()
 
 
+def screen(backbone: VisionLanguageBackbone, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[str | None]:
+    """Per sample, why the backbone would refuse it (the engine's input checks and the adapter's ``validate_inputs``), or None."""
+    parameter = next(backbone.module.parameters())
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    reasons: list[str | None] = []
+    for b in range(pixel_values.shape[0]):
+        length = int(mask[b].nonzero().max()) + 1 if bool(mask[b].any()) else input_ids.shape[1]
+        try:
+            pixels, ids, sample_mask = _check_inputs(pixel_values[b : b + 1], input_ids[b : b + 1, :length], mask[b : b + 1, :length])
+            backbone.validate_inputs(pixels.to(parameter.device, parameter.dtype), ids.to(parameter.device), sample_mask.to(parameter.device))
+            reasons.append(None)
+        except (ValueError, TypeError) as err:
+            reasons.append(str(err))
+    return reasons
+
+
 # ---------------------------------------------------------------------- front end
 class M2IB:
     """Multi-modal information bottleneck attribution (Wang et al., NeurIPS 2023).
@@ -339,17 +355,7 @@ class M2IB:
 
         Lets a dataset run attribute the good samples of a batch and record the others.
         """
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        reasons: list[str | None] = []
-        for b in range(pixel_values.shape[0]):
-            length = int(mask[b].nonzero().max()) + 1 if bool(mask[b].any()) else input_ids.shape[1]
-            try:
-                pixels, ids, sample_mask = _check_inputs(pixel_values[b : b + 1], input_ids[b : b + 1, :length], mask[b : b + 1, :length])
-                self.backbone.validate_inputs(pixels.to(self.device, self.dtype), ids.to(self.device), sample_mask.to(self.device))
-                reasons.append(None)
-            except (ValueError, TypeError) as err:
-                reasons.append(str(err))
-        return reasons
+        return screen(self.backbone, pixel_values, input_ids, attention_mask)
 
     def attribute(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, seed: Seeds = 0

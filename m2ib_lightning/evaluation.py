@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .baselines import AttributionMethod, Maps, PairScorer
+from .engine import screen
 from .metrics import (
     ConfidenceDrop, ConfidenceIncrease, CurveAUC, MaskEnergy, PointingGame, TopKIoU, confidence_drop, confidence_increase,
     curve_auc, keep_image, keep_text, mask_energy, perturbation_curve, pointing_game, text_perturbation_curve, top_k_iou,
@@ -109,6 +110,10 @@ class EvaluationModule(L.LightningModule):
         self.table: dict[str, dict[str, Any]] = {}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if batch["id"]:  # samples the model refuses are reported, the rest of the batch is scored
+            reasons = screen(self.evaluator.scorer.backbone, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            failures = [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
+            batch = _rows(batch, [b for b, r in enumerate(reasons) if r is None], batch["failures"] + failures)
         if not batch["id"]:
             return {"id": [], "failures": batch["failures"]}
         px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
@@ -153,6 +158,17 @@ class EvaluationModule(L.LightningModule):
             row["samples_per_s"] = samples / seconds if seconds > 0 else None
             table[method] = row
         return table
+
+
+def _rows(batch: dict[str, Any], keep: list[int], failures: list[dict]) -> dict[str, Any]:
+    """The batch cut to the samples ``keep`` (per-sample lists and tensors alike), with ``failures``."""
+    index = torch.tensor(keep, dtype=torch.long)
+    out: dict[str, Any] = {"failures": failures}
+    for key, value in batch.items():
+        if key == "failures":
+            continue
+        out[key] = value[index.to(value.device)] if isinstance(value, Tensor) else [value[i] for i in keep]
+    return out
 
 
 class _Sum(MeanOverSamples):

@@ -207,3 +207,25 @@ def test_on_the_shipped_clip_m2ib_beats_random_by_more_than_twice_the_standard_e
     for metric in ("pointing_game", "image_insertion_auc"):
         (mean, se), (floor, floor_se) = m2ib[metric], random[metric]
         assert mean - floor > 2 * (se**2 + floor_se**2) ** 0.5, (metric, m2ib[metric], random[metric])
+
+
+def test_a_sample_the_model_refuses_is_listed_and_the_rest_of_its_batch_is_scored(tmp_path, tiny_bundle, monkeypatch):
+    from m2ib_lightning.backbones import HFCLIPBackbone
+
+    original = HFCLIPBackbone.image_inputs
+
+    def corrupt_one(self, image):
+        pixels = original(self, image)
+        return torch.full_like(pixels, float("nan")) if image.getpixel((0, 0)) == (7, 7, 7) else pixels
+
+    monkeypatch.setattr(HFCLIPBackbone, "image_inputs", corrupt_one)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (7, 7, 7)).save(tmp_path / "bad.png")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "good.png")
+    rows = [{"id": f"p{i}", "image": "bad.png" if i == 1 else "good.png", "text": "a red circle"} for i in range(3)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run(_config(tmp_path / "run", tiny_bundle, f"data.manifest={tmp_path / 'm.jsonl'}", "methods=[saliency,random]"))
+    assert summary["pairs"] == 2 and summary["failed"] == 1
+    (failure,) = map(json.loads, (tmp_path / "run" / "failures.jsonl").read_text().splitlines())
+    assert failure["id"] == "p1" and "NaN" in failure["reason"]
