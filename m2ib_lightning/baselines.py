@@ -370,10 +370,8 @@ class _AttentionMethod(AttributionMethod):
             stack.enter_context(self.backbone.eager_attention())
             for module in self.backbone.attention_modules(modality):
                 stack.enter_context(_hooked(module, post=keep))
-            scores = score(argument) if self.needs_gradients else None
-            if scores is None:
-                with torch.no_grad():
-                    score(argument)
+            with torch.set_grad_enabled(self.needs_gradients):
+                scores = score(argument)
         if any(p is None for p in probs):
             raise RuntimeError(f"{self.name}: the model returned no attention probabilities (transformers 5 is needed)")
         grads = torch.autograd.grad(scores.sum(), probs) if self.needs_gradients else [None] * len(probs)

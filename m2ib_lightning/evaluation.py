@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
 
 from .baselines import AttributionMethod, Maps, PairScorer
 from .engine import screen
@@ -105,7 +106,8 @@ class EvaluationModule(L.LightningModule):
             method: nn.ModuleDict({name: cls() if name != "top_k_iou" else TopKIoU(settings.top_k_fraction) for name, cls in METRICS.items()})
             for method in methods
         })
-        self.seconds = nn.ModuleDict({method: _Sum() for method in methods})
+        self.seconds = nn.ModuleDict({method: SumMetric() for method in methods})
+        self.samples = nn.ModuleDict({method: SumMetric() for method in methods})
         self.save_hyperparameters({"methods": list(methods), "metrics": vars(settings)})
         self.table: dict[str, dict[str, Any]] = {}
 
@@ -131,7 +133,8 @@ class EvaluationModule(L.LightningModule):
             values[name] = self.evaluator.values(maps[name], batch, clean, words)
             for metric, per_sample in values[name].items():
                 self.metrics[name][metric].update_scores(per_sample[~per_sample.isnan()])
-            self.seconds[name].add(seconds[name], len(batch["id"]))
+            self.seconds[name].update(seconds[name])
+            self.samples[name].update(len(batch["id"]))
         return {
             "id": batch["id"], "failures": batch["failures"], "text": batch["text"], "tokens": batch["tokens"],
             "special": batch["special"], "lengths": batch["attention_mask"].sum(1).cpu(), "pixel_values": px.cpu(),
@@ -153,7 +156,7 @@ class EvaluationModule(L.LightningModule):
             row: dict[str, Any] = {}
             for name, metric in metrics.items():
                 row[name] = None if metric.samples() == 0 else (metric.compute().item(), metric.standard_error().item())
-            seconds, samples = self.seconds[method].totals()
+            seconds, samples = self.seconds[method].compute().item(), self.samples[method].compute().item()
             row["samples"] = int(samples)
             row["samples_per_s"] = samples / seconds if seconds > 0 else None
             table[method] = row
@@ -169,15 +172,3 @@ def _rows(batch: dict[str, Any], keep: list[int], failures: list[dict]) -> dict[
             continue
         out[key] = value[index.to(value.device)] if isinstance(value, Tensor) else [value[i] for i in keep]
     return out
-
-
-class _Sum(MeanOverSamples):
-    """Seconds spent and samples seen, summed across processes."""
-
-    def add(self, seconds: float, samples: int) -> None:
-        self.total += seconds
-        self.count += samples
-
-    def totals(self) -> tuple[float, float]:
-        with self.sync_context():
-            return self.total.item(), self.count.item()

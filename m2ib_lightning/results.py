@@ -182,6 +182,18 @@ def shard_names(output_dir: str | Path) -> list[str]:
     return list(names)
 
 
+def _indexed_samples(output_dir: Path, shard: str | None = None) -> Iterator[tuple[dict, dict[str, Tensor]]]:
+    """(index entry, tensors of its shard) per sample, streamed with one shard in memory at a time."""
+    tensors: dict[str, Tensor] = {}
+    loaded = None
+    for entry in index_entries(output_dir):
+        if shard is not None and entry["shard"] != shard:
+            continue
+        if entry["shard"] != loaded:  # a shard's entries are contiguous in its rank's index
+            tensors, loaded = load_file(output_dir / SHARD_DIR / entry["shard"]), entry["shard"]
+        yield entry, tensors
+
+
 def read_attributions(
     output_dir: str | Path, *, shard: str | None = None, original_size: bool = False
 ) -> Iterator[AttributionRecord]:
@@ -191,14 +203,7 @@ def read_attributions(
     coordinates of the original image (undoing the processor's resize and centre crop; the
     part of the image the crop cut off is 0).
     """
-    output_dir = Path(output_dir)
-    tensors: dict[str, Tensor] = {}
-    loaded = None
-    for entry in index_entries(output_dir):
-        if shard is not None and entry["shard"] != shard:
-            continue
-        if entry["shard"] != loaded:  # a shard's entries are contiguous in its rank's index
-            tensors, loaded = load_file(output_dir / SHARD_DIR / entry["shard"]), entry["shard"]
+    for entry, tensors in _indexed_samples(Path(output_dir), shard):
         row, length = entry["row"], entry["length"]
         grid = tensors["image_capacity"][row]
         image_map = image_maps_from_capacity(grid.flatten()[None], tuple(grid.shape), tuple(entry["image_size"]))[0]
@@ -228,12 +233,7 @@ class EvaluationRecord:
 
 def read_evaluation(output_dir: str | Path) -> Iterator[EvaluationRecord]:
     """The samples of an evaluation run with every method's maps and metric values, streamed one shard at a time."""
-    output_dir = Path(output_dir)
-    tensors: dict[str, Tensor] = {}
-    loaded = None
-    for entry in index_entries(output_dir):
-        if entry["shard"] != loaded:
-            tensors, loaded = load_file(output_dir / SHARD_DIR / entry["shard"]), entry["shard"]
+    for entry, tensors in _indexed_samples(Path(output_dir)):
         row, length = entry["row"], entry["length"]
         maps = {
             method: (tensors[f"{method}/image"][row], tensors[f"{method}/text"][row, :length] if f"{method}/text" in tensors else None)

@@ -177,3 +177,21 @@ def tiny_vqa_bundle(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     BlipProcessor(image_processor=build_vqa_image_processor(32), tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+#: The colour of an image that ``nan_for_grey_seven`` turns into non-finite pixels.
+GREY_SEVEN = (7, 7, 7)
+
+
+@pytest.fixture
+def nan_for_grey_seven(monkeypatch):
+    """The HF CLIP adapter makes NaN pixels of any image whose first pixel is GREY_SEVEN: a sample the model refuses."""
+    from m2ib_lightning.backbones import HFCLIPBackbone
+
+    original = HFCLIPBackbone.image_inputs
+
+    def corrupt(self, image):
+        pixels = original(self, image)
+        return torch.full_like(pixels, float("nan")) if image.getpixel((0, 0)) == GREY_SEVEN else pixels
+
+    monkeypatch.setattr(HFCLIPBackbone, "image_inputs", corrupt)

@@ -14,9 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny_plain
+from conftest import GREY_SEVEN, ROOT, tiny_plain
 from m2ib_lightning import read_attributions
-from m2ib_lightning.backbones import HFCLIPBackbone
 from m2ib_lightning.config import load_config
 from m2ib_lightning.data.manifest import read_pairs
 from m2ib_lightning.tasks.attribute import run
@@ -100,16 +99,9 @@ def test_a_layer_out_of_range_exits_2_naming_the_key_and_range(tmp_path, tiny_bu
     assert not (tmp_path / "never").exists()
 
 
-def test_a_sample_failing_inside_the_fit_is_listed_and_the_batch_goes_on(tmp_path, tiny_bundle, monkeypatch):
-    original = HFCLIPBackbone.image_inputs
-
-    def corrupt_one(self, image):
-        pixels = original(self, image)
-        return torch.full_like(pixels, float("nan")) if image.getpixel((0, 0)) == (7, 7, 7) else pixels
-
-    monkeypatch.setattr(HFCLIPBackbone, "image_inputs", corrupt_one)
+def test_a_sample_failing_inside_the_fit_is_listed_and_the_batch_goes_on(tmp_path, tiny_bundle, nan_for_grey_seven):
     manifest = _manifest(tmp_path, 5)
-    Image.new("RGB", (40, 48), (7, 7, 7)).save(tmp_path / "images" / "2.png")
+    Image.new("RGB", (40, 48), GREY_SEVEN).save(tmp_path / "images" / "2.png")
     cfg = load_config(ROOT / "configs" / "clip_manifest.yaml", _run_args(tmp_path / "run", manifest, tiny_bundle)[1:])
     summary = run(cfg)
     assert summary["done"] == 4 and summary["failed"] == 1

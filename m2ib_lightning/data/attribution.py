@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, Iterator, Protocol
 
 import lightning as L
@@ -56,18 +56,25 @@ class WorldSource:
             sample_id = self.world.sample_id(index)
             if sample_id in skip:  # before anything is drawn
                 continue
-            yield PairRecord(
-                sample_id, self.world.caption_of(index)[0].text, partial(_world_image, self.world, index),
-                load_mask=partial(_world_mask, self.world, index),
-            )
+            drawn = _WorldDrawing(self.world, index)
+            yield PairRecord(sample_id, self.world.caption_of(index)[0].text, drawn.image, load_mask=drawn.mask)
 
 
-def _world_image(world: ShapesWorld, index: int):
-    return world.sample(index).image
+class _WorldDrawing:
+    """One world sample, drawn once (in the loader worker) for both its image and its ground truth."""
 
+    def __init__(self, world: ShapesWorld, index: int):
+        self.world, self.index = world, index
 
-def _world_mask(world: ShapesWorld, index: int):
-    return world.sample(index).target_mask
+    @cached_property
+    def sample(self):
+        return self.world.sample(self.index)
+
+    def image(self):
+        return self.sample.image
+
+    def mask(self):
+        return self.sample.target_mask
 
 
 class PairStream(IterableDataset):

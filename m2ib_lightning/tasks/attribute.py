@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks import AttributionWriter, RunSummary, SampleProgressBar, TensorBoardAttributionLogger
+from ..callbacks import AttributionWriter, RunSummary, TensorBoardAttributionLogger
 from ..data.attribution import PairDataModule, WorldSource
 from ..engine import M2IBConfig
 from ..module import M2IBModule
-from ..results import FAILURES_FILE, RunLock, atomic_write, done_ids, merged_failures
-from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, source_of
+from ..results import FAILURES_FILE, atomic_write, done_ids, merged_failures
+from .common import backbone_of, check_layers, owned_output, prepare_output, source_of, streaming_trainer
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
@@ -47,22 +45,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, display_image=display_image,
                                      step_offset=len(already)),
     ]
-    trainer_args = OmegaConf.to_container(cfg.trainer)
-    if trainer_args.get("enable_progress_bar", True):
-        total = source.size_hint()
-        callbacks.append(SampleProgressBar(None if total is None else max(total - len(already), 0)))
-    logger = TensorBoardLogger(str(out), name="tensorboard", version="", default_hp_metric=False)
-    # A streamed dataset has no sampler whose indices the writer could get: it does not need them.
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
-    trainer = L.Trainer(inference_mode=False, logger=logger, callbacks=callbacks, **trainer_args)
-
-    lock = RunLock(out)
-    if trainer.global_rank == 0:
-        lock.acquire()  # before anything is written; the other ranks are this run's own
-    try:
-        refuse_other_settings(cfg, RESULT_KEYS)
-        if trainer.global_rank == 0:
-            atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    trainer = streaming_trainer(cfg, out, callbacks, source, len(already))
+    with owned_output(cfg, trainer, RESULT_KEYS):
         datamodule = PairDataModule(
             source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
             num_workers=cfg.data.num_workers, skip_ids=already,
@@ -73,8 +57,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return {}
         phases = {"startup_s": summary_callback.start - entered, "predict_s": summary_callback.result["wall_time_s"]}
         return _finish(cfg, trainer, writer.run_token, summary_callback.result, len(already), phases, time.perf_counter())
-    finally:
-        lock.release()
 
 
 def _finish(

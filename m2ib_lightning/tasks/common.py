@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import MODALITIES, UnknownAdapterError, load_backbone, resolve_layer
 from ..config import ConfigError
 from ..data.world import ShapesWorld
-from ..results import atomic_write
+from ..results import RunLock, atomic_write
 
 
 def world_of(cfg: DictConfig, seed: int | None = None) -> ShapesWorld:
@@ -85,6 +87,43 @@ def refuse_other_settings(cfg: DictConfig, keys: tuple[str, ...]) -> None:
                 f"output_dir={cfg.output_dir!r} holds a run with other `{key}` settings ({saved.get(key)}); "
                 "resume it with the same settings or choose another output_dir"
             )
+
+
+def streaming_trainer(cfg: DictConfig, out: Path, callbacks: list, source, already: int):
+    """The Trainer of a predict run over a streamed source: TensorBoard in OUTPUT_DIR/tensorboard (hparams
+    logged at the end with the final metrics), and a progress bar in samples unless ``trainer`` turns it off."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ..callbacks import SampleProgressBar
+
+    trainer_args = OmegaConf.to_container(cfg.trainer)
+    if trainer_args.get("enable_progress_bar", True):
+        total = source.size_hint()
+        callbacks = [*callbacks, SampleProgressBar(None if total is None else max(total - already, 0))]
+    # A streamed dataset has no sampler whose indices a prediction writer could get: the writers do not need them.
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
+    logger = TensorBoardLogger(str(out), name="tensorboard", version="", default_hp_metric=False)
+    return L.Trainer(inference_mode=False, logger=logger, callbacks=callbacks, **trainer_args)
+
+
+@contextlib.contextmanager
+def owned_output(cfg: DictConfig, trainer, keys: tuple[str, ...]) -> Iterator[None]:
+    """For the run's length rank 0 holds OUTPUT_DIR/run.lock (before anything is written; the other ranks
+    are this run's own); a run with other ``keys`` settings is refused; rank 0 saves the config."""
+    out = Path(cfg.output_dir)
+    lock = RunLock(out)
+    if trainer.global_rank == 0:
+        lock.acquire()
+    try:
+        refuse_other_settings(cfg, keys)
+        if trainer.global_rank == 0:
+            atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        yield
+    finally:
+        lock.release()
 
 
 def fit_and_save(cfg: DictConfig, out: Path, module, train_loader, val_loader, processor) -> tuple[Path, int, dict, float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,16 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ..baselines import METHODS, make_method
-from ..callbacks import EvaluationWriter, SampleProgressBar
+from ..callbacks import EvaluationWriter
 from ..config import ConfigError
 from ..data.attribution import PairDataModule
 from ..evaluation import HIGHER_IS_BETTER, METRICS, EvaluationModule, MetricSettings
-from ..results import FAILURES_FILE, RunLock, atomic_write, done_ids, index_entries, merged_failures
+from ..results import FAILURES_FILE, atomic_write, done_ids, index_entries, merged_failures
 from ..visualize import method_grid
-from .common import backbone_of, check_layers, prepare_output, refuse_other_settings, source_of
+from .common import backbone_of, check_layers, owned_output, prepare_output, source_of, streaming_trainer
 
 #: Settings that change the table: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world", "methods", "baselines", "metrics")
@@ -70,22 +68,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, grid_samples=cfg.export.grid_samples,
                               display_image=display_image)
     module = EvaluationModule(backbone, methods, MetricSettings(**cfg.metrics))
-    trainer_args = OmegaConf.to_container(cfg.trainer)
-    callbacks = [writer]
-    if trainer_args.get("enable_progress_bar", True):
-        total = source.size_hint()
-        callbacks.append(SampleProgressBar(None if total is None else max(total - len(already), 0)))
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
-    logger = TensorBoardLogger(str(out), name="tensorboard", version="", default_hp_metric=False)
-    trainer = L.Trainer(inference_mode=False, logger=logger, callbacks=callbacks, **trainer_args)
-
-    lock = RunLock(out)
-    if trainer.global_rank == 0:
-        lock.acquire()
-    try:
-        refuse_other_settings(cfg, RESULT_KEYS)
+    trainer = streaming_trainer(cfg, out, [writer], source, len(already))
+    with owned_output(cfg, trainer, RESULT_KEYS):
         if trainer.global_rank == 0:
-            atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
             earlier_samples(module, out)  # rank 0 alone: the sync sums them once
         datamodule = PairDataModule(source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
                                     num_workers=cfg.data.num_workers, skip_ids=already)
@@ -93,8 +78,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.global_rank != 0:
             return {}
         return _finish(cfg, trainer, module.table, writer, len(already))
-    finally:
-        lock.release()
 
 
 def earlier_samples(module: EvaluationModule, out: Path) -> None:
@@ -114,7 +97,8 @@ def earlier_samples(module: EvaluationModule, out: Path) -> None:
     for (method, name), scores in values.items():
         module.metrics[method][name].update_scores(torch.tensor(scores, dtype=torch.float64))
     for method, times in seconds.items():
-        module.seconds[method].add(sum(times), len(times))
+        module.seconds[method].update(sum(times))
+        module.samples[method].update(len(times))
 
 
 def _cell(value: tuple[float, float] | None) -> str:
