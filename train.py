@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from m2ib_lightning.config import ConfigError, describe_tasks, load_config
-from m2ib_lightning.results import OutputInUse
+from m2ib_lightning.results import OutputRefused
 
 
 def main(argv: list[str]) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         from m2ib_lightning.tasks.attribute import run
     try:
         run(cfg)
-    except (ConfigError, OutputInUse) as err:  # found once the model is known, or the output_dir is in use
+    except (ConfigError, OutputRefused) as err:  # found once the model is known, or the output_dir is refused
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from m2ib_lightning.engine import minmax
 from m2ib_lightning.results import (
-    OVERLAY_DIR, SHARD_DIR, append_lines, atomic_write, cut_partial_line, failures_path, index_path, safe_name,
+    OVERLAY_DIR, SHARD_DIR, append_lines, atomic_write, cut_partial_line, failures_path, index_path, pending_path,
+    safe_name, settle_pending,
 )
 from m2ib_lightning.visualize import prediction_figure
 
@@ -55,6 +56,10 @@ class RollingShardWriter(BasePredictionWriter):
         (self.output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         for path in (index_path(self.output_dir, self.rank), failures_path(self.output_dir, self.rank)):
             cut_partial_line(path)
+        for pending in sorted((self.output_dir / SHARD_DIR).glob(".rank*.pending")):  # of any earlier topology
+            rank = int(pending.name[len(".rank"):-len(".pending")])
+            if rank % trainer.world_size == self.rank:
+                settle_pending(self.output_dir, rank)
 
     def samples(self, prediction: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """(index entry, id first; tensors) of each sample of a prediction."""
@@ -85,9 +90,13 @@ class RollingShardWriter(BasePredictionWriter):
         samples, self.open = self.open, []
         name = f"rank{self.rank}-{self.run_token}-{self.shards_written:05d}.safetensors"
         tensors = {key: _stack([t[key] for _, t in samples]) for key in samples[0][1]}
-        atomic_write(self.output_dir / SHARD_DIR / name, lambda tmp: save_file(tensors, str(tmp)))
+        shards = self.output_dir / SHARD_DIR
+        pending = pending_path(self.output_dir, self.rank)
+        atomic_write(pending, name)  # a kill from here to the index append leaves an orphan the next run removes
+        atomic_write(shards / name, lambda tmp: save_file(tensors, str(tmp)), tmp=shards / f".{name}.tmp")
         lines = [json.dumps({**entry, "shard": name, "row": row}) + "\n" for row, (entry, _) in enumerate(samples)]
         append_lines(index_path(self.output_dir, self.rank), lines)
+        pending.unlink()
         self.shards_written += 1
 
 

@@ -7,7 +7,7 @@ synced across ranks once, at the end of predict, on every rank.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -99,12 +99,16 @@ class SampleProgressBar(TQDMProgressBar):
     """Lightning's progress bar counted in samples over the whole dataset, with samples/s and ETA.
 
     Rank 0 draws it; its own progress times the number of ranks stands for the whole run's.
-    ``total`` is the number of samples left to do (None where the source cannot tell).
+    ``total`` gives the number of samples left to do when predict starts (None where the source cannot tell).
     """
 
-    def __init__(self, total: int | None, **kwargs):
+    def __init__(self, total: Callable[[], int] | None, **kwargs):
         super().__init__(**kwargs)
-        self.total, self.count = total, 0
+        self.left, self.total, self.count = total, None, 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        super().on_predict_start(trainer, pl_module)
+        self.total = None if self.left is None else self.left()
 
     def init_predict_tqdm(self):
         bar = super().init_predict_tqdm()

@@ -22,19 +22,20 @@ from .run_summary import processed
 class TensorBoardAttributionLogger(L.Callback):
     """Logs to the trainer's ``TensorBoardLogger`` (rank 0 only, as Lightning's loggers do).
 
-    ``step_offset``: samples already in the output directory when the run starts.
+    ``step_offset``: gives the samples already in the output directory when predict starts.
     """
 
-    def __init__(self, every_n_batches: int = 10, max_figures: int = 8, display_image: Callable | None = None, step_offset: int = 0):
+    def __init__(self, every_n_batches: int = 10, max_figures: int = 8, display_image: Callable | None = None,
+                 step_offset: Callable[[], int] = lambda: 0):
         if every_n_batches < 1:
             raise ValueError(f"every_n_batches must be >= 1, got {every_n_batches}")
         self.every_n_batches, self.max_figures = every_n_batches, max_figures
         self.display_image = display_image
-        self.step = self.step_offset = step_offset
+        self.step_offset, self.step = step_offset, 0
         self.samples, self.start = 0, 0.0
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.samples, self.start, self.step = 0, time.perf_counter(), self.step_offset
+        self.samples, self.start, self.step = 0, time.perf_counter(), self.step_offset()
 
     def on_predict_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict[str, Any], batch: Any,

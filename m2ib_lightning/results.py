@@ -11,16 +11,20 @@ partial last index line (ignored, and cut off by the next run of that rank).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -40,30 +44,72 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, data: bytes | str | Callable[[Path], None]) -> None:
-    """Write a whole file or nothing: into a hidden temporary file beside it, flushed, then renamed.
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where the platform cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[Path], None], *, tmp: Path | None = None) -> None:
+    """Write a whole file or nothing: into a temporary file beside it (a unique name unless ``tmp`` is given),
+    fsynced, renamed into place, then the directory fsynced, so the file and its name survive an OS crash.
 
     ``data`` is the content, or a function that writes the file at the path it is given. The file
     gets the permissions of the process umask, whatever the writer created the temporary file with.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    if callable(data):
-        data(tmp)
-    else:
-        with open(tmp, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
+    path = Path(path)
+    if tmp is None:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as handle:
+                handle.write(data.encode() if isinstance(data, str) else data)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def append_lines(path: Path, lines: list[str]) -> None:
     """Append in one write, flushed to disk: the lines land together."""
-    with open(path, "a") as handle:
+    with open(path, "a", encoding="utf-8") as handle:
         handle.write("".join(lines))
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def last_line(path: Path) -> str | None:
+    """The last complete line of a file, reading only its tail (None if it has none)."""
+    if not path.exists():
+        return None
+    with open(path, "rb") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - 65536)
+            handle.seek(start)
+            tail = handle.read(end - start) + tail
+            lines = tail.split(b"\n")
+            if len(lines) >= 3 or (start == 0 and len(lines) >= 2):
+                return lines[-2].decode("utf-8", errors="replace")  # lines[-1]: after the last newline
+            end = start
+    return None
 
 
 def cut_partial_line(path: Path) -> None:
@@ -101,6 +147,27 @@ def index_path(output_dir: Path, rank: int) -> Path:
 def failures_path(output_dir: Path, rank: int) -> Path:
     """Log of records that failed (or were changed) on one rank, every run appending."""
     return Path(output_dir) / f"failures-rank{rank}.jsonl"
+
+
+def pending_path(output_dir: Path, rank: int) -> Path:
+    """The name of the shard a rank is committing (written before the shard, removed after its index append)."""
+    return Path(output_dir) / SHARD_DIR / f".rank{rank}.pending"
+
+
+def settle_pending(output_dir: Path, rank: int) -> None:
+    """After a kill: remove the shard (and its temporary file) a rank was committing unless its index lines
+    landed (the index's last line names it); reads only the file tails."""
+    pending = pending_path(output_dir, rank)
+    try:
+        name = pending.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return
+    last = last_line(index_path(output_dir, rank))
+    committed = bool(name) and last is not None and json.loads(last).get("shard") == name
+    if name and not committed:
+        for orphan in (Path(output_dir) / SHARD_DIR / name, Path(output_dir) / SHARD_DIR / f".{name}.tmp"):
+            orphan.unlink(missing_ok=True)
+    pending.unlink(missing_ok=True)
 
 
 def safe_name(sample_id: str, max_length: int = 80) -> str:
@@ -252,66 +319,129 @@ def to_original_size(image_map: Tensor, entry: dict) -> Tensor:
     return ImageGeometry(**geometry).to_original(image_map)
 
 
-# ------------------------------------------------------------------------- lock
-class OutputInUse(RuntimeError):
+# ------------------------------------------------------------------------- identity and lock
+class OutputRefused(RuntimeError):
+    """This run may not write into its output_dir; the message says why (``train.py`` exits 2 with it)."""
+
+
+class OutputInUse(OutputRefused):
     """Another live run writes into the same output_dir."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class OutputMismatch(OutputRefused, ValueError):
+    """The output_dir holds a run of another task or with other result settings."""
+
+
+IDENTITY_FILE = "run.json"
+#: bumped when the files of a run change in a way older readers or resumes cannot follow
+LAYOUT_VERSION = 1
+
+
+def run_identity(task: str, settings: dict[str, Any], model_revision: str | None = None) -> dict[str, Any]:
+    """What makes a run's results what they are: its task, the settings that change them, the layout, the model
+    revision (a hub checkpoint's commit where there is one), and the intra-op thread count (set by the first run)."""
+    return {"task": task, "layout": LAYOUT_VERSION, "model_revision": model_revision,
+            "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)), "threads": None}
+
+
+def claim_identity(output_dir: str | Path, identity: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    """The identity a run in ``output_dir`` must keep: written by the first run, checked by every later one.
+
+    ``threads``: the intra-op thread count asked for (None: the first run's, or this process's). Raises
+    :class:`OutputMismatch` naming what differs. Call it holding the run lock.
+    """
+    path = Path(output_dir) / IDENTITY_FILE
+    asked = dict(identity)
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise OutputMismatch(f"{path} is damaged ({err}); it names the run this output_dir holds") from None
+        where = f"output_dir={str(path.parent)!r} holds a {saved.get('task')!r} run"
+        if saved.get("task") != asked["task"]:
+            raise OutputMismatch(f"{where}; a {asked['task']!r} run cannot write into it: choose another output_dir")
+        if saved.get("layout") != asked["layout"]:
+            raise OutputMismatch(f"{where} of layout {saved.get('layout')} (this version writes {asked['layout']}): "
+                                 "choose another output_dir")
+        for key in sorted(set(saved["settings"]) | set(asked["settings"])):
+            if saved["settings"].get(key) != asked["settings"].get(key):
+                raise OutputMismatch(f"output_dir={str(path.parent)!r} holds a run with other `{key}` settings ({saved['settings'].get(key)}; asked: "
+                                     f"{asked['settings'].get(key)}); resume it with the same settings or choose another output_dir")
+        if saved.get("model_revision") != asked["model_revision"] and asked["model_revision"] is not None:
+            raise OutputMismatch(f"{where} of model revision {saved.get('model_revision')}, this one loads "
+                                 f"{asked['model_revision']}: pin model.revision or choose another output_dir")
+        if threads is not None and saved.get("threads") not in (None, threads):
+            raise OutputMismatch(f"{where} with {saved['threads']} intra-op threads per process (threads={threads} asked): "
+                                 "maps are bitwise the same only with the same count; leave `threads` unset to keep it")
+        return saved
+    if any(Path(output_dir).glob(INDEX_PATTERN)):
+        raise OutputMismatch(f"output_dir={str(output_dir)!r} holds results without a {IDENTITY_FILE} (another tool's, "
+                             "or an older version's): choose another output_dir")
+    asked["threads"] = threads if threads is not None else torch.get_num_threads()
+    atomic_write(path, json.dumps(asked, indent=2, sort_keys=True))
+    return asked
 
 
 class RunLock:
-    """``OUTPUT_DIR/run.lock``: one run at a time per output directory.
+    """``OUTPUT_DIR/run.lock``: one run at a time per output directory, held as a kernel lock.
 
-    Holds the pid, host and start time of its run. A lock whose process is gone
-    (same host) is stale and taken over; a live one is refused, naming it. A lock
-    from another host cannot be checked: it is refused, and the message says how
-    to remove it if that run is known to be gone.
+    ``fcntl.flock`` on an open descriptor: the kernel gives it to one process only and
+    takes it back when that process dies, however it dies, so a killed run's lock is
+    free at once and two runs can never both take over a stale one. The file also
+    holds the pid, host and start time of its run, for the message that refuses another.
+    The holder removes the file when it is done; an acquirer checks that the file it
+    locked is still the one at the path (it may have been removed in between).
     """
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / LOCK_FILE
-        self.held = False
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> "RunLock":
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666 & ~_umask())
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and (owner.get("host") != me["host"] or _alive(int(owner.get("pid", -1)))):
-                    where = "" if owner.get("host") == me["host"] else f" on host {owner.get('host')}"
-                    raise OutputInUse(
-                        f"output_dir={str(self.path.parent)!r} is in use by the run of pid {owner.get('pid')}{where}, "
-                        f"started {owner.get('started')}; wait for it, choose another output_dir, or delete "
-                        f"{self.path} if that run is gone"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale (its process is gone) or unreadable: take it over
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
-            self.held = True
-            return self
-        raise OutputInUse(f"could not take the lock {self.path}: another run took it at the same moment")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise OutputInUse(self._refusal()) from None
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder released and removed the file between our open and flock: again
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
 
-    def _owner(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
+    def _refusal(self) -> str:
+        owner = None
+        for _ in range(20):  # the holder writes its record right after taking the lock
+            try:
+                owner = json.loads(self.path.read_text())
+                break
+            except (OSError, ValueError):
+                time.sleep(0.01)
+        who = "another run" if owner is None else (
+            f"the run of pid {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}")
+        return f"output_dir={str(self.path.parent)!r} is in use by {who}; wait for it or choose another output_dir"
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: nobody can lock the removed file in between
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

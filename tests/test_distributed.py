@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from m2ib_lightning.results import index_entries, read_attributions
+from m2ib_lightning.results import RunLock, index_entries, read_attributions
 
 
 def _args(out: Path, bundle: Path, *extra: str) -> list[str]:
@@ -106,10 +106,11 @@ def test_resume_after_sigkill_under_another_topology_equals_an_uninterrupted_run
 def test_a_live_run_is_refused_naming_it_and_a_stale_lock_is_taken_over(tmp_path, tiny_bundle):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "then"}))
-    proc = subprocess.run(_args(out, tiny_bundle, "data.num_samples=2"), cwd=ROOT, capture_output=True, text=True, env=ENV)
+    with RunLock(out):  # this process is the live run
+        proc = subprocess.run(_args(out, tiny_bundle, "data.num_samples=2"), cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 2 and f"in use by the run of pid {os.getpid()}" in proc.stderr
-    assert not list(out.glob("index-rank*.jsonl"))
+    assert "Traceback" not in proc.stderr and proc.stderr.rstrip().splitlines()[-1].startswith("error: output_dir=")
+    assert sorted(p.name for p in out.iterdir()) == [], "a refused run wrote something"
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs

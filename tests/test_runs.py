@@ -13,7 +13,7 @@ from m2ib_lightning.config import ConfigError, load_config
 from m2ib_lightning.data.attribution import sample_seed
 from m2ib_lightning.backbones import load_backbone
 from m2ib_lightning import read_attributions
-from m2ib_lightning.results import done_ids, index_entries, safe_name
+from m2ib_lightning.results import OutputMismatch, done_ids, index_entries, safe_name
 from m2ib_lightning.tasks.attribute import run
 
 
@@ -69,7 +69,7 @@ def test_rerun_skips_done_ids_and_adds_the_rest_once(tmp_path, tiny_bundle):
 
 def test_rerun_with_other_settings_is_refused(tmp_path, tiny_bundle):
     run(_config(tmp_path, tiny_bundle, "data.num_samples=2"))
-    with pytest.raises(ValueError, match="holds a run with other `m2ib` settings"):
+    with pytest.raises(OutputMismatch, match="holds a run with other `m2ib` settings"):
         run(_config(tmp_path, tiny_bundle, "data.num_samples=2", "m2ib.beta=0.5"))
 
 

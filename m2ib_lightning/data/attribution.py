@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from functools import cached_property, partial
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import lightning as L
 import torch
@@ -167,7 +167,10 @@ def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, A
 
 
 class PairDataModule(L.LightningDataModule):
-    """Predict-only data module streaming a source; each rank takes its share at ``setup``."""
+    """Predict-only data module streaming a source; each rank takes its share at ``setup``.
+
+    ``skip_ids``: the ids already done, or a function giving them when the loader is made.
+    """
 
     def __init__(
         self,
@@ -177,10 +180,11 @@ class PairDataModule(L.LightningDataModule):
         run_seed: int,
         batch_size: int = 8,
         num_workers: int = 0,
-        skip_ids: set[str] | frozenset = frozenset(),
+        skip_ids: set[str] | frozenset | Callable[[], set[str]] = frozenset(),
     ):
         super().__init__()
-        self.dataset = PairStream(source, backbone, run_seed, skip_ids)
+        self.dataset = PairStream(source, backbone, run_seed)
+        self.skip_ids = skip_ids
         self.pad_id = backbone.pad_token_id
         self.batch_size, self.num_workers = batch_size, num_workers
 
@@ -189,6 +193,8 @@ class PairDataModule(L.LightningDataModule):
             self.dataset.rank, self.dataset.world_size = self.trainer.global_rank, self.trainer.world_size
 
     def predict_dataloader(self) -> DataLoader:
+        """``skip_ids`` is read here, after every setup hook: a run's owner knows what is done only once it holds the output."""
+        self.dataset.skip_ids = self.skip_ids() if callable(self.skip_ids) else self.skip_ids
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,

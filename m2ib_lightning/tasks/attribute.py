@@ -20,8 +20,8 @@ from ..callbacks import AttributionWriter, RunSummary, TensorBoardAttributionLog
 from ..data.attribution import PairDataModule, WorldSource
 from ..engine import M2IBConfig
 from ..module import M2IBModule
-from ..results import FAILURES_FILE, atomic_write, done_ids, merged_failures
-from .common import backbone_of, check_layers, owned_output, prepare_output, source_of, streaming_trainer
+from ..results import FAILURES_FILE, atomic_write, merged_failures
+from .common import backbone_of, check_layers, output_owner, prepare_output, source_of, streaming_trainer
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
@@ -34,29 +34,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_layers(cfg, backbone)  # before anything is written
     source = source_of(cfg)
     world_run = isinstance(source, WorldSource)
-    out = prepare_output(cfg, save_config=False)  # rank 0 saves it once it holds the lock
+    out = prepare_output(cfg, save_config=False)  # rank 0 saves it once it owns the output
     display_image = getattr(backbone, "display_image", None)
     overlays = cfg.export.overlays if cfg.export.overlays is not None else (WORLD_OVERLAYS if world_run else 0)
-    already = done_ids(out)
+    owner = output_owner(cfg, RESULT_KEYS, backbone)
     writer = AttributionWriter(out, samples_per_shard=cfg.export.samples_per_shard, overlays=overlays, display_image=display_image)
     summary_callback = RunSummary(cfg.seed)
     callbacks = [
         writer, summary_callback,
         TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, display_image=display_image,
-                                     step_offset=len(already)),
+                                     step_offset=lambda: len(owner.done)),
     ]
-    trainer = streaming_trainer(cfg, out, callbacks, source, len(already))
-    with owned_output(cfg, trainer, RESULT_KEYS):
-        datamodule = PairDataModule(
-            source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers, skip_ids=already,
-        )
-        module = M2IBModule(backbone, M2IBConfig(**cfg.m2ib))
+    trainer = streaming_trainer(cfg, out, owner, callbacks, source)
+    datamodule = PairDataModule(
+        source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done,
+    )
+    module = M2IBModule(backbone, M2IBConfig(**cfg.m2ib))
+    try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         if trainer.global_rank != 0:
             return {}
         phases = {"startup_s": summary_callback.start - entered, "predict_s": summary_callback.result["wall_time_s"]}
-        return _finish(cfg, trainer, writer.run_token, summary_callback.result, len(already), phases, time.perf_counter())
+        return _finish(cfg, trainer, writer.run_token, summary_callback.result, len(owner.done), phases, time.perf_counter())
+    finally:
+        owner.release()
 
 
 def _finish(

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import MODALITIES, UnknownAdapterError, load_backbone, resolve_layer
 from ..config import ConfigError
 from ..data.world import ShapesWorld
-from ..results import RunLock, atomic_write
+from ..results import atomic_write, run_identity
 
 
 def world_of(cfg: DictConfig, seed: int | None = None) -> ShapesWorld:
@@ -75,23 +73,22 @@ def check_layers(cfg: DictConfig, backbone) -> None:
             raise ConfigError(str(err)) from err
 
 
-def refuse_other_settings(cfg: DictConfig, keys: tuple[str, ...]) -> None:
-    """A run into an ``output_dir`` that holds a run with other ``keys`` settings is refused: results would mix."""
-    saved_path = Path(cfg.output_dir) / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved, current = OmegaConf.to_container(OmegaConf.load(saved_path)), OmegaConf.to_container(cfg)
-    for key in keys:
-        if saved.get(key) != current.get(key):
-            raise ValueError(
-                f"output_dir={cfg.output_dir!r} holds a run with other `{key}` settings ({saved.get(key)}); "
-                "resume it with the same settings or choose another output_dir"
-            )
+def output_owner(cfg: DictConfig, result_keys: tuple[str, ...], backbone=None, on_owned: tuple = ()):
+    """The :class:`~m2ib_lightning.callbacks.OutputOwner` of a run: its identity is the task, the settings
+    ``result_keys`` name, and the loaded model's revision (a hub commit, where there is one)."""
+    from ..callbacks import OutputOwner
+
+    settings = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+                for key in result_keys}
+    model_config = getattr(getattr(backbone, "module", None), "config", None)
+    identity = run_identity(cfg.task, settings, getattr(model_config, "_commit_hash", None))
+    return OutputOwner(cfg.output_dir, identity, OmegaConf.to_yaml(cfg), threads=cfg.get("threads"), on_owned=on_owned)
 
 
-def streaming_trainer(cfg: DictConfig, out: Path, callbacks: list, source, already: int):
-    """The Trainer of a predict run over a streamed source: TensorBoard in OUTPUT_DIR/tensorboard (hparams
-    logged at the end with the final metrics), and a progress bar in samples unless ``trainer`` turns it off."""
+def streaming_trainer(cfg: DictConfig, out: Path, owner, callbacks: list, source):
+    """The Trainer of a predict run over a streamed source: ``owner`` first among the callbacks, TensorBoard in
+    OUTPUT_DIR/tensorboard (hparams logged at the end with the final metrics), and a progress bar in samples
+    (of what is left once the owner knows what is done) unless ``trainer`` turns it off."""
     import warnings
 
     import lightning as L
@@ -100,30 +97,16 @@ def streaming_trainer(cfg: DictConfig, out: Path, callbacks: list, source, alrea
     from ..callbacks import SampleProgressBar
 
     trainer_args = OmegaConf.to_container(cfg.trainer)
+    callbacks = [owner, *callbacks]
     if trainer_args.get("enable_progress_bar", True):
         total = source.size_hint()
-        callbacks = [*callbacks, SampleProgressBar(None if total is None else max(total - already, 0))]
+        callbacks.append(SampleProgressBar(None if total is None else lambda: max(total - len(owner.done), 0)))
     # A streamed dataset has no sampler whose indices a prediction writer could get: the writers do not need them.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
     logger = TensorBoardLogger(str(out), name="tensorboard", version="", default_hp_metric=False)
-    return L.Trainer(inference_mode=False, logger=logger, callbacks=callbacks, **trainer_args)
-
-
-@contextlib.contextmanager
-def owned_output(cfg: DictConfig, trainer, keys: tuple[str, ...]) -> Iterator[None]:
-    """For the run's length rank 0 holds OUTPUT_DIR/run.lock (before anything is written; the other ranks
-    are this run's own); a run with other ``keys`` settings is refused; rank 0 saves the config."""
-    out = Path(cfg.output_dir)
-    lock = RunLock(out)
-    if trainer.global_rank == 0:
-        lock.acquire()
-    try:
-        refuse_other_settings(cfg, keys)
-        if trainer.global_rank == 0:
-            atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
-        yield
-    finally:
-        lock.release()
+    trainer = L.Trainer(inference_mode=False, logger=logger, callbacks=callbacks, **trainer_args)
+    owner.claim(trainer)
+    return trainer
 
 
 def fit_and_save(cfg: DictConfig, out: Path, module, train_loader, val_loader, processor) -> tuple[Path, int, dict, float]:

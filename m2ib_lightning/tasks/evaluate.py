@@ -20,9 +20,9 @@ from ..callbacks import EvaluationWriter
 from ..config import ConfigError
 from ..data.attribution import PairDataModule
 from ..evaluation import HIGHER_IS_BETTER, METRICS, EvaluationModule, MetricSettings
-from ..results import FAILURES_FILE, atomic_write, done_ids, index_entries, merged_failures
+from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures
 from ..visualize import method_grid
-from .common import backbone_of, check_layers, owned_output, prepare_output, source_of, streaming_trainer
+from .common import backbone_of, check_layers, output_owner, prepare_output, source_of, streaming_trainer
 
 #: Settings that change the table: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world", "methods", "baselines", "metrics")
@@ -63,21 +63,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     methods = build_methods(cfg, backbone)
     source = source_of(cfg)
     out = prepare_output(cfg, save_config=False)
-    already = done_ids(out)
     display_image = getattr(backbone, "display_image", None)
     writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, grid_samples=cfg.export.grid_samples,
                               display_image=display_image)
     module = EvaluationModule(backbone, methods, MetricSettings(**cfg.metrics))
-    trainer = streaming_trainer(cfg, out, [writer], source, len(already))
-    with owned_output(cfg, trainer, RESULT_KEYS):
-        if trainer.global_rank == 0:
-            earlier_samples(module, out)  # rank 0 alone: the sync sums them once
-        datamodule = PairDataModule(source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
-                                    num_workers=cfg.data.num_workers, skip_ids=already)
+
+    def add_earlier_samples(trainer: L.Trainer, done: set[str]) -> None:
+        if trainer.global_rank == 0:  # rank 0 alone: the sync sums them once
+            earlier_samples(module, out)
+
+    owner = output_owner(cfg, RESULT_KEYS, backbone, on_owned=(add_earlier_samples,))
+    trainer = streaming_trainer(cfg, out, owner, [writer], source)
+    datamodule = PairDataModule(source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
+                                num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done)
+    try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         if trainer.global_rank != 0:
             return {}
-        return _finish(cfg, trainer, module.table, writer, len(already))
+        return _finish(cfg, trainer, module.table, writer, len(owner.done))
+    finally:
+        owner.release()
 
 
 def earlier_samples(module: EvaluationModule, out: Path) -> None:

@@ -23,7 +23,7 @@ from ..data.world import WorldSample
 from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect, universal_heads
 from ..results import atomic_write
 from ..visualize import heat_colours
-from .common import backbone_of, prepare_output, refuse_other_settings, world_of
+from .common import backbone_of, output_owner, prepare_output, world_of
 
 
 def _pair_inputs(processor, clean: WorldSample, corrupt: WorldSample, modality: str) -> tuple[Any, Any, Any]:
@@ -51,9 +51,13 @@ RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    refuse_other_settings(cfg, RESULT_KEYS)
-    out = prepare_output(cfg)
     backbone = backbone_of(cfg)
+    out = prepare_output(cfg, save_config=False)
+    with output_owner(cfg, RESULT_KEYS, backbone).owning():
+        return _probe(cfg, out, backbone)
+
+
+def _probe(cfg: DictConfig, out: Path, backbone) -> dict[str, Any]:
     model, processor = backbone.module, backbone.processor
     world = world_of(cfg)
     probe = ActivationPatching(model, batch_size=cfg.probe.batch_size, min_gap=cfg.probe.min_gap)

@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -45,7 +46,7 @@ from ..probing import (
 )
 from ..probing.patching import PatchingResult
 from ..results import atomic_write
-from .common import prepare_output, refuse_other_settings, world_of
+from .common import output_owner, prepare_output, world_of
 
 RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange", "cyan"],
@@ -181,25 +182,38 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     unknown = set(cfg.data.corruption) - {"image", "text", "noise"}
     if unknown or set(cfg.data.kinds) - set(TWO_CHOICE_KINDS):
         raise ConfigError(f"data.corruption takes image, text, noise and data.kinds {TWO_CHOICE_KINDS}; got {cfg.data.corruption}, {cfg.data.kinds}")
-    refuse_other_settings(cfg, RESULT_KEYS)
     model, processor = load_vqa(cfg.model.name_or_path)
-    out = prepare_output(cfg)
+    out = prepare_output(cfg, save_config=False)
     pairs, upfront_failures, passed_over = _pairs(cfg)
     module = VQAProbing(model, processor, cfg.probe, list(cfg.data.corruption), cfg.data.noise_std, cfg.seed)
+    owner = output_owner(cfg, RESULT_KEYS, SimpleNamespace(module=model))
     trainer = L.Trainer(inference_mode=False, logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
-                        **OmegaConf.to_container(cfg.trainer))
+                        callbacks=[owner], **OmegaConf.to_container(cfg.trainer))
+    owner.claim(trainer)
     loader = DataLoader(PairItems(pairs, processor), batch_size=1, collate_fn=list)
     start = time.perf_counter()
-    predictions = trainer.predict(module, loader) or []
+    try:
+        return _merge(cfg, out, trainer, trainer.predict(module, loader) or [], upfront_failures, model, processor,
+                      pairs, passed_over, start)
+    finally:
+        owner.release()
+
+
+def _merge(cfg, out, trainer, predictions, upfront_failures, model, processor, pairs, passed_over, start) -> dict[str, Any]:
+    """Every rank saves its part (named with this run's token); rank 0 merges this run's parts in pair order."""
+    token = trainer.strategy.broadcast(f"{time.time_ns():x}")  # this run's parts only, never an earlier run's
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
     mine = [record for batch in predictions for record in batch]
-    torch.save(mine, parts / f"rank{trainer.global_rank}.pt")
+    atomic_write(parts / f"rank{trainer.global_rank}-{token}.pt", lambda tmp: torch.save(mine, tmp))
     trainer.strategy.barrier()  # every rank's part is written before rank 0 merges
     if trainer.global_rank != 0:
         return {}
-    records = sorted((r for p in sorted(parts.glob("rank*.pt")) for r in torch.load(p, weights_only=True)), key=lambda r: r["index"])
+    ours = sorted(parts.glob(f"rank*-{token}.pt"))
+    records = sorted((r for p in ours for r in torch.load(p, weights_only=True)), key=lambda r: r["index"])
     records = list({r["index"]: r for r in records}.values())  # the distributed sampler may pad with repeats
+    for part in parts.glob("rank*.pt"):
+        part.unlink()
     summary = _aggregate(cfg, out, records, upfront_failures, model, processor, pairs, trainer)
     summary["world_questions_passed_over"] = passed_over
     summary["wall_time_s"] = round(time.perf_counter() - start, 2)

@@ -1,0 +1,92 @@
+"""Who may write into an output directory: one run at a time, of one identity, decided before anything is written."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import torch
+
+from m2ib_lightning.results import (
+    OutputInUse, OutputMismatch, RunLock, atomic_write, claim_identity, done_ids,
+)
+
+_REFUSALS = {cls.__name__: cls for cls in (OutputInUse, OutputMismatch)}
+
+
+class OutputOwner(L.Callback):
+    """Rank 0 takes ``OUTPUT_DIR/run.lock`` and checks (or writes) the run's identity ``run.json``; the outcome
+    is broadcast, so a refused run stops on every rank at once (also under torchrun or SLURM, where the other
+    ranks exist from the start), before any other callback writes. Then every process pins its intra-op
+    thread count to the identity's (maps are bitwise the same across topologies only with the same count),
+    rank 0 saves the config, and every rank reads the ids already done (``done``).
+
+    Put it first in the trainer's callbacks, call :meth:`claim` once the Trainer exists, and :meth:`release`
+    once the run's last file is written. ``on_owned`` functions are called with (trainer, done ids)
+    on every rank once the output is owned.
+    """
+
+    def __init__(
+        self, output_dir: str | Path, identity: dict[str, Any], config_yaml: str, *, threads: int | None = None,
+        on_owned: tuple[Callable[[L.Trainer, set[str]], None], ...] = (),
+    ):
+        self.output_dir = Path(output_dir)
+        self.identity, self.config_yaml, self.threads, self.on_owned = identity, config_yaml, threads, on_owned
+        self.lock = RunLock(self.output_dir)
+        self.done: set[str] = set()
+        self.owned_identity: dict[str, Any] | None = None
+        self.decision: tuple[str, str] | dict[str, Any] | None = None
+
+    def _claim(self) -> tuple[str, str] | dict[str, Any]:
+        """Rank 0: the lock and the identity, or the refusal (class name, message)."""
+        try:
+            self.lock.acquire()
+            return claim_identity(self.output_dir, self.identity, self.threads)
+        except (OutputInUse, OutputMismatch) as err:
+            self.lock.release()
+            return type(err).__name__, str(err)
+
+    def _own(self, decision: tuple[str, str] | dict[str, Any], rank: int) -> None:
+        if isinstance(decision, (tuple, list)):
+            raise _REFUSALS[decision[0]](decision[1])
+        self.owned_identity = decision
+        torch.set_num_threads(int(decision["threads"]))
+        if rank == 0:
+            atomic_write(self.output_dir / "config.yaml", self.config_yaml)
+        self.done = done_ids(self.output_dir)
+
+    def claim(self, trainer: L.Trainer) -> None:
+        """Rank 0 decides as soon as the Trainer exists, before it writes anything (its logger's directory);
+        a refusal is raised at once where no other rank exists yet (one process, or Lightning's own launcher,
+        which starts the others in predict), else in :meth:`setup` on every rank together."""
+        if trainer.global_rank != 0:
+            return
+        self.decision = self._claim()
+        environment = getattr(trainer.strategy, "cluster_environment", None)  # None: a single-device strategy
+        if isinstance(self.decision, tuple) and not (environment is not None and environment.creates_processes_externally):
+            self._own(self.decision, 0)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.global_rank == 0 and self.decision is None:
+            self.decision = self._claim()
+        self._own(trainer.strategy.broadcast(self.decision if trainer.global_rank == 0 else {}), trainer.global_rank)
+        for hook in self.on_owned:
+            hook(trainer, self.done)
+
+    @contextlib.contextmanager
+    def owning(self) -> Iterator[None]:
+        """The same for a run of one process without a Trainer."""
+        try:
+            self._own(self._claim(), 0)
+            yield
+        finally:
+            self.lock.release()
+
+    def release(self) -> None:
+        """End of the run (the task calls it after its last write; predict's end is too early)."""
+        self.lock.release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.lock.release()
