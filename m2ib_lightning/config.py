@@ -107,6 +107,11 @@ class AttributeData:
 class ModelConfig:
     name_or_path: str = "builtin:shapes-clip"  # hub name, local directory (hub layout) or builtin:NAME
     adapter: str = "auto"  # auto (from config.json's model_type), a registered name, or package.module:Factory
+    revision: Optional[str] = None  # hub branch, tag or commit to pin
+    dtype: Optional[str] = None  # weights' dtype: float32, bfloat16, float16, auto; unset: the checkpoint's default
+    attn_implementation: Optional[str] = None  # eager, sdpa, ...; unset: transformers' choice
+    local_files_only: bool = False  # never ask the hub (a cluster node without network)
+    trust_remote_code: bool = False  # run the checkpoint's own Python code: only for checkpoints you trust
 
 
 @dataclass
@@ -120,6 +125,7 @@ class ExportConfig:
 class AttributeConfig:
     task: str = "attribute"
     seed: int = 0
+    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
     output_dir: str = "runs/default"
     world: WorldConfig = field(default_factory=WorldConfig)
     data: AttributeData = field(default_factory=AttributeData)
@@ -179,6 +185,7 @@ class ProbeVQASettings:
 class ProbeVQAConfig:
     task: str = "probe_vqa"
     seed: int = 0
+    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
     output_dir: str = "runs/probe_shapes_vqa"
     world: WorldConfig = field(default_factory=WorldConfig)
     data: ProbeVQAData = field(default_factory=ProbeVQAData)
@@ -220,6 +227,7 @@ def _default_methods() -> List[str]:
 class EvaluateConfig:
     task: str = "evaluate"
     seed: int = 0
+    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
     output_dir: str = "runs/evaluate_shapes"
     world: WorldConfig = field(default_factory=WorldConfig)
     data: EvaluateData = field(default_factory=EvaluateData)
@@ -233,6 +241,9 @@ class EvaluateConfig:
 
 
 SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig}
+
+
+_ABSENT = object()  # an override not given at all; `key=null` is given, as None
 
 
 class ConfigError(ValueError):
@@ -274,6 +285,8 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "metrics.steps": _at_least(1), "metrics.unit": _at_least(1), "metrics.top_k_fraction": (lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
     "metrics.deletion_baseline": _one_of("zero", "mean", "blur"), "metrics.insertion_baseline": _one_of("zero", "mean", "blur"),
     "export.grid_samples": _at_least(0),
+    "model.dtype": (lambda v: v is None or v in ("float32", "bfloat16", "float16", "auto"), "one of float32, bfloat16, float16, auto"),
+    "threads": _at_least(1),
 }
 
 
@@ -329,7 +342,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         except (TypeError, ValueError) as err:
             raise ConfigError(f"bad config value in m2ib: {err}") from err
     # A merge keeps the schema default under a "???" of the file: ask the file itself what it leaves unset.
-    missing = sorted(key for key in OmegaConf.missing_keys(data) if OmegaConf.select(dotlist, key) is None)
+    missing = sorted(key for key in OmegaConf.missing_keys(data) if OmegaConf.select(dotlist, key, default=_ABSENT) is _ABSENT)
     if missing:
         raise ConfigError(f"config keys {missing} must be set (e.g. {missing[0]}=...)")
     return config

@@ -52,7 +52,7 @@ class ContrastiveCLIP(L.LightningModule):
         candidates = int(batch["candidates"])
         scores = torch.einsum("bp,bkp->bk", image, text.view(image.shape[0], candidates, -1))
         accuracy = (scores.argmax(1) == 0).float().mean()
-        self.log(f"val/retrieval_acc@{candidates}", accuracy, prog_bar=True, batch_size=image.shape[0])
+        self.log(f"val/retrieval_acc@{candidates}", accuracy, prog_bar=True, batch_size=image.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
         return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,

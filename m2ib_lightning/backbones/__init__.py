@@ -12,7 +12,7 @@ from .base import (
 from .hf_blip import HFBlipITCBackbone
 from .hf_clip import HFCLIPBackbone
 from .hf_siglip import HFSiglipBackbone
-from .loading import resolve_model_path
+from .loading import HubOptions, resolve_model_path
 from .registry import (
     BACKBONES,
     UnknownAdapterError,
@@ -30,6 +30,7 @@ __all__ = [
     "HFCLIPBackbone",
     "HFPreprocessing",
     "HFSiglipBackbone",
+    "HubOptions",
     "Modality",
     "TextEncoding",
     "TowerState",

@@ -232,16 +232,27 @@ class HFLayout:
 
     @contextlib.contextmanager
     def eager_attention(self) -> Iterator[None]:
-        """Run attention in eager mode (attention probabilities returned) and restore the model's setting, also on errors."""
-        configs = [c for c in (self.config, getattr(self.config, "vision_config", None), getattr(self.config, "text_config", None)) if c is not None]
-        saved = [c._attn_implementation for c in configs]
+        """Run attention in eager mode (attention probabilities returned) and restore the model's setting, also on errors.
+
+        Through the model's public ``set_attn_implementation`` where transformers has it (5.x), else (4.x) the
+        configs' attention field; either way each sub-config gets its own setting back.
+        """
+        configs = {name: c for name, c in (("", self.config), ("vision_config", getattr(self.config, "vision_config", None)),
+                                            ("text_config", getattr(self.config, "text_config", None))) if c is not None}
+        saved = {name: c._attn_implementation for name, c in configs.items()}
+        setter = getattr(self.module, "set_attn_implementation", None)
         try:
-            for c in configs:
-                c._attn_implementation = "eager"
+            if setter is not None:
+                setter("eager")
+            else:
+                for c in configs.values():
+                    c._attn_implementation = "eager"
             yield
         finally:
-            for c, value in zip(configs, saved):
-                c._attn_implementation = value
+            if setter is not None:
+                setter(saved[""] if len(set(saved.values())) == 1 else {k: v for k, v in saved.items() if v is not None})
+            for name, c in configs.items():  # sub-configs the setter does not reach
+                c._attn_implementation = saved[name]
 
 
 def clean_token(token: str) -> str:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ._rows import bert_row, blip_vision_row
 from .base import HFLayout, HFPreprocessing, Modality, TowerState, block_output, padding_bias
 from .hf_clip import check_pixels, check_token_ids
-from .loading import load_pretrained
+from .loading import HubOptions, load_pretrained
 
 
 def is_hf_blip_itc(model: Any) -> bool:
@@ -44,10 +44,10 @@ class HFBlipITCBackbone(HFLayout, HFPreprocessing):
         return is_hf_blip_itc(model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **options: Any) -> "HFBlipITCBackbone":
+    def from_pretrained(cls, name_or_path: str, *, hub: HubOptions | None = None, **options: Any) -> "HFBlipITCBackbone":
         from transformers import BlipForImageTextRetrieval
 
-        return cls(*load_pretrained(BlipForImageTextRetrieval, name_or_path), **options)
+        return cls(*load_pretrained(BlipForImageTextRetrieval, name_or_path, hub), **options)
 
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:
         return self._vision.encoder.layers if modality == "image" else self._text.encoder.layer

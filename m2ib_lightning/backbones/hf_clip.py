@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ._rows import pre_ln_row
 from .base import HFLayout, HFPreprocessing, Modality, TowerState, block_output, features, padding_bias
-from .loading import load_pretrained
+from .loading import HubOptions, load_pretrained
 
 
 def is_hf_clip(model: Any) -> bool:
@@ -52,10 +52,10 @@ class HFCLIPBackbone(HFLayout, HFPreprocessing):
         return is_hf_clip(model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **options: Any) -> "HFCLIPBackbone":
+    def from_pretrained(cls, name_or_path: str, *, hub: HubOptions | None = None, **options: Any) -> "HFCLIPBackbone":
         from transformers import CLIPModel
 
-        model, processor = load_pretrained(CLIPModel, name_or_path)
+        model, processor = load_pretrained(CLIPModel, name_or_path, hub)
         adapter = cls(model, processor, **options)
         eos = model.config.text_config.eos_token_id
         if processor.tokenizer.eos_token_id != eos and eos != 2:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ._rows import pre_ln_row
 from .base import HFLayout, HFPreprocessing, Modality, TowerState, block_output, features
 from .hf_clip import check_pixels, check_token_ids, has_pre_ln_blocks
-from .loading import load_pretrained
+from .loading import HubOptions, load_pretrained
 
 
 def is_hf_siglip(model: Any) -> bool:
@@ -47,10 +47,10 @@ class HFSiglipBackbone(HFLayout, HFPreprocessing):
         return is_hf_siglip(model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **options: Any) -> "HFSiglipBackbone":
+    def from_pretrained(cls, name_or_path: str, *, hub: HubOptions | None = None, **options: Any) -> "HFSiglipBackbone":
         from transformers import SiglipModel
 
-        return cls(*load_pretrained(SiglipModel, name_or_path), **options)
+        return cls(*load_pretrained(SiglipModel, name_or_path, hub), **options)
 
     @property
     def text_limit(self) -> int:

@@ -19,7 +19,7 @@ from .base import VisionLanguageBackbone
 from .hf_blip import HFBlipITCBackbone
 from .hf_clip import HFCLIPBackbone
 from .hf_siglip import HFSiglipBackbone
-from .loading import read_model_config
+from .loading import HubOptions, read_model_config
 
 AdapterFactory = Callable[..., VisionLanguageBackbone]
 
@@ -99,11 +99,38 @@ def adapter_for_config(config: dict[str, Any]) -> str:
     )
 
 
-def load_backbone(name_or_path: str, adapter: str = "auto", **options: Any) -> VisionLanguageBackbone:
-    """Load a checkpoint (hub name, local directory or ``builtin:NAME``) with its processor, wrapped in its adapter."""
-    name = adapter_for_config(read_model_config(name_or_path)) if adapter == "auto" else adapter
-    factory = adapter_factory(name)
+def load_backbone(
+    name_or_path: str, adapter: str = "auto", *, hub: HubOptions | None = None, **options: Any
+) -> VisionLanguageBackbone:
+    """Load a checkpoint (hub name, local directory or ``builtin:NAME``) with its processor, wrapped in its adapter.
+
+    ``hub``: revision, dtype, attention implementation, offline and remote-code settings of ``from_pretrained``
+    (passed to the adapter's ``from_pretrained`` as ``hub=`` only when given).
+    """
+    factory = None if adapter == "auto" else adapter_factory(adapter)
+    if adapter == "auto" or getattr(factory, "model_types", None):
+        config = read_model_config(name_or_path, hub)
+        name = adapter_for_config(config) if adapter == "auto" else adapter
+        factory = adapter_factory(name)
+        if config.get("model_type") not in factory.model_types:
+            raise UnknownAdapterError(
+                f"adapter {name!r} serves model types {list(factory.model_types)}, but {name_or_path!r} is a "
+                f"{config.get('model_type')!r} checkpoint; use model.adapter=auto or {adapter_for_config(config)!r}"
+                if _any_adapter_for(config) else
+                f"adapter {name!r} serves model types {list(factory.model_types)}, but {name_or_path!r} is a "
+                f"{config.get('model_type')!r} checkpoint"
+            )
+    else:
+        name = adapter
     load = getattr(factory, "from_pretrained", None)
     if load is None:
         raise UnknownAdapterError(f"adapter {name!r} cannot load checkpoints: it has no from_pretrained(name_or_path)")
-    return load(name_or_path, **options)
+    return load(name_or_path, **options) if hub is None else load(name_or_path, hub=hub, **options)
+
+
+def _any_adapter_for(config: dict[str, Any]) -> bool:
+    try:
+        adapter_for_config(config)
+    except UnknownAdapterError:
+        return False
+    return True

@@ -21,7 +21,7 @@ from ..data.attribution import PairDataModule, WorldSource
 from ..engine import M2IBConfig
 from ..module import M2IBModule
 from ..results import FAILURES_FILE, atomic_write, merged_failures
-from .common import backbone_of, check_layers, output_owner, prepare_output, source_of, streaming_trainer
+from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_layers(cfg, backbone)  # before anything is written
     source = source_of(cfg)
     world_run = isinstance(source, WorldSource)
-    out = prepare_output(cfg, save_config=False)  # rank 0 saves it once it owns the output
+    out = Path(cfg.output_dir)
     display_image = getattr(backbone, "display_image", None)
     overlays = cfg.export.overlays if cfg.export.overlays is not None else (WORLD_OVERLAYS if world_run else 0)
     owner = output_owner(cfg, RESULT_KEYS, backbone)
@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, display_image=display_image,
                                      step_offset=lambda: len(owner.done)),
     ]
-    trainer = streaming_trainer(cfg, out, owner, callbacks, source)
+    trainer = owned_trainer(cfg, owner, callbacks, source, {"default_hp_metric": False})
     datamodule = PairDataModule(
         source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..backbones import MODALITIES, UnknownAdapterError, load_backbone, resolve_layer
+from ..backbones import MODALITIES, HubOptions, UnknownAdapterError, load_backbone, resolve_layer
 from ..config import ConfigError
 from ..data.world import ShapesWorld
 from ..results import atomic_write, run_identity
@@ -55,12 +55,27 @@ def prepare_output(cfg: DictConfig, save_config: bool = True) -> Path:
     return out
 
 
+def hub_options(cfg: DictConfig) -> HubOptions | None:
+    """The ``from_pretrained`` settings of ``model``; None when all are at their defaults."""
+    keys = ("revision", "dtype", "attn_implementation", "local_files_only", "trust_remote_code")
+    options = HubOptions(**{key: cfg.model.get(key, getattr(HubOptions, key)) for key in keys})
+    return None if options == HubOptions() else options
+
+
 def backbone_of(cfg: DictConfig):
-    """The adapter ``model.name_or_path`` / ``model.adapter`` name, loaded with its processor; a bad name is a ConfigError."""
+    """The adapter ``model.name_or_path`` / ``model.adapter`` name, loaded with its processor; what cannot be
+    loaded is a ConfigError of one line naming the key."""
     try:
-        return load_backbone(cfg.model.name_or_path, cfg.model.adapter)
+        return load_backbone(cfg.model.name_or_path, cfg.model.adapter, hub=hub_options(cfg))
     except UnknownAdapterError as err:
         raise ConfigError(f"model.adapter={cfg.model.adapter!r}: {err}") from err
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: {one_line(err)}") from err
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (transformers' loading errors span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def check_layers(cfg: DictConfig, backbone) -> None:
@@ -85,53 +100,73 @@ def output_owner(cfg: DictConfig, result_keys: tuple[str, ...], backbone=None, o
     return OutputOwner(cfg.output_dir, identity, OmegaConf.to_yaml(cfg), threads=cfg.get("threads"), on_owned=on_owned)
 
 
-def streaming_trainer(cfg: DictConfig, out: Path, owner, callbacks: list, source):
-    """The Trainer of a predict run over a streamed source: ``owner`` first among the callbacks, TensorBoard in
-    OUTPUT_DIR/tensorboard (hparams logged at the end with the final metrics), and a progress bar in samples
-    (of what is left once the owner knows what is done) unless ``trainer`` turns it off."""
+def make_trainer(cfg: DictConfig, **kwargs):
+    """``lightning.Trainer(**kwargs, **cfg.trainer)``; settings Lightning refuses are a ConfigError naming them.
+
+    Made before ``output_dir`` is: a refused setting leaves nothing behind.
+    """
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    trainer_args = OmegaConf.to_container(cfg.trainer)
+    try:
+        return L.Trainer(**kwargs, **trainer_args)
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        given = ", ".join(f"trainer.{key}={value!r}" for key, value in trainer_args.items()) or "trainer defaults"
+        raise ConfigError(f"bad config value in trainer ({given}): {err}") from err
+
+
+def owned_trainer(cfg: DictConfig, owner, callbacks: list, source=None, logger_args: dict | None = None):
+    """The Trainer of a predict run, then ``output_dir``, then the owner's claim on it (see OutputOwner.claim).
+
+    ``owner`` comes first among the callbacks; TensorBoard in OUTPUT_DIR/tensorboard (``logger_args`` for
+    its options); for a streamed ``source``, a progress bar in samples (of what is left once the owner knows
+    what is done) unless ``trainer`` turns it off.
+    """
     import warnings
 
-    import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from ..callbacks import SampleProgressBar
 
-    trainer_args = OmegaConf.to_container(cfg.trainer)
     callbacks = [owner, *callbacks]
-    if trainer_args.get("enable_progress_bar", True):
+    if source is not None and cfg.trainer.get("enable_progress_bar", True):
         total = source.size_hint()
         callbacks.append(SampleProgressBar(None if total is None else lambda: max(total - len(owner.done), 0)))
     # A streamed dataset has no sampler whose indices a prediction writer could get: the writers do not need them.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
-    logger = TensorBoardLogger(str(out), name="tensorboard", version="", default_hp_metric=False)
-    trainer = L.Trainer(inference_mode=False, logger=logger, callbacks=callbacks, **trainer_args)
+    logger = TensorBoardLogger(cfg.output_dir, name="tensorboard", version="", **(logger_args or {}))
+    trainer = make_trainer(cfg, inference_mode=False, logger=logger, callbacks=callbacks)
+    prepare_output(cfg, save_config=False)  # the owner saves the config once it holds the output
     owner.claim(trainer)
     return trainer
 
 
-def fit_and_save(cfg: DictConfig, out: Path, module, train_loader, val_loader, processor) -> tuple[Path, int, dict, float]:
+def fit_and_save(cfg: DictConfig, out: Path, module, train_loader, val_loader, processor) -> tuple[Path, int, dict, float] | None:
     """Lightning ``fit`` with checkpoints and TensorBoard, a last validation, then ``save_pretrained`` of
     ``module.model`` and ``processor`` (and its image processor alone, for transformers 4.x) into ``cfg.save_to``.
 
-    Returns (where it was saved, steps, the last validation's metrics, seconds of fitting).
+    Returns (where it was saved, steps, the last validation's metrics (synced over ranks), seconds of
+    fitting) on global rank 0, which alone saves; None on the other ranks.
     """
     import time
 
-    import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    trainer = L.Trainer(
+    trainer = make_trainer(
+        cfg,
         default_root_dir=str(out),
         logger=TensorBoardLogger(str(out), name="tensorboard"),
         callbacks=[ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True),
                    LearningRateMonitor(logging_interval="step")],
-        **OmegaConf.to_container(cfg.trainer),
     )
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)
     wall = time.perf_counter() - start
     metrics = trainer.validate(module, val_loader, verbose=False)[0]
+    if trainer.global_rank != 0:
+        return None
     save_to = Path(cfg.save_to) if cfg.save_to else out / "model"
     module.model.save_pretrained(save_to)
     processor.save_pretrained(save_to)

@@ -22,7 +22,7 @@ from ..data.attribution import PairDataModule
 from ..evaluation import HIGHER_IS_BETTER, METRICS, EvaluationModule, MetricSettings
 from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures
 from ..visualize import method_grid
-from .common import backbone_of, check_layers, output_owner, prepare_output, source_of, streaming_trainer
+from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
 #: Settings that change the table: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world", "methods", "baselines", "metrics")
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_layers(cfg, backbone)
     methods = build_methods(cfg, backbone)
     source = source_of(cfg)
-    out = prepare_output(cfg, save_config=False)
+    out = Path(cfg.output_dir)
     display_image = getattr(backbone, "display_image", None)
     writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, grid_samples=cfg.export.grid_samples,
                               display_image=display_image)
@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             earlier_samples(module, out)
 
     owner = output_owner(cfg, RESULT_KEYS, backbone, on_owned=(add_earlier_samples,))
-    trainer = streaming_trainer(cfg, out, owner, [writer], source)
+    trainer = owned_trainer(cfg, owner, [writer], source, {"default_hp_metric": False})
     datamodule = PairDataModule(source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
                                 num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done)
     try:

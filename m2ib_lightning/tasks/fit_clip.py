@@ -13,12 +13,13 @@ from torch.utils.data import DataLoader
 from ..contrastive import ContrastiveCLIP
 from ..data.world_dataset import ImageToTensor, WorldPairs, WorldRetrieval, collate_pairs, collate_retrieval
 from ..models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
+from ..results import atomic_write
 from .common import fit_and_save, prepare_output, world_of
 
 RETRIEVAL_CANDIDATES = 8
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig) -> Path | None:
     """Fit, validate on held-out 8-way retrieval, and ``save_pretrained`` model, tokenizer and processor."""
     from transformers import CLIPProcessor
 
@@ -41,7 +42,10 @@ def run(cfg: DictConfig) -> Path:
         WorldRetrieval(heldout, RETRIEVAL_CANDIDATES), batch_size=64, collate_fn=partial(collate_retrieval, pad_id=pad)
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    save_to, steps, metrics, wall = fit_and_save(cfg, out, ContrastiveCLIP(model, **cfg.optim), train_loader, val_loader, processor)
+    fitted = fit_and_save(cfg, out, ContrastiveCLIP(model, **cfg.optim), train_loader, val_loader, processor)
+    if fitted is None:  # not global rank 0, which alone saves and reports
+        return None
+    save_to, steps, metrics, wall = fitted
     summary = {
         "steps": steps,
         "wall_time_s": round(wall, 1),
@@ -49,7 +53,7 @@ def run(cfg: DictConfig) -> Path:
         "model_dir": str(save_to),
         "config": OmegaConf.to_container(cfg),
     }
-    (out / "fit_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "fit_summary.json", json.dumps(summary, indent=2))
     print(f"saved the model to {save_to}: {summary['retrieval_acc@8']:.3f} held-out 8-way retrieval accuracy "
           f"after {steps} steps, {wall / 60:.1f} min")
     return save_to

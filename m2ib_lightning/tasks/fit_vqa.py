@@ -23,6 +23,7 @@ from ..models.shapes_blip_vqa import (
     first_step_logits,
     init_vision_from_clip,
 )
+from ..results import atomic_write
 from .common import fit_and_save, prepare_output, world_of
 
 
@@ -85,7 +86,8 @@ class VQATraining(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         for kind, correct in answer_accuracy(self.model, batch).items():
-            self.log(f"val/acc_{kind}", correct.float().mean(), batch_size=len(correct), prog_bar=kind in TWO_CHOICE_KINDS)
+            self.log(f"val/acc_{kind}", correct.float().mean(), batch_size=len(correct), prog_bar=kind in TWO_CHOICE_KINDS,
+                     sync_dist=True)
 
     def configure_optimizers(self):
         return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
@@ -100,7 +102,7 @@ def answer_accuracy(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Ten
     return {kind: correct[batch["kind"] == i] for i, kind in enumerate(QUESTION_KINDS) if (batch["kind"] == i).any()}
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig) -> Path | None:
     """Fit, validate on held-out questions, and ``save_pretrained`` model, tokenizer and processor."""
     from transformers import BlipProcessor
 
@@ -122,7 +124,10 @@ def run(cfg: DictConfig) -> Path:
                               num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     val_loader = DataLoader(heldout, batch_size=128, collate_fn=collate)
     processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    save_to, steps, metrics, wall = fit_and_save(cfg, out, VQATraining(model, **cfg.optim), train_loader, val_loader, processor)
+    fitted = fit_and_save(cfg, out, VQATraining(model, **cfg.optim), train_loader, val_loader, processor)
+    if fitted is None:  # not global rank 0, which alone saves and reports
+        return None
+    save_to, steps, metrics, wall = fitted
     summary = {
         "steps": steps,
         "wall_time_s": round(wall, 1),
@@ -130,7 +135,7 @@ def run(cfg: DictConfig) -> Path:
         "model_dir": str(save_to),
         "config": OmegaConf.to_container(cfg),
     }
-    (out / "fit_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "fit_summary.json", json.dumps(summary, indent=2))
     print(f"saved the model to {save_to} after {summary['steps']} steps, {wall / 60:.1f} min; "
           f"held-out accuracy per kind: {summary['heldout_accuracy']}")
     return save_to

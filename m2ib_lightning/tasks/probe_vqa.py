@@ -46,7 +46,7 @@ from ..probing import (
 )
 from ..probing.patching import PatchingResult
 from ..results import atomic_write
-from .common import output_owner, prepare_output, world_of
+from .common import hub_options, one_line, output_owner, owned_trainer, world_of
 
 RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange", "cyan"],
@@ -54,12 +54,12 @@ OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange",
                 "side": ["left", "right", "above", "below"], "place": ["left", "right", "above", "below"]}
 
 
-def load_vqa(name_or_path: str):
+def load_vqa(name_or_path: str, hub=None):
     from transformers import BlipForQuestionAnswering
 
     from ..backbones.loading import load_pretrained
 
-    return load_pretrained(BlipForQuestionAnswering, name_or_path)
+    return load_pretrained(BlipForQuestionAnswering, name_or_path, hub)
 
 
 class PairItems(Dataset):
@@ -182,14 +182,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     unknown = set(cfg.data.corruption) - {"image", "text", "noise"}
     if unknown or set(cfg.data.kinds) - set(TWO_CHOICE_KINDS):
         raise ConfigError(f"data.corruption takes image, text, noise and data.kinds {TWO_CHOICE_KINDS}; got {cfg.data.corruption}, {cfg.data.kinds}")
-    model, processor = load_vqa(cfg.model.name_or_path)
-    out = prepare_output(cfg, save_config=False)
+    try:
+        model, processor = load_vqa(cfg.model.name_or_path, hub_options(cfg))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: {one_line(err)}") from err
+    out = Path(cfg.output_dir)
     pairs, upfront_failures, passed_over = _pairs(cfg)
     module = VQAProbing(model, processor, cfg.probe, list(cfg.data.corruption), cfg.data.noise_std, cfg.seed)
     owner = output_owner(cfg, RESULT_KEYS, SimpleNamespace(module=model))
-    trainer = L.Trainer(inference_mode=False, logger=TensorBoardLogger(str(out), name="tensorboard", version=""),
-                        callbacks=[owner], **OmegaConf.to_container(cfg.trainer))
-    owner.claim(trainer)
+    trainer = owned_trainer(cfg, owner, [])
     loader = DataLoader(PairItems(pairs, processor), batch_size=1, collate_fn=list)
     start = time.perf_counter()
     try:
