@@ -98,6 +98,8 @@ class FitVQAConfig:
 class AttributeData:
     manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
     webdataset: Optional[str] = None  # tar shards as img2dataset writes them, e.g. /data/{00000..00999}.tar
+    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
+    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
     num_samples: int = 64  # without manifest or webdataset: this many held-out pairs of the shapes world
     batch_size: int = 8
     num_workers: int = 0
@@ -198,6 +200,8 @@ class ProbeVQAConfig:
 class EvaluateData:
     manifest: Optional[str] = None  # pairs (id, image, text; optional mask or boxes); unset: held-out pairs of the world
     webdataset: Optional[str] = None  # tar shards as img2dataset writes them (no ground truth)
+    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
+    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
     num_samples: int = 48  # without manifest or webdataset: this many held-out pairs of the shapes world
     batch_size: int = 16
     num_workers: int = 0

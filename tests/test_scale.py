@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,8 @@ def shards(tmp_path) -> tuple[str, set[str], dict[str, str]]:
         "000000005.jpg": _jpeg(5), "000000005.json": json.dumps({"url": "no caption"}).encode(),
         "000000006.png": _jpeg(6), "000000006.txt": b"a small triangle",
     })
-    bad = {"000000003": "not a readable image", "000000005": "no caption"}
-    return str(tmp_path / "{00000..00001}.tar"), {"000000001", "000000002", "000000004", "000000006"}, bad
+    bad = {"00000/000000003": "not a readable image", "00001/000000005": "no caption"}
+    return str(tmp_path / "{00000..00001}.tar"), {"00000/000000001", "00000/000000002", "00001/000000004", "00001/000000006"}, bad
 
 
 def test_webdataset_run_attributes_good_samples_reports_bad_ones_and_resumes(tmp_path, tiny_bundle, shards):
@@ -163,7 +164,7 @@ def test_webdataset_shares_are_disjoint_and_complete(shards, slots):
     shares = [[e.id for e in source.split(slot, slots)] for slot in range(slots)]
     flat = [i for share in shares for i in share]
     assert sorted(flat) == sorted(good | set(bad)) and len(flat) == len(set(flat))
-    assert [e.id for e in source.split(0, 1, skip={"000000001"})].count("000000001") == 0
+    assert [e.id for e in source.split(0, 1, skip={"00000/000000001"})].count("00000/000000001") == 0
 
 
 def test_a_truncated_tar_is_reported_and_the_run_goes_on(tmp_path):
@@ -179,7 +180,9 @@ def test_manifest_shares_are_disjoint_and_read_lazily(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
     source = ManifestSource(tmp_path / "m.jsonl")  # images are not checked up front: they fail when loaded
     shares = [[e.id for e in source.split(slot, 3)] for slot in range(3)]
-    assert sorted(i for s in shares for i in s) == sorted(f"p{i}" for i in range(7)) and shares[0] == ["p0", "p3", "p6"]
+    assert sorted(i for s in shares for i in s) == sorted(f"p{i}" for i in range(7))
+    assert all(share == sorted(share, key=lambda i: int(i[1:])) for share in shares)  # manifest order within a share
+    assert shares == [[f"p{i}" for i in range(7) if zlib.crc32(f"p{i}".encode()) % 3 == slot] for slot in range(3)]
     assert source.size_hint() == 7
     stream = source.split(0, 1)
     assert next(stream).id == "p0"
@@ -276,7 +279,7 @@ def test_a_rerun_passes_over_finished_tars_without_reading_their_samples(tmp_pat
     monkeypatch.setattr(webdataset.tariterators, "tarfile_samples", forbidden)
     assert list(source.split(0, 1, skip=keys)) == []
     with pytest.raises(AssertionError, match="a finished tar was read"):
-        list(source.split(0, 1, skip=keys - {"000000001"}))
+        list(source.split(0, 1, skip=keys - {"00000/000000001"}))
 
 
 def test_an_evaluation_reads_webdataset_shards_too(tmp_path, tiny_bundle, shards):

@@ -101,9 +101,10 @@ class ImageGeometry:
     Exports keep it, so that maps at the model's input size go back onto the user's own photo.
     """
 
-    original: tuple[int, int]
+    original: tuple[int, int]  # of the upright picture (its EXIF orientation applied, as viewers show it)
     resized: tuple[int, int]
     crop: tuple[int, int, int, int]  # top, left, height, width within the resized image
+    exif_orientation: int = 1  # the EXIF orientation tag the file carried (1: stored upright)
 
     def to_original(self, image_map: Tensor) -> Tensor:
         """(h, w) map at the crop's size -> (H, W) at the original size; what the crop cut off is 0."""
@@ -186,7 +187,7 @@ class HFPreprocessing:
         if getattr(config, "do_center_crop", False) and crop_size:
             crop_h, crop_w = int(crop_size["height"]), int(crop_size["width"])
             crop = ((resized[0] - crop_h) // 2, (resized[1] - crop_w) // 2, crop_h, crop_w)
-        return ImageGeometry((height, width), resized, crop)
+        return ImageGeometry((height, width), resized, crop, int(image.info.get("exif_orientation", 1)))
 
     def text_inputs(self, text: str) -> TextEncoding:
         """One caption as token ids, cut to :attr:`text_limit` (and padded to it for fixed-length models)."""

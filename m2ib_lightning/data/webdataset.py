@@ -2,7 +2,11 @@
 
 Each sample is a group of tar members sharing a key: an image (``key.jpg``,
 ``.jpeg``, ``.png`` or ``.webp``) and a caption (``key.txt``, or ``key.json``
-with a ``caption`` field). The key is the sample id. Shards are split across
+with a ``caption`` field). The sample id is ``SHARD/KEY`` (the tar's file name without
+``.tar``, then the key): img2dataset restarts its keys in every shard, so a bare key
+is unique only within its tar (``bare_keys=True`` uses the key alone, for datasets
+whose keys are unique across shards; a repeated key is then reported by the reader
+that meets it again). A key repeated within one tar is reported. Shards are split across
 ranks and loader workers (whole shards while there are at least as many shards
 as readers, else every reader reads every shard and keeps its share of the
 samples). A sample without an image or a caption, an image that does not
@@ -15,7 +19,7 @@ import json
 import tarfile
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .manifest import load_rgb
 from .records import Failure, PairRecord, by_position
@@ -34,12 +38,18 @@ def _require_webdataset():
 class WebDatasetSource:
     """The pairs of a brace pattern of tar shards, e.g. ``/data/{00000..00999}.tar``."""
 
-    def __init__(self, urls: str):
+    def __init__(self, urls: str, bare_keys: bool = False):
         wds = _require_webdataset()
-        self.pattern = urls
+        self.pattern, self.bare_keys = urls, bare_keys
         self.urls = list(wds.shardlists.expand_urls(urls))
         if not self.urls:
             raise ValueError(f"data.webdataset={urls!r} names no shard")
+        stems: dict[str, str] = {}
+        for url in self.urls:
+            first = stems.setdefault(shard_stem(url), url)
+            if first != url and not bare_keys:
+                raise ValueError(f"data.webdataset={urls!r}: shards {first} and {url} share the name {shard_stem(url)!r}, "
+                                 "which sample ids start with; rename one")
         local = [u for u in self.urls if "://" not in u and not u.startswith("pipe:")]
         missing = [u for u in local if not Path(u).is_file()]
         if local and len(missing) == len(local):
@@ -62,12 +72,17 @@ class WebDatasetSource:
         else:
             yield from by_position(self._samples(self.urls, frozenset()), slot, slots, skip)
 
+    def sample_id(self, url: str, key: str) -> str:
+        return key if self.bare_keys else f"{shard_stem(url)}/{key}"
+
     def _samples(self, urls: list[str], skip: set[str] | frozenset) -> Iterator[PairRecord | Failure]:
         wds = _require_webdataset()
+        seen_across: set[str] = set()  # bare keys: every id this reader met, to report one met again
         for url in urls:
-            if skip and _all_done(url, skip):
+            if skip and _all_done(url, skip, partial(self.sample_id, url)):
                 continue  # a rerun passes over finished shards reading their headers only
             errors: list[Exception] = []
+            seen = seen_across if self.bare_keys else set()
 
             def keep_going(err: Exception) -> bool:
                 errors.append(err)
@@ -75,18 +90,25 @@ class WebDatasetSource:
 
             for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=keep_going):
                 key = sample.get("__key__")
-                if key is None or key in skip:
+                if key is None:
                     continue
-                yield self._record(sample, key, url)
+                sample_id = self.sample_id(url, key)
+                if sample_id in seen:
+                    yield Failure(sample_id, f"{Path(url).name}:{key}: duplicate id {sample_id!r} (its key repeats"
+                                             f"{'' if self.bare_keys else ' within this tar'}); this copy is skipped")
+                    continue
+                seen.add(sample_id)
+                if sample_id not in skip:
+                    yield self._record(sample, sample_id, url)
             for err in errors:
                 yield Failure(url, f"shard {Path(url).name}: unreadable tar ({type(err).__name__}: {err}); its later samples are skipped")
 
     @staticmethod
-    def _record(sample: dict[str, Any], key: str, url: str) -> PairRecord | Failure:
-        where = f"{Path(url).name}:{key}"
+    def _record(sample: dict[str, Any], sample_id: str, url: str) -> PairRecord | Failure:
+        where = f"{Path(url).name}:{sample['__key__']}"
         image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if image is None:
-            return Failure(key, f"{where}: no image member (key.jpg, .jpeg, .png or .webp)")
+            return Failure(sample_id, f"{where}: no image member (key.jpg, .jpeg, .png or .webp)")
         text = None
         if "txt" in sample:
             text = sample["txt"].decode("utf-8", errors="replace")
@@ -94,13 +116,21 @@ class WebDatasetSource:
             try:
                 text = json.loads(sample["json"]).get("caption")
             except (ValueError, AttributeError):
-                return Failure(key, f"{where}: key.json is not a JSON object")
+                return Failure(sample_id, f"{where}: key.json is not a JSON object")
         if not isinstance(text, str) or not text.strip():
-            return Failure(key, f"{where}: no caption (key.txt, or key.json with a caption)")
-        return PairRecord(key, text.strip(), partial(load_rgb, bytes(image), where))
+            return Failure(sample_id, f"{where}: no caption (key.txt, or key.json with a caption)")
+        return PairRecord(sample_id, text.strip(), partial(load_rgb, bytes(image), where))
 
 
-def _all_done(url: str, skip: set[str] | frozenset) -> bool:
+def shard_stem(url: str) -> str:
+    """A shard's name in sample ids: its file name without ``.tar`` (and ``.gz``)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".gz", ".tgz", ".tar"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _all_done(url: str, skip: set[str] | frozenset, sample_id: Callable[[str], str]) -> bool:
     """Whether every sample key of a local tar is done, from its member headers (seeking past the data)."""
     if "://" in url or url.startswith("pipe:") or not Path(url).is_file():
         return False
@@ -111,4 +141,4 @@ def _all_done(url: str, skip: set[str] | frozenset) -> bool:
         return False  # read it the normal way, which reports what is wrong
     base_plus_ext = _require_webdataset().tariterators.base_plus_ext  # the keys webdataset itself gives
     keys = {base_plus_ext(name)[0] for name in names}
-    return bool(keys) and None not in keys and keys <= skip
+    return bool(keys) and None not in keys and {sample_id(key) for key in keys} <= skip

@@ -31,11 +31,12 @@ def source_of(cfg: DictConfig):
         if webdataset:
             from ..data.webdataset import WebDatasetSource
 
-            return WebDatasetSource(webdataset)
+            return WebDatasetSource(webdataset, bare_keys=cfg.data.get("webdataset_bare_keys", False))
         if cfg.data.manifest:
-            return ManifestSource(cfg.data.manifest)
+            return ManifestSource(cfg.data.manifest, root=cfg.data.get("root"))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{'data.webdataset' if webdataset else 'data.manifest'}: {err}") from err
+        key = "data.webdataset" if webdataset else "data.root" if "data.root" in str(err) else "data.manifest"
+        raise ConfigError(f"{key}: {err}") from err
     return WorldSource(world_of(cfg), cfg.data.num_samples)
 
 
