@@ -56,8 +56,8 @@ class RollingShardWriter(BasePredictionWriter):
         (self.output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         for path in (index_path(self.output_dir, self.rank), failures_path(self.output_dir, self.rank)):
             cut_partial_line(path)
-        for pending in sorted((self.output_dir / SHARD_DIR).glob(".rank*.pending")):  # of any earlier topology
-            rank = int(pending.name[len(".rank"):-len(".pending")])
+        pending = {int(p.name[len(".rank"):].split(".")[0]) for p in (self.output_dir / SHARD_DIR).glob(".rank*.pending*")}
+        for rank in sorted(pending):  # of any earlier topology: each settled by one rank of this one
             if rank % trainer.world_size == self.rank:
                 settle_pending(self.output_dir, rank)
 
@@ -92,7 +92,8 @@ class RollingShardWriter(BasePredictionWriter):
         tensors = {key: _stack([t[key] for _, t in samples]) for key in samples[0][1]}
         shards = self.output_dir / SHARD_DIR
         pending = pending_path(self.output_dir, self.rank)
-        atomic_write(pending, name)  # a kill from here to the index append leaves an orphan the next run removes
+        atomic_write(pending, name, tmp=pending.with_name(pending.name + ".tmp"))  # a kill from here to the index
+        # append leaves an orphan shard, which the next run removes
         atomic_write(shards / name, lambda tmp: save_file(tensors, str(tmp)), tmp=shards / f".{name}.tmp")
         lines = [json.dumps({**entry, "shard": name, "row": row}) + "\n" for row, (entry, _) in enumerate(samples)]
         append_lines(index_path(self.output_dir, self.rank), lines)

@@ -54,6 +54,8 @@ class OutputOwner(L.Callback):
         self.owned_identity = decision
         torch.set_num_threads(int(decision["threads"]))
         if rank == 0:
+            for orphan in self.output_dir.glob(".*.tmp"):  # temporary files of a killed run's atomic writes
+                orphan.unlink(missing_ok=True)
             atomic_write(self.output_dir / "config.yaml", self.config_yaml)
         self.done = done_ids(self.output_dir)
 

@@ -336,7 +336,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
             config = OmegaConf.merge(config, layer)
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
-            raise ConfigError(f"bad config key {key!r} in {source}: {err.msg if hasattr(err, 'msg') else err}") from err
+            raise ConfigError(f"bad config key {key!r} in {source}: {str(getattr(err, 'msg', err)).splitlines()[0]}") from err
     if "trainer" in config:
         _check_trainer_keys(config)
     _check_values(config)

@@ -158,6 +158,7 @@ def settle_pending(output_dir: Path, rank: int) -> None:
     """After a kill: remove the shard (and its temporary file) a rank was committing unless its index lines
     landed (the index's last line names it); reads only the file tails."""
     pending = pending_path(output_dir, rank)
+    pending.with_name(pending.name + ".tmp").unlink(missing_ok=True)
     try:
         name = pending.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
