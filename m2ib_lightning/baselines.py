@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbones import as_backbone
-from .backbones.base import block_output, tower_inputs
+from .backbones.base import block_output, resolve_layer, tower_inputs
 from .engine import M2IB, M2IBConfig, eval_mode, image_maps_from_capacity, minmax
 
 
@@ -207,7 +207,7 @@ class IntegratedGradientsMethod(AttributionMethod):
         score = self.text_score(pixel_values, attention_mask)
         block = self.backbone.blocks("text")[0]
         words = self.words
-        replacement = self.replacement_id if self.replacement_id is not None else self.backbone.pad_token_id
+        replacement = replacement_token(self.backbone, self.replacement_id)
         baseline_ids = input_ids.masked_fill(words, replacement)
         captured: dict[str, Tensor] = {}
 
@@ -230,6 +230,24 @@ class IntegratedGradientsMethod(AttributionMethod):
         (grads,) = torch.autograd.grad(scores.sum(), [path])
         attribution = ((end - start) * grads.view(*end.shape[:1], self.steps, *end.shape[1:]).mean(1)).sum(-1).abs()
         return minmax(attribution, attention_mask.bool())
+
+
+def replacement_token(backbone: Any, configured: int | None = None) -> int:
+    """The id that replaces words in text perturbations: ``configured``, else the adapter's ``neutral_token_id``
+    (else its padding id). Refused if it is one of the adapter's ``structural_token_ids`` (BOS/EOS/CLS/SEP):
+    a caption with an extra end-of-text token pools elsewhere, and the score would measure that instead."""
+    chosen = configured if configured is not None else getattr(backbone, "neutral_token_id", None)
+    chosen = backbone.pad_token_id if chosen is None else int(chosen)
+    try:
+        structural = getattr(backbone, "structural_token_ids", set())
+    except RuntimeError:  # an adapter built without its tokenizer: a configured id is taken as it is
+        structural = set()
+    if chosen in structural:
+        where = "replacement_id" if configured is not None else f"{type(backbone).__name__}'s neutral/padding id"
+        raise ValueError(f"{where}={chosen} is a structural token of the tokenizer (BOS/EOS/CLS/SEP ids "
+                         f"{sorted(structural)}): a word replaced by it moves where the text tower pools; choose an "
+                         "ordinary token id")
+    return chosen
 
 
 def special_tokens(backbone: Any, input_ids: Tensor) -> Tensor:
@@ -293,7 +311,7 @@ class GradCAM(AttributionMethod):
             captured["tokens"] = block_output(output)
 
         with _hooked(self.backbone.blocks("image")[self.layer], post=keep):
-            scores = score(pixel_values)
+            scores = score(_leaf(pixel_values))  # a leaf: a frozen model (requires_grad off) still has a graph
         tokens = captured["tokens"]
         (grads,) = torch.autograd.grad(scores.sum(), [tokens])
         prefix = self.backbone.num_prefix_tokens
@@ -366,8 +384,14 @@ class _AttentionMethod(AttributionMethod):
         score = (self.image_score(input_ids, attention_mask) if modality == "image"
                  else self.text_score(pixel_values, attention_mask))
         argument = pixel_values if modality == "image" else input_ids
+        def into_graph(module, args, kwargs):  # a frozen model (requires_grad off) builds no graph of its own
+            hidden = _block_input(args, kwargs)
+            return None if hidden.requires_grad else _replace_hidden(args, kwargs, hidden.detach().requires_grad_())
+
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.backbone.eager_attention())
+            if self.needs_gradients:
+                stack.enter_context(_hooked(self.backbone.blocks(modality)[0], pre=into_graph))
             for module in self.backbone.attention_modules(modality):
                 stack.enter_context(_hooked(module, post=keep))
             with torch.set_grad_enabled(self.needs_gradients):
@@ -377,12 +401,17 @@ class _AttentionMethod(AttributionMethod):
         grads = torch.autograd.grad(scores.sum(), probs) if self.needs_gradients else [None] * len(probs)
         tokens = probs[0].shape[-1]
         relevance = torch.eye(tokens, dtype=probs[0].dtype, device=probs[0].device).expand(probs[0].shape[0], tokens, tokens)
-        for attention, grad in zip(probs, grads):
+        first = self.first_block(modality)
+        for attention, grad in list(zip(probs, grads))[first:]:
             relevance = self._step(relevance, attention.detach(), None if grad is None else grad.detach())
         state = self.backbone.prefix(modality, inputs, 0)
         if state.pool_index is None:  # attention-pooling head: every token feeds the embedding
             return relevance.mean(1)
         return relevance[torch.arange(relevance.shape[0], device=relevance.device), state.pool_index]
+
+    def first_block(self, modality: str) -> int:
+        """The first block whose attention enters the relevance (every block, unless a method says otherwise)."""
+        return 0
 
     def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -402,11 +431,20 @@ class AttentionRollout(_AttentionMethod):
 
 @register_method
 class CheferRelevance(_AttentionMethod):
-    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021) for dual encoders: per block
-    R <- R + E_heads[(dS/dA * A)^+] R, from R = I; the row of the pooled token is the map."""
+    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021) for dual encoders: per block from
+    ``start_layer`` on, R <- R + E_heads[(dS/dA * A)^+] R, from R = I; the row of the pooled token is the map.
+    ``start_layer=0`` takes every block; the official CLIP explainer of Chefer et al. uses the last block only
+    (``start_layer=-1``)."""
 
     name = "chefer"
     needs_gradients = True
+
+    def __init__(self, backbone: Any, start_layer: int = 0):
+        super().__init__(backbone)
+        self.start_layer = start_layer
+
+    def first_block(self, modality: str) -> int:
+        return resolve_layer(self.start_layer, self.backbone.num_layers(modality), "start_layer", f"the {modality} tower")
 
     def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
         weighted = (grad * attention).clamp_min(0).mean(1)

@@ -213,8 +213,11 @@ class EvaluateMetrics:
     unit: Optional[int] = None  # pixels per deletion cell side; unset: the model's patch size
     deletion_baseline: str = "zero"  # zero (the mean colour after normalisation) | mean (the image's) | blur
     insertion_baseline: str = "blur"
-    replacement_id: Optional[int] = None  # the token id that replaces words; unset: the tokenizer's padding id
+    replacement_id: Optional[int] = None  # the token id that replaces words; unset: the adapter's neutral id (never BOS/EOS)
     top_k_fraction: Optional[float] = None  # top region of top-k IoU; unset: as large as the mask
+    confidence_drop: str = "absolute"  # absolute (the official M2IB script) | relative (Chattopadhay et al.'s Average Drop)
+    pointing_ties: str = "share"  # share of the tied peak pixels inside the mask | any (a hit if one is, as Quantus)
+    pointing_tolerance: int = 0  # pixels: a peak this close to the mask counts as inside (TorchRay: 15 at 224 px)
 
 
 @dataclass
@@ -289,6 +292,8 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "metrics.steps": _at_least(1), "metrics.unit": _at_least(1), "metrics.top_k_fraction": (lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
     "metrics.deletion_baseline": _one_of("zero", "mean", "blur"), "metrics.insertion_baseline": _one_of("zero", "mean", "blur"),
     "export.grid_samples": _at_least(0),
+    "metrics.confidence_drop": _one_of("absolute", "relative"), "metrics.pointing_ties": _one_of("share", "any"),
+    "metrics.pointing_tolerance": _at_least(0),
     "model.dtype": (lambda v: v is None or v in ("float32", "bfloat16", "float16", "auto"), "one of float32, bfloat16, float16, auto"),
     "threads": _at_least(1),
 }

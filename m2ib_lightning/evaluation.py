@@ -9,6 +9,7 @@ deletion and insertion AUC. See ``m2ib_lightning.metrics`` for every definition.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
-from .baselines import AttributionMethod, Maps, PairScorer
+from .baselines import AttributionMethod, Maps, PairScorer, replacement_token
 from .engine import screen
 from .metrics import (
     ConfidenceDrop, ConfidenceIncrease, CurveAUC, MaskEnergy, PointingGame, TopKIoU, confidence_drop, confidence_increase,
@@ -46,8 +47,22 @@ class MetricSettings:
     unit: int | None = None  # pixels per deletion cell side; None: the model's patch size
     deletion_baseline: str = "zero"  # zero (mean colour after normalisation) | mean | blur
     insertion_baseline: str = "blur"
-    replacement_id: int | None = None  # the id that replaces words; None: the tokenizer's padding id
+    replacement_id: int | None = None  # the id that replaces words; None: the adapter's neutral_token_id
     top_k_fraction: float | None = None  # top region of top-k IoU; None: as large as the mask
+    confidence_drop: str = "absolute"  # absolute (the official M2IB script) | relative (Chattopadhay et al.'s Average Drop)
+    pointing_ties: str = "share"  # share of the tied peak pixels inside the mask | any (a hit if one is, as Quantus)
+    pointing_tolerance: int = 0  # pixels: a peak this close to the mask counts as inside (TorchRay: 15 at 224 px)
+
+
+def metric_of(name: str, settings: MetricSettings) -> MeanOverSamples:
+    """The torchmetrics metric of a table column, with the settings that define it."""
+    if name == "top_k_iou":
+        return TopKIoU(settings.top_k_fraction)
+    if name == "pointing_game":
+        return PointingGame(ties=settings.pointing_ties, tolerance=settings.pointing_tolerance)
+    if name.endswith("confidence_drop"):
+        return ConfidenceDrop(relative=settings.confidence_drop == "relative")
+    return METRICS[name]()
 
 
 class Evaluator:
@@ -56,6 +71,12 @@ class Evaluator:
     def __init__(self, backbone: Any, settings: MetricSettings = MetricSettings()):
         self.scorer = PairScorer(backbone)
         self.settings = settings
+        self.replacement: int | None = None  # known once a batch has text maps (an adapter may serve no tokenizer)
+
+    def replacement_id(self) -> int:
+        if self.replacement is None:
+            self.replacement = replacement_token(self.scorer.backbone, self.settings.replacement_id)
+        return self.replacement
 
     def values(self, maps: Maps, batch: dict[str, Any], clean: Tensor, words: Tensor) -> dict[str, Tensor]:
         px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
@@ -64,8 +85,9 @@ class Evaluator:
         image_score = self.scorer.image_score(ids, mask)
         with torch.no_grad():
             kept = image_score(keep_image(px, maps.image))
+        relative = s.confidence_drop == "relative"
         out = {
-            "image_confidence_drop": confidence_drop(clean, kept),
+            "image_confidence_drop": confidence_drop(clean, kept, relative),
             "image_confidence_increase": confidence_increase(clean, kept),
             "image_deletion_auc": curve_auc(perturbation_curve(
                 image_score, px, maps.image, mode="deletion", steps=s.steps, unit=unit, baseline=s.deletion_baseline)),
@@ -75,15 +97,16 @@ class Evaluator:
         if "target_mask" in batch:  # NaN for samples without ground truth
             rows = batch["has_target"].to(px.device)
             target, image = batch["target_mask"][rows], maps.image[rows]
-            for name, value in (("pointing_game", pointing_game(image, target)), ("energy", mask_energy(image, target)),
+            pointing = pointing_game(image, target, ties=s.pointing_ties, tolerance=s.pointing_tolerance)
+            for name, value in (("pointing_game", pointing), ("energy", mask_energy(image, target)),
                                 ("top_k_iou", top_k_iou(image, target, s.top_k_fraction))):
                 out[name] = torch.full((len(rows),), float("nan"), device=px.device).masked_scatter(rows, value.float())
         if maps.text is not None:
             text_score = self.scorer.text_score(px, mask)
-            replacement = s.replacement_id if s.replacement_id is not None else self.scorer.backbone.pad_token_id
+            replacement = self.replacement_id()
             with torch.no_grad():
                 kept = text_score(keep_text(ids, maps.text, words, replacement))
-            out["text_confidence_drop"] = confidence_drop(clean, kept)
+            out["text_confidence_drop"] = confidence_drop(clean, kept, relative)
             out["text_confidence_increase"] = confidence_increase(clean, kept)
             for mode in ("deletion", "insertion"):
                 curve = text_perturbation_curve(text_score, ids, maps.text, words, replacement, mode=mode, steps=s.steps)
@@ -102,10 +125,8 @@ class EvaluationModule(L.LightningModule):
         super().__init__()
         self.methods, self.evaluator = methods, Evaluator(backbone, settings)
         self.model = self.evaluator.scorer.backbone.module  # registered, so that Lightning moves it to the device
-        self.metrics = nn.ModuleDict({
-            method: nn.ModuleDict({name: cls() if name != "top_k_iou" else TopKIoU(settings.top_k_fraction) for name, cls in METRICS.items()})
-            for method in methods
-        })
+        self.metrics = nn.ModuleDict({method: nn.ModuleDict({name: metric_of(name, settings) for name in METRICS})
+                                      for method in methods})
         self.seconds = nn.ModuleDict({method: SumMetric() for method in methods})
         self.samples = nn.ModuleDict({method: SumMetric() for method in methods})
         self.save_hyperparameters({"methods": list(methods), "metrics": vars(settings)})
@@ -131,8 +152,9 @@ class EvaluationModule(L.LightningModule):
                 maps[name] = method.attribute(px, batch["input_ids"], batch["attention_mask"], batch["seed"], special)
             seconds[name] = time.perf_counter() - start
             values[name] = self.evaluator.values(maps[name], batch, clean, words)
-            for metric, per_sample in values[name].items():
-                self.metrics[name][metric].update_scores(per_sample[~per_sample.isnan()])
+            for metric, per_sample in values[name].items():  # localisation only where there is ground truth;
+                applies = batch["has_target"].to(per_sample.device) if metric in LOCALISATION else slice(None)
+                self.metrics[name][metric].update_scores(per_sample[applies])  # a method's NaN elsewhere shows
             self.seconds[name].update(seconds[name])
             self.samples[name].update(len(batch["id"]))
         return {
@@ -147,7 +169,8 @@ class EvaluationModule(L.LightningModule):
         self.table = self.results()  # every rank: the sync is collective
 
     def results(self) -> dict[str, dict[str, Any]]:
-        """Per method: each metric's mean and standard error (None where it does not apply), samples and samples/s.
+        """Per method: each metric's (mean, standard error) (the metric None where it does not apply; a NaN mean,
+    from a method's NaN scores, and the standard error of fewer than 2 samples are None), samples and samples/s.
 
         Syncs across processes: call it on every rank.
         """
@@ -155,7 +178,10 @@ class EvaluationModule(L.LightningModule):
         for method, metrics in self.metrics.items():
             row: dict[str, Any] = {}
             for name, metric in metrics.items():
-                row[name] = None if metric.samples() == 0 else (metric.compute().item(), metric.standard_error().item())
+                if metric.samples() == 0:
+                    row[name] = None
+                else:  # NaN (a method's broken score, or the error of one sample) as None: JSON has no NaN
+                    row[name] = tuple(None if math.isnan(v) else v for v in (metric.compute().item(), metric.standard_error().item()))
             seconds, samples = self.seconds[method].compute().item(), self.samples[method].compute().item()
             row["samples"] = int(samples)
             row["samples_per_s"] = samples / seconds if seconds > 0 else None

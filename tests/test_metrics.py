@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -73,7 +75,7 @@ def test_confidence_drop_and_increase_by_hand_with_standard_errors():
     assert increase.standard_error().item() == pytest.approx(100 / 3, rel=1e-6)
     one = ConfidenceDrop()
     one.update(torch.tensor([0.9]), torch.tensor([0.1]))
-    assert one.compute().item() == pytest.approx(80.0) and one.standard_error().item() == 0.0
+    assert one.compute().item() == pytest.approx(80.0) and math.isnan(one.standard_error().item())  # undefined for n = 1
     assert standard_error(torch.tensor(6.0, dtype=torch.float64), torch.tensor(12.0, dtype=torch.float64), torch.tensor(3)).item() == 0
 
 

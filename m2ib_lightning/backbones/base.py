@@ -163,6 +163,28 @@ class HFPreprocessing:
         pad = self.tokenizer.pad_token_id
         return 0 if pad is None else int(pad)
 
+    @property
+    def structural_token_ids(self) -> set[int]:
+        """BOS, EOS, CLS and SEP: ids a tower reads by their place (pooling, ends of text), never a word's stand-in."""
+        t = self.tokenizer
+        return {int(i) for i in (t.bos_token_id, t.eos_token_id, t.cls_token_id, t.sep_token_id) if i is not None}
+
+    @property
+    def neutral_token_id(self) -> int:
+        """The id that stands in for a removed word in text perturbations: padding, else unknown, else mask, else
+        the tokenizer's ``.``, else its first ordinary token; never a structural id. OpenAI CLIP's tokenizers pad
+        (and mark unknown words) with ``<|endoftext|>``, where the text tower pools: a word replaced by it would
+        move the pooled position, so there it is ``.``."""
+        t, structural = self.tokenizer, self.structural_token_ids
+        for candidate in (t.pad_token_id, t.unk_token_id, getattr(t, "mask_token_id", None)):
+            if candidate is not None and int(candidate) not in structural:
+                return int(candidate)
+        dot = t(".", add_special_tokens=False)["input_ids"]
+        special = structural | set(t.all_special_ids)
+        if len(dot) == 1 and dot[0] not in special:
+            return int(dot[0])
+        return next(i for i in range(len(t)) if i not in special)
+
     def image_inputs(self, image: Any) -> Tensor:
         """One RGB image as the model's (C, H, W) pixel values."""
         processor = self._require_processor()

@@ -1,5 +1,5 @@
-"""Confidence drop and confidence increase: the M2IB paper's faithfulness metrics (Wang et al., 2023, after
-Chattopadhay et al., 2018), for image maps and for text maps.
+"""Confidence drop and confidence increase: the M2IB paper's faithfulness metrics (Wang et al., 2023), for
+image maps and for text maps.
 
 A pair's score ``s`` is the cosine similarity between one modality's embedding and
 the other modality's clean embedding. Keeping only what a map marks as relevant
@@ -10,9 +10,12 @@ gives a perturbed score ``s'``:
   replaced by a chosen id (``keep_text``); BOS/EOS (and CLS/SEP) are kept, so that the
   tower pools where it did.
 
-Then, per sample, ``drop = max(0, s - s') * 100`` and ``increase = 100 * [s' > s]``; the
-metrics average them over samples (the confidence increase is the percentage of samples
-whose score rose). A faithful map has a low drop and a high increase.
+Then, per sample, ``drop = max(0, s - s') * 100`` (absolute, as the official M2IB script
+computes it: points of cosine similarity) and ``increase = 100 * [s' > s]``; the metrics
+average them over samples (the confidence increase is the percentage of samples whose score
+rose). A faithful map has a low drop and a high increase. ``relative=True`` gives Chattopadhay
+et al.'s (2018) Average Drop instead, ``max(0, s - s') / s * 100`` (NaN where ``s <= 0``,
+where it is not defined).
 
 The official evaluation script differs in two places that this module does not copy: it
 multiplied the image by the first row of the map only, and it scored text maps with BOS
@@ -21,6 +24,7 @@ and EOS removed (which moves the pooled position of CLIP's text tower).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .mean import MeanOverSamples
@@ -31,10 +35,13 @@ def _check_scores(clean: Tensor, perturbed: Tensor) -> None:
         raise ValueError(f"clean and perturbed scores must both be (B,), got {tuple(clean.shape)} and {tuple(perturbed.shape)}")
 
 
-def confidence_drop(clean: Tensor, perturbed: Tensor) -> Tensor:
-    """(B,) ``max(0, s - s') * 100`` per sample."""
+def confidence_drop(clean: Tensor, perturbed: Tensor, relative: bool = False) -> Tensor:
+    """(B,) ``max(0, s - s') * 100`` per sample (absolute), or ``max(0, s - s') / s * 100`` (relative; NaN where s <= 0)."""
     _check_scores(clean, perturbed)
-    return (clean - perturbed).clamp_min(0) * 100
+    drop = (clean - perturbed).clamp_min(0) * 100
+    if not relative:
+        return drop
+    return torch.where(clean > 0, drop / clean.clamp_min(torch.finfo(clean.dtype).tiny), float("nan"))
 
 
 def confidence_increase(clean: Tensor, perturbed: Tensor) -> Tensor:
@@ -44,12 +51,16 @@ def confidence_increase(clean: Tensor, perturbed: Tensor) -> Tensor:
 
 
 class ConfidenceDrop(MeanOverSamples):
-    """Mean of ``max(0, s - s') * 100`` over samples (lower is better)."""
+    """Mean of ``max(0, s - s') * 100`` over samples, or of the relative drop (lower is better)."""
 
     higher_is_better = False
 
+    def __init__(self, relative: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.relative = relative
+
     def _per_sample(self, clean: Tensor, perturbed: Tensor) -> Tensor:
-        return confidence_drop(clean, perturbed)
+        return confidence_drop(clean, perturbed, self.relative)
 
 
 class ConfidenceIncrease(MeanOverSamples):

@@ -8,14 +8,14 @@ map makes the score rise fast (high area).
 
 Images: pixels, or patches of ``unit`` x ``unit`` pixels ranked by the map's mean over
 the patch; baselines ``zero`` (the dataset mean colour, after normalisation), ``mean``
-(the image's own mean colour) or ``blur`` (a Gaussian blur of the image, sigma 5 px at
-224 px as in RISE). Text: the caption's words (real tokens other than BOS/EOS/CLS/SEP)
+(the image's own mean colour) or ``blur`` (RISE's own blur, whatever the image size: an
+11 x 11 kernel made by smoothing a centred delta with a Gaussian of sigma 5 px, SciPy's
+``gaussian_filter`` with its reflecting border, applied with zero padding). Text: the caption's words (real tokens other than BOS/EOS/CLS/SEP)
 in map order, replaced by a chosen token id.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -34,17 +34,25 @@ def _check_mode(mode: str, steps: int) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
+def rise_kernel(size: int = 11, sigma: float = 5.0, truncate: float = 4.0) -> Tensor:
+    """RISE's ``gkern(11, 5)``: a centred delta on a ``size`` x ``size`` grid smoothed by a Gaussian of ``sigma``
+    with SciPy's ``gaussian_filter`` (taps out to ``truncate`` sigmas, border mode ``reflect``); float64."""
+    radius = int(truncate * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * taps**2 / sigma**2)
+    weights = weights / weights.sum()
+    index = torch.arange(-radius, size + radius) % (2 * size)  # the half-sample symmetric border, period 2 * size
+    index = torch.where(index >= size, 2 * size - 1 - index, index)
+    delta = (index == size // 2).double()
+    line = torch.stack([(delta[i: i + 2 * radius + 1] * weights).sum() for i in range(size)])
+    return line[:, None] * line[None, :]
+
+
 def blurred(pixel_values: Tensor) -> Tensor:
-    """Gaussian blur of each channel, sigma = 5 px per 224 px of height (RISE's insertion baseline)."""
-    sigma = max(5.0 * pixel_values.shape[-2] / 224, 0.5)
-    radius = math.ceil(2 * sigma)
-    x = torch.arange(-radius, radius + 1, dtype=pixel_values.dtype, device=pixel_values.device)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    c = pixel_values.shape[1]
-    padded = F.pad(pixel_values, (radius, radius, radius, radius), mode="replicate")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    """RISE's insertion baseline: each channel convolved with :func:`rise_kernel`, zero padding, same size."""
+    kernel = rise_kernel().to(pixel_values.dtype).to(pixel_values.device)
+    c, pad = pixel_values.shape[1], kernel.shape[-1] // 2
+    return F.conv2d(pixel_values, kernel.expand(c, 1, *kernel.shape), padding=pad, groups=c)
 
 
 def image_baseline(pixel_values: Tensor, baseline: str) -> Tensor:

@@ -1,7 +1,11 @@
 """Localisation of saliency maps against ground-truth masks, as torchmetrics metrics and functions.
 
-- Pointing game: is the map's peak inside the mask (Zhang et al., 2016)? Ties
-  at the peak count as a hit only in the share that lies inside the mask.
+- Pointing game: is the map's peak inside the mask (Zhang et al., 2016)? Ties at the
+  peak: ``ties="share"`` (the default) scores the share of the tied peak pixels inside the
+  mask, ``ties="any"`` a hit if any of them is inside (as Quantus counts). ``tolerance``: a
+  peak within that many pixels of the mask is inside (Zhang et al. use 15 px at ImageNet
+  size, as TorchRay does). The class form can also give the mean over classes of each
+  class's hit rate (TorchRay's figure), next to the mean over samples.
 - Energy: the share of the map's total mass that falls inside the mask
   (the "energy-based pointing game" of Score-CAM).
 - Top-k IoU: intersection over union of the map's top-ranked pixels and the mask,
@@ -24,12 +28,31 @@ def _check(maps: Tensor, masks: Tensor) -> None:
         raise ValueError("masks holds an empty mask: there is nothing to point at")
 
 
-def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
-    """(B,) hit score of each map: the share of its peak pixels that lie inside the mask."""
+POINTING_TIES = ("share", "any")
+
+
+def dilate(masks: Tensor, tolerance: int) -> Tensor:
+    """(B, H, W) masks grown by every pixel within ``tolerance`` pixels (Euclidean) of them."""
+    if tolerance == 0:
+        return masks.bool()
+    offsets = torch.arange(-tolerance, tolerance + 1, device=masks.device, dtype=torch.float32)
+    disk = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= tolerance**2).float()
+    grown = torch.nn.functional.conv2d(masks[:, None].float(), disk[None, None], padding=tolerance)[:, 0]
+    return grown > 0
+
+
+def pointing_game(maps: Tensor, masks: Tensor, *, ties: str = "share", tolerance: int = 0) -> Tensor:
+    """(B,) hit score of each map: the share of its peak pixels inside the mask (``ties="share"``), or 1 if any
+    of them is (``ties="any"``); the mask grown by ``tolerance`` pixels first."""
     _check(maps, masks)
-    flat, inside = maps.flatten(1), masks.flatten(1).bool()
+    if ties not in POINTING_TIES:
+        raise ValueError(f"ties must be one of {list(POINTING_TIES)}, got {ties!r}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    flat, inside = maps.flatten(1), dilate(masks, tolerance).flatten(1)
     peak = flat == flat.amax(1, keepdim=True)
-    return (peak & inside).sum(1) / peak.sum(1)
+    hits = (peak & inside).sum(1)
+    return (hits > 0).float() if ties == "any" else hits / peak.sum(1)
 
 
 def mask_energy(maps: Tensor, masks: Tensor) -> Tensor:
@@ -55,12 +78,42 @@ def top_k_iou(maps: Tensor, masks: Tensor, fraction: float | None = None) -> Ten
 
 
 class PointingGame(MeanOverSamples):
-    """Mean pointing-game hit rate over all samples seen (summed across processes)."""
+    """Mean pointing-game hit rate over all samples seen (summed across processes); with ``num_classes``,
+    ``update(maps, masks, classes)`` also keeps each class's hits, and :meth:`per_class_mean` is the mean over
+    the classes seen of their hit rates."""
 
     higher_is_better = True
 
+    def __init__(self, ties: str = "share", tolerance: int = 0, num_classes: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if ties not in POINTING_TIES or tolerance < 0:
+            raise ValueError(f"ties must be one of {list(POINTING_TIES)} and tolerance >= 0, got {ties!r}, {tolerance}")
+        self.ties, self.tolerance, self.num_classes = ties, tolerance, num_classes
+        if num_classes is not None:
+            self.add_state("class_hits", default=torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("class_counts", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
     def _per_sample(self, maps: Tensor, masks: Tensor) -> Tensor:
-        return pointing_game(maps, masks)
+        return pointing_game(maps, masks, ties=self.ties, tolerance=self.tolerance)
+
+    def update(self, maps: Tensor | None = None, masks: Tensor | None = None, classes: Tensor | None = None, *,
+               scores: Tensor | None = None) -> None:
+        scores = self._per_sample(maps, masks) if scores is None else scores
+        if self.num_classes is not None:
+            if classes is None:
+                raise ValueError("PointingGame(num_classes=...) needs the class of each sample: update(maps, masks, classes)")
+            classes = classes.to(self.class_counts.device).long()
+            self.class_hits.index_add_(0, classes, scores.double().to(self.class_hits.device))
+            self.class_counts.index_add_(0, classes, torch.ones_like(classes))
+        super().update(scores=scores)
+
+    def per_class_mean(self) -> Tensor:
+        """Mean over the classes seen (on every process) of each class's mean hit score."""
+        if self.num_classes is None:
+            raise ValueError("per_class_mean needs PointingGame(num_classes=...)")
+        with self.sync_context():
+            seen = self.class_counts > 0
+            return (self.class_hits[seen] / self.class_counts[seen]).mean().float()
 
 
 class MaskEnergy(MeanOverSamples):

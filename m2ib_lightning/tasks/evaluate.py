@@ -67,6 +67,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, grid_samples=cfg.export.grid_samples,
                               display_image=display_image)
     module = EvaluationModule(backbone, methods, MetricSettings(**cfg.metrics))
+    if any(getattr(method, "has_text_map", False) for method in methods.values()):
+        try:  # text metrics replace words: with an id that keeps the caption's pooled position, checked up front
+            module.evaluator.replacement_id()
+        except ValueError as err:
+            raise ConfigError(f"metrics.replacement_id: {err}") from err
 
     def add_earlier_samples(trainer: L.Trainer, done: set[str]) -> None:
         if trainer.global_rank == 0:  # rank 0 alone: the sync sums them once
@@ -106,8 +111,12 @@ def earlier_samples(module: EvaluationModule, out: Path) -> None:
         module.samples[method].update(len(times))
 
 
-def _cell(value: tuple[float, float] | None) -> str:
-    return "–" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
+def _cell(value: tuple[float | None, float | None] | None) -> str:
+    """``mean ± SE``; ``NaN`` for a method whose scores were NaN, ``n/a`` for the error of a single sample."""
+    if value is None:
+        return "–"
+    mean, error = ("NaN" if value[0] is None else f"{value[0]:.3f}"), ("n/a" if value[1] is None else f"{value[1]:.3f}")
+    return f"{mean} ± {error}"
 
 
 def tables(table: dict[str, dict[str, Any]]) -> tuple[str, str, list[str]]:
@@ -122,7 +131,7 @@ def tables(table: dict[str, dict[str, Any]]) -> tuple[str, str, list[str]]:
     for method, row in table.items():
         rate = "–" if row["samples_per_s"] is None else f"{row['samples_per_s']:.1f}"
         md.append(f"| {method} | " + " | ".join(_cell(row[m]) for m in columns) + f" | {rate} |")
-        flat = [v for m in columns for v in (row[m] if row[m] is not None else ("", ""))]
+        flat = ["" if v is None else v for m in columns for v in (row[m] if row[m] is not None else ("", ""))]
         writer.writerow([method, *flat, row["samples"], row["samples_per_s"] or ""])
     return "\n".join(md) + "\n", buffer.getvalue(), columns
 
@@ -145,7 +154,7 @@ def _finish(cfg: DictConfig, trainer: L.Trainer, table: dict, writer: Evaluation
         (out / "figures").mkdir(exist_ok=True)
         atomic_write(out / "figures" / "methods_grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         experiment.add_image("methods_grid", np.asarray(grid), 0, dataformats="HWC")
-    metrics = {f"{method}/{m}": row[m][0] for method, row in table.items() for m in columns if row[m] is not None}
+    metrics = {f"{method}/{m}": row[m][0] for method, row in table.items() for m in columns if row[m] is not None and row[m][0] is not None}
     trainer.logger.log_hyperparams({"methods": ",".join(table), "model": cfg.model.name_or_path}, metrics=metrics)
     trainer.logger.finalize("success")
     summary = {
