@@ -146,7 +146,7 @@ class ProbeData:
 @dataclass
 class ProbeSettings:
     modalities: List[str] = field(default_factory=lambda: ["image", "text"])  # which side is corrupted
-    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "head"])
+    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "self_head"])  # also self_attn; "head" = self_head
     direction: str = "denoise"
     batch_size: int = 256
     min_gap: float = 1e-3
@@ -253,6 +253,11 @@ SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": F
 _ABSENT = object()  # an override not given at all; `key=null` is given, as None
 
 
+#: the sites each probing task can patch
+PROBE_SITES = {"probe": ("resid", "mlp", "self_attn", "self_head"),
+               "probe_vqa": ("resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head")}
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit its schema."""
 
@@ -345,6 +350,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     if "trainer" in config:
         _check_trainer_keys(config)
     _check_values(config)
+    if task in PROBE_SITES:  # site aliases resolved once, here; an unknown site is a config error
+        from .probing.patching import SITE_ALIASES
+
+        sites = [SITE_ALIASES.get(site, site) if task == "probe" else site for site in config.probe.sites]
+        unknown = [site for site in sites if site not in PROBE_SITES[task]]
+        if unknown or not sites:
+            raise ConfigError(f"bad config value probe.sites={list(config.probe.sites)!r}: must be a non-empty list of "
+                              f"{list(PROBE_SITES[task])}" + (" (or 'head' for self_head)" if task == "probe" else ""))
+        config.probe.sites = sites
     if "m2ib" in config:
         try:
             M2IBConfig(**config.m2ib)

@@ -110,6 +110,21 @@ def test_bad_arguments(model, image_pair):
         probe.run(clean, corrupt, {k: v[:1] for k, v in choices.items()}, modality="image")
 
 
+def test_probe_sites_are_resolved_once_and_an_unknown_one_is_refused(tmp_path):
+    from m2ib_lightning.config import CONFIG_DIR, ConfigError, load_config
+
+    cfg = load_config(CONFIG_DIR / "probe_shapes.yaml", ["probe.sites=[self_head,head,self_attn]"])
+    assert list(cfg.probe.sites) == ["self_head", "self_head", "self_attn"]
+    with pytest.raises(ConfigError, match=r"probe.sites=\['cross_head'\]"):
+        load_config(CONFIG_DIR / "probe_shapes.yaml", ["probe.sites=[cross_head]"])
+    with pytest.raises(ConfigError, match="probe.sites"):
+        load_config(CONFIG_DIR / "probe_shapes_vqa.yaml", ["probe.sites=[head]"])
+
+
+def test_heads_of_equal_effect_are_none_important():
+    assert important_heads(torch.full((3, 4), 0.25)) == [] and important_heads(torch.zeros(2, 2)) == []
+
+
 def test_aggregation_and_important_heads():
     effects = torch.zeros(3, 4)
     effects[1, 2] = 5.0
@@ -173,12 +188,13 @@ def test_probe_run_writes_effects_heatmaps_and_summary(tmp_path, tiny_bundle):
     ])
     summary = run(cfg)
     effects = load_file(tmp_path / "effects.safetensors")
-    assert set(effects) == {f"{m}/{s}/{k}" for m in ("image", "text") for s in ("resid", "head") for k in ("mean", "raw")}
+    # "head" (the older name) is resolved to self_head when the config is read
+    assert set(effects) == {f"{m}/{s}/{k}" for m in ("image", "text") for s in ("resid", "self_head") for k in ("mean", "raw")}
     assert effects["image/resid/mean"].shape == (2, 65) and effects["image/resid/raw"].shape == (3, 2, 65)
-    assert effects["image/head/mean"].shape == (2, 2)
+    assert effects["image/self_head/mean"].shape == (2, 2)
     # the last layer's residual at the pooled token is all the tower passes on: it restores the clean score
     torch.testing.assert_close(effects["image/resid/mean"][-1, 0], torch.tensor(1.0), atol=1e-3, rtol=0)
-    assert {p.name for p in tmp_path.glob("*.png")} == {"image_resid.png", "image_head.png", "text_resid.png", "text_head.png"}
+    assert {p.name for p in tmp_path.glob("*.png")} == {"image_resid.png", "image_self_head.png", "text_resid.png", "text_self_head.png"}
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["sites"]["image/resid"]["pairs"] == 3 and "universal_heads" in saved
     assert summary["important_heads"].keys() == {f"{a}/{m}" for a in ("colour", "shape", "position") for m in ("image", "text")}

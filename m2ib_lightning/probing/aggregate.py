@@ -32,11 +32,15 @@ def mean_effect(results: Sequence[PatchingResult]) -> tuple[Tensor, Tensor, int]
 
 def important_heads(mean_abs_effect: Tensor, num_std: float = 2.0) -> list[tuple[int, int]]:
     """(layer, head) whose mean |effect| is at least the mean plus ``num_std`` population standard deviations
-    over all heads of the site (NOTICE's rule, numpy's std)."""
+    over all heads of the site (NOTICE's rule, numpy's std). Heads whose effects are all equal (std 0) stand
+    out from nothing: none is important."""
     if mean_abs_effect.dim() != 2:
         raise ValueError(f"mean_abs_effect must be (layers, heads), got {tuple(mean_abs_effect.shape)}")
     values = mean_abs_effect.nan_to_num(0.0)
-    threshold = values.mean() + num_std * values.std(correction=0)
+    spread = values.std(correction=0)
+    if spread <= 1e-12 * values.abs().max().clamp_min(1e-300):
+        return []
+    threshold = values.mean() + num_std * spread
     return [tuple(idx) for idx in (values >= threshold).nonzero().tolist()]
 
 

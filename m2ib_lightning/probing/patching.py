@@ -237,21 +237,26 @@ class ActivationPatching:
             base_prob, base_ld = (corrupt_prob, corrupt_ld) if direction == "denoise" else (clean_prob, clean_ld)
             probs = torch.full((len(cells),), base_prob, dtype=torch.float64)
             lds = torch.full((len(cells),), base_ld, dtype=torch.float64)
-            active = [i for i, cell in enumerate(cells) if not self._same(cache, base_cache, cell, heads)]
+            # so does a padding position of the text tower: no real token attends to it (exact 0, not rounding)
+            mask = base.get("attention_mask") if tower == "text" else None
+            padding = set() if mask is None or mask.shape[-1] != tokens else set((mask[0] == 0).nonzero()[:, 0].tolist())
+            active = [i for i, cell in enumerate(cells)
+                      if cell.position not in padding and not self._same(cache, base_cache, cell, heads)]
             if active:
                 p, ld = self._patched(sites, base, cache, [cells[i] for i in active], tower, answers)
                 probs[active], lds[active] = p.double(), ld.double()
             dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
 
-        patched_prob, patched_ld = probs.view(shape).to(dtype), lds.view(shape).to(dtype)
         gap = clean_ld - corrupt_ld
         flagged = not math.isfinite(gap) or abs(gap) < self.min_gap
+        lds = lds.view(shape)  # the effect in float64 first: a skipped cell's LD is the base LD exactly, effect 0
         if flagged:
-            effect = torch.full_like(patched_ld, math.nan)
+            effect = torch.full_like(lds, math.nan)
         elif direction == "denoise":
-            effect = (patched_ld - corrupt_ld) / gap
+            effect = (lds - corrupt_ld) / gap
         else:
-            effect = (clean_ld - patched_ld) / gap
+            effect = (clean_ld - lds) / gap
+        patched_prob, patched_ld, effect = probs.view(shape).to(dtype), lds.to(dtype), effect.to(dtype)
         return PatchingResult(effect, patched_ld, patched_prob, clean_ld, corrupt_ld, clean_prob, corrupt_prob,
                               flagged, site, direction, tower)
 

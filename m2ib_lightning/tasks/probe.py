@@ -78,7 +78,7 @@ def _probe(cfg: DictConfig, out: Path, backbone) -> dict[str, Any]:
                 skipped.append({"pair": index, "modality": modality, "reason": str(err)})
                 continue
             for site in cfg.probe.sites:
-                positions = "pooled" if site == "head" else "each"
+                positions = "pooled" if site == "self_head" else "each"
                 result = probe.run(*inputs, modality=modality, site=site, positions=positions, direction=cfg.probe.direction)
                 results.setdefault((attribute, modality, site), []).append(result)
 
@@ -100,7 +100,7 @@ def _probe(cfg: DictConfig, out: Path, backbone) -> dict[str, Any]:
             }
     for (attribute, modality, site), group in results.items():
         kept = [r.effect.abs() for r in group if not r.flagged]
-        if site == "head" and kept:  # CLIP: the corrupted modality's own tower is patched
+        if site == "self_head" and kept:  # CLIP: the corrupted modality's own tower is patched
             heads_by_task[(attribute, modality, modality, "self_head")] = important_heads(torch.stack(kept).mean(0))
     universal = universal_heads(heads_by_task)
     atomic_write(out / "effects.safetensors", lambda tmp: save_file(tensors, str(tmp)))
