@@ -181,6 +181,7 @@ class ProbeVQASettings:
     batch_size: int = 256
     min_gap: float = 1e-3
     top_heads: int = 3  # cross-attention heads drawn over the image
+    head_ranking: str = "notice"  # notice: P(answer) with one head patched at the answer token | effect: |effect|, all positions
 
 
 @dataclass
@@ -294,6 +295,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "probe.modalities": _subset_of("image", "text"), "probe.towers": _subset_of("text", "vision"),
     "probe.direction": _one_of("denoise", "noise"), "probe.vision_positions": _one_of("all", "each"),
     "probe.batch_size": _at_least(1), "probe.min_gap": _at_least(0), "probe.top_heads": _at_least(0),
+    "probe.head_ranking": _one_of("notice", "effect"),
     "metrics.steps": _at_least(1), "metrics.unit": _at_least(1), "metrics.top_k_fraction": (lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
     "metrics.deletion_baseline": _one_of("zero", "mean", "blur"), "metrics.insertion_baseline": _one_of("zero", "mean", "blur"),
     "export.grid_samples": _at_least(0),

@@ -212,3 +212,30 @@ def test_pairs_from_a_manifest_skip_and_list_bad_records(tmp_path):
     pairs, failures = read_vqa_pairs(tmp_path / "pairs.jsonl")
     assert [p.id for p in pairs] == ["good"] and pairs[0].corrupt_image().getpixel((0, 0)) == (0, 0, 255)
     assert {f.id: f.reason.split(":")[0] for f in failures} == {"gone": "image not found", "half": "missing ['corrupt_image']"}
+
+
+def test_notice_head_ranking_equals_noticess_get_circuits():
+    """NOTICE's circuit_analysis: P(answer) with one head patched at the answer token, |.| averaged over
+    samples, heads at or above mean + 2 std (numpy's population std), transcribed here in numpy."""
+    import numpy as np
+
+    from m2ib_lightning.probing import answer_position, head_scores, important_heads
+
+    rng = np.random.default_rng(0)
+    samples, layers, positions, heads = 6, 4, 7, 12
+    probs = rng.random((samples, layers, positions, heads)) * 0.2
+    probs[:, 2, :, 5] += 0.7  # one head restores the answer wherever it is patched
+    questions = [["[CLS]", "is", "the", "circle", "red", "or", "blue", "?"][:positions]] * samples
+    answer = ["red"]
+    position = answer_position(questions[0], answer)
+    assert position == 4
+    ours = important_heads(torch.stack([head_scores({"patched_prob": torch.tensor(p)}, "notice", position) for p in probs]).mean(0))
+
+    scores = probs[:, :, position, :]  # NOTICE: (samples, layers, heads) at the answer token
+    avg_by_head = np.mean(abs(np.reshape(scores, (samples, -1))), axis=0)
+    threshold = 2 * np.std(avg_by_head) + np.mean(avg_by_head)
+    theirs = {(int(i) // heads, int(i) % heads) for i in np.where(abs(avg_by_head) >= threshold)[0]}
+    assert set(ours) == theirs == {(2, 5)}
+    assert answer_position(["[CLS]", "is", "it", "##s"], ["red"]) is None
+    assert head_scores({"patched_prob": torch.ones(2, 3, 4)}, "notice", None) is None
+    assert head_scores({"effect": torch.ones(2, 4), "flagged": True}, "effect") is None

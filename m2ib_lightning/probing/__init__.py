@@ -1,7 +1,7 @@
 """Probing by activation patching between clean and minimally corrupted inputs (NOTICE-style)."""
 
 from .adapters import BlipVQAProbe, CLIPProbe, ProbingAdapter, Site, as_probing_adapter, register_probing_adapter
-from .aggregate import effect_by_role, important_heads, mean_effect, universal_heads
+from .aggregate import HEAD_RANKINGS, answer_position, effect_by_role, head_scores, important_heads, mean_effect, universal_heads
 from .pairs import VQAPair, gaussian_noise, read_vqa_pairs, same_length_replacement, symmetric_token_replacement, vqa_minimal_pair
 from .patching import ActivationPatching, Cell, PatchingResult
 
@@ -18,6 +18,9 @@ __all__ = [
     "effect_by_role",
     "gaussian_noise",
     "important_heads",
+    "head_scores",
+    "answer_position",
+    "HEAD_RANKINGS",
     "mean_effect",
     "read_vqa_pairs",
     "register_probing_adapter",

@@ -44,6 +44,37 @@ def important_heads(mean_abs_effect: Tensor, num_std: float = 2.0) -> list[tuple
     return [tuple(idx) for idx in (values >= threshold).nonzero().tolist()]
 
 
+HEAD_RANKINGS = ("notice", "effect")
+
+
+def answer_position(tokens: Sequence[str], answer_tokens: Sequence[str]) -> int | None:
+    """NOTICE's answer token: the first token of the question whose piece contains the answer's first piece
+    (its substring rule, ``##`` markers kept), as a position of ``tokens`` (the model's input pieces); None if none."""
+    if not answer_tokens:
+        return None
+    first = answer_tokens[0]
+    return next((i for i, token in enumerate(tokens) if first in token), None)
+
+
+def head_scores(result: dict[str, Tensor], ranking: str, position: int | None = None) -> Tensor | None:
+    """(layers, heads) score of every head in one pair, the input of :func:`important_heads`.
+
+    ``notice``: the restoration probability P(correct answer) with that head patched at the answer token alone
+    (``result["patched_prob"]`` of a positions="each" run, (layers, positions, heads)), as NOTICE ranks heads;
+    ``effect``: |normalised effect| of the head patched at every position at once ((layers, heads)), ours.
+    None where the pair gives no score (no answer token; for ``effect``, a flagged pair).
+    """
+    if ranking == "notice":
+        prob = result["patched_prob"]
+        if position is None or prob.dim() != 3:
+            return None
+        return prob[:, position, :].abs().nan_to_num(0.0)  # NOTICE: NaN -> 0
+    if ranking == "effect":
+        effect = result["effect"]
+        return None if result["flagged"] or effect.dim() != 2 else effect.abs()
+    raise ValueError(f"ranking must be one of {list(HEAD_RANKINGS)}, got {ranking!r}")
+
+
 def universal_heads(important: dict[tuple[str, str, str, str], list[tuple[int, int]]]) -> dict[str, list[tuple[int, int]]]:
     """Heads important in every task and corruption modality, per ``tower/site``.
 

@@ -34,6 +34,8 @@ from ..data.questions import ShapesVQA, TWO_CHOICE_KINDS
 from ..models.shapes_blip_vqa import first_step_logits
 from ..probing import (
     ActivationPatching,
+    answer_position,
+    head_scores,
     VQAPair,
     effect_by_role,
     gaussian_noise,
@@ -86,6 +88,8 @@ class PairItems(Dataset):
             "corrupt_pixels": corrupt_pixels,
             "roles": ["[CLS]", *pair.roles, "[SEP]"],
         }
+        pieces = tokenizer.convert_ids_to_tokens(clean["input_ids"][0].tolist())
+        item["answer_position"] = answer_position(pieces, tokenizer.tokenize(pair.answer))
         if len(item["roles"]) != clean["input_ids"].shape[1]:
             item["roles"] = [f"pos{i}" for i in range(clean["input_ids"].shape[1])]  # words split into pieces
         words = OPTION_WORDS.get(pair.kind, [])
@@ -124,7 +128,8 @@ class VQAProbing(L.LightningModule):
             if "failure" in item:
                 out.append({"index": item["index"], "id": item["id"], "failure": item["failure"]})
                 continue
-            record = {"index": item["index"], "id": item["id"], "kind": item["kind"], "roles": item["roles"], "results": {}, "skipped": {}}
+            record = {"index": item["index"], "id": item["id"], "kind": item["kind"], "roles": item["roles"], "results": {},
+                      "skipped": {}, "answer_position": item["answer_position"]}
             with torch.no_grad():
                 logits = first_step_logits(self.model, *(item["clean"][k].to(self.device) for k in ("pixel_values", "input_ids", "attention_mask")))
             record["correct"] = int(logits.argmax(-1).item() == item["answers"][0])
@@ -140,7 +145,10 @@ class VQAProbing(L.LightningModule):
                     for site in self.settings.sites:
                         if site not in self.probe.adapter.sites(tower):
                             continue
-                        each = not site.endswith("head") and (tower == "text" or self.settings.vision_positions == "each")
+                        if site.endswith("head"):  # NOTICE ranks text-encoder heads one token at a time
+                            each = tower == "text" and self.settings.head_ranking == "notice"
+                        else:
+                            each = tower == "text" or self.settings.vision_positions == "each"
                         positions = "each" if each else "all"
                         result = self.probe.run(*inputs, answers=tuple(item["answers"]), modality=modality, site=site,
                                                 tower=tower, positions=positions, direction=self.settings.direction)
@@ -151,6 +159,7 @@ class VQAProbing(L.LightningModule):
 
 def _compact(result: PatchingResult) -> dict[str, Any]:
     return {"effect": result.effect.float().cpu(), "patched_ld": result.patched_ld.float().cpu(),
+            "patched_prob": result.patched_prob.float().cpu(),
             "clean_ld": result.clean_ld, "corrupt_ld": result.corrupt_ld, "flagged": result.flagged}
 
 
@@ -227,7 +236,7 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, 
     done = [r for r in records if "failure" not in r]
     failures = upfront + [{"id": r["id"], "reason": r["failure"]} for r in records if "failure" in r]
     failures += [{"id": r["id"], "corruption": c, "reason": why} for r in done for c, why in r["skipped"].items()]
-    tensors, groups, flagged, important = {}, {}, {}, {}
+    tensors, groups, flagged, important, ranked = {}, {}, {}, {}, {}
     for r in done:
         for key, result in r["results"].items():
             groups.setdefault(key, []).append((r, result))
@@ -239,12 +248,17 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, 
         flagged[key] = [r["id"] for r, res in entries if res["flagged"]]
         tensors[f"{key}/raw"] = raw.contiguous()
         if site.endswith("head"):
+            ranking, scored = head_ranking(cfg, tower, entries)
+            if not scored:
+                continue
+            ranked[key] = (ranking, scored)
+            mean = torch.stack([score for _, score in scored]).mean(0)
             tensors[f"{key}/mean"] = mean.contiguous()
-            for kind in sorted({r["kind"] for r, _ in entries}):
-                kept = [res["effect"].abs() for r, res in entries if r["kind"] == kind and not res["flagged"]]
-                if kept:
-                    important[(kind, corruption, tower, site)] = important_heads(torch.stack(kept).mean(0))
-            figures[key] = _heatmap(mean.abs(), [f"h{h}" for h in range(mean.shape[1])], f"{key}: mean |effect|, layers x heads", "head")
+            for kind in sorted({r["kind"] for r, _ in scored}):
+                kept = [score for r, score in scored if r["kind"] == kind]
+                important[(kind, corruption, tower, site)] = important_heads(torch.stack(kept).mean(0))
+            figures[key] = _heatmap(mean, [f"h{h}" for h in range(mean.shape[1])], f"{key}: {RANKING_LABELS[ranking]}, "
+                                    "layers x heads", "head")
         elif tower == "text":  # one template per task: positions are averaged by their role in it
             for kind in sorted({r["kind"] for r, _ in entries}):
                 of_kind = [(r, res) for r, res in entries if r["kind"] == kind]
@@ -262,7 +276,7 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, 
     for key, png in figures.items():
         atomic_write(figure_dir / f"{key.replace('/', '_')}.png", png)
     universal = universal_heads(important)
-    _write_heads_csv(out, groups, important)
+    _write_heads_csv(out, ranked, important)
     overlays = _head_overlays(cfg, model, processor, pairs, done, universal, important, figure_dir)
     _log_figures(trainer, {**figures, **overlays})
     accuracy = {}
@@ -280,30 +294,46 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, 
 
 
 def _as_result(res: dict, site: str) -> PatchingResult:
-    """The stored scores as a result for ``mean_effect`` (probabilities are not kept per cell)."""
+    """The stored scores as a result for ``mean_effect``."""
     unused = torch.zeros(())
     return PatchingResult(res["effect"], res["patched_ld"], unused, res["clean_ld"], res["corrupt_ld"], 0.0, 0.0, res["flagged"], site, "")
 
 
-def _write_heads_csv(out: Path, groups: dict, important: dict) -> None:
+RANKING_LABELS = {"notice": "mean restoration probability at the answer token (NOTICE)",
+                  "effect": "mean |effect|, all positions patched"}
+
+
+def head_ranking(cfg: DictConfig, tower: str, entries: list) -> tuple[str, list[tuple[dict, torch.Tensor]]]:
+    """The statistic heads of one group are ranked by, and each pair's (layers, heads) scores under it.
+
+    NOTICE's (``probe.head_ranking=notice``) for text-encoder heads, over the pairs that have an answer token
+    (NOTICE also chose its pairs among those the model answers correctly: the summary's accuracy says how many
+    are); ours (|effect| with every position patched) for vision-tower heads, which have no answer token, and
+    when asked.
+    """
+    ranking = cfg.probe.head_ranking if tower == "text" else "effect"
+    scored = []
+    for record, result in entries:
+        score = head_scores(result, ranking, record.get("answer_position"))
+        if score is not None:
+            scored.append((record, score))
+    return ranking, scored
+
+
+def _write_heads_csv(out: Path, ranked: dict, important: dict) -> None:
     rows = []
-    for key, entries in sorted(groups.items()):
+    for key, (ranking, scored) in sorted(ranked.items()):
         corruption, tower, site = key.split("/")
-        if not site.endswith("head"):
-            continue
-        kept = [res["effect"].abs() for _, res in entries if not res["flagged"]]
-        if not kept:
-            continue
-        mean = torch.stack(kept).mean(0)
-        order = mean.flatten().argsort(descending=True).tolist()
+        mean = torch.stack([score for _, score in scored]).mean(0)
+        order = mean.flatten().argsort(descending=True, stable=True).tolist()
         heads = mean.shape[1]
         for rank, flat in enumerate(order, 1):
             layer, head = divmod(flat, heads)
             tasks = [k[0] for k, v in important.items() if k[1:] == (corruption, tower, site) and (layer, head) in v]
-            rows.append([tower, site, corruption, rank, layer, head, f"{mean[layer, head].item():.6f}", ";".join(tasks)])
+            rows.append([tower, site, corruption, ranking, rank, layer, head, f"{mean[layer, head].item():.6f}", ";".join(tasks)])
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["tower", "site", "corruption", "rank", "layer", "head", "mean_abs_effect", "important_in_tasks"])
+    writer.writerow(["tower", "site", "corruption", "statistic", "rank", "layer", "head", "score", "important_in_tasks"])
     writer.writerows(rows)
     atomic_write(out / "heads.csv", buffer.getvalue())
 
