@@ -159,7 +159,7 @@ def test_twenty_kills_at_random_moments_alternating_1_and_2_processes_lose_and_d
     bitwise those of an uninterrupted run, no orphan shard, temporary or pending file, an index that reads."""
     import random
 
-    extra = ("data.num_samples=120", "data.batch_size=2", "export.samples_per_shard=3", "m2ib.steps=3")
+    extra = ("data.num_samples=80", "data.batch_size=2", "export.samples_per_shard=3", "m2ib.steps=3")
     env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
     out, rng = tmp_path / "killed", random.Random(14)
     finished = 0
@@ -167,7 +167,7 @@ def test_twenty_kills_at_random_moments_alternating_1_and_2_processes_lose_and_d
         proc = subprocess.Popen(_args(out, tiny_bundle, *extra, *_ddp(1 + attempt % 2)), cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            proc.wait(timeout=rng.uniform(1.0, 9.0))
+            proc.wait(timeout=rng.uniform(1.0, 5.0))
             finished += 1
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -180,7 +180,7 @@ def test_twenty_kills_at_random_moments_alternating_1_and_2_processes_lose_and_d
 
     lines = [json.loads(line) for path in sorted(out.glob("index-rank*.jsonl")) for line in path.read_text().splitlines()]
     ids = [line["id"] for line in lines]
-    assert len(ids) == len(set(ids)) == 120, "a sample was lost or attributed twice"
+    assert len(ids) == len(set(ids)) == 80, "a sample was lost or attributed twice"
     _assert_same_maps(_maps(tmp_path / "full"), _maps(out), atol=0)
     shards = {p.name for p in (out / "shards").iterdir()}
     assert shards == {line["shard"] for line in lines}, "an orphan shard, temporary or pending file is left"

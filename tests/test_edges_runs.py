@@ -111,6 +111,17 @@ def _refused(proc: subprocess.CompletedProcess, *phrases: str) -> str:
     return last
 
 
+def _main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """train.py's main in this process (no interpreter start-up), as a finished process would report it."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    capsys.readouterr()
+    code = train.main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def test_a_run_of_another_task_is_refused_and_the_first_run_still_resumes(tmp_path, tiny_bundle):
     out = tmp_path / "eval"
 
@@ -173,9 +184,9 @@ def test_an_orphan_shard_of_a_killed_commit_is_removed_and_a_committed_one_kept(
     ("trainer.strategy=nosuch", ("trainer.strategy='nosuch'", "invalid strategy")),
     ("model.dtype=float8", ("model.dtype='float8'",)),
 ])
-def test_bad_settings_exit_2_with_one_line_before_anything_is_written(tmp_path, tiny_bundle, override, phrases):
+def test_bad_settings_exit_2_with_one_line_before_anything_is_written(tmp_path, tiny_bundle, override, phrases, capsys):
     out = tmp_path / "run"
-    _refused(_train(*_small(out, tiny_bundle, "data.num_samples=1"), override, ok=False), *phrases)
+    _refused(_main(capsys, *_small(out, tiny_bundle, "data.num_samples=1"), override), *phrases)
     assert not out.exists()
 
 
@@ -184,7 +195,7 @@ def test_bad_settings_exit_2_with_one_line_before_anything_is_written(tmp_path, 
     (("preprocessor_config.json", "processor_config.json"), "has no image processor config"),
     (("config.json",), "has no config.json"),
 ])
-def test_an_incomplete_checkpoint_directory_names_what_it_lacks(tmp_path, tiny_bundle, missing, phrase):
+def test_an_incomplete_checkpoint_directory_names_what_it_lacks(tmp_path, tiny_bundle, missing, phrase, capsys):
     import shutil
 
     bundle = tmp_path / "bundle"
@@ -192,7 +203,7 @@ def test_an_incomplete_checkpoint_directory_names_what_it_lacks(tmp_path, tiny_b
     for name in missing:
         (bundle / name).unlink(missing_ok=True)
     out = tmp_path / "run"
-    _refused(_train(*_small(out, bundle, "data.num_samples=1"), ok=False), "model.name_or_path=", phrase)
+    _refused(_main(capsys, *_small(out, bundle, "data.num_samples=1")), "model.name_or_path=", phrase)
     assert not out.exists()
 
 
