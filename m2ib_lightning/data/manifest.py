@@ -53,7 +53,7 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def load_rgb(source: Path | bytes, name: str | None = None) -> Image.Image:
+def load_rgb(source: str | Path | bytes, name: str | None = None) -> Image.Image:
     """Open (a file, or the bytes of one), fully decode, turn upright by its EXIF orientation (as viewers show it)
     and convert to RGB; raise :class:`BadImage` with a reason otherwise."""
     if isinstance(source, (bytes, bytearray)):
@@ -167,6 +167,8 @@ class ManifestSource:
             raise FileNotFoundError(f"data.manifest={str(self.path)!r} does not exist")
         self.folder = self.path if self.path.is_dir() else self.path.parent
         self.root = Path(os.path.abspath(root if root is not None else self.folder))
+        self._folder, self._root = str(self.folder), str(self.root)
+        self._root_prefix = self._root if self._root.endswith(os.sep) else self._root + os.sep
         if root is not None and not self.root.is_dir():
             raise FileNotFoundError(f"data.root={str(root)!r} is not a directory")
         suffix = self.path.suffix.lower()
@@ -206,11 +208,12 @@ class ManifestSource:
     def __iter__(self) -> Iterator[PairRecord | Failure]:
         return self._entries(0, 1, frozenset())
 
-    def inside_root(self, relative: str) -> Path | None:
+    def inside_root(self, relative: str) -> str | None:
         """The path of a manifest's image or mask (relative to the manifest's folder, or absolute), or None if it
-        lies outside ``root`` (checked on the path as written, ``..`` resolved; symbolic links are followed later)."""
-        path = Path(os.path.abspath(self.folder / relative))
-        return path if path == self.root or self.root in path.parents else None
+        lies outside ``root`` (checked on the path as written, ``..`` resolved; symbolic links are followed later).
+        String operations: this runs once per record of manifests of millions of lines."""
+        path = os.path.abspath(os.path.join(self._folder, relative))
+        return path if path == self._root or path.startswith(self._root_prefix) else None
 
     def _entries(self, slot: int, slots: int, skip: set[str] | frozenset) -> Iterator[PairRecord | Failure]:
         seen: dict[str, str] = {}
@@ -250,7 +253,7 @@ class ManifestSource:
         return PairRecord(sample_id, text.strip(), partial(load_rgb, image_path), load_mask=truth)
 
 
-def _ground_truth(row: dict, source: ManifestSource, image: Path) -> Callable[[], np.ndarray] | None | str:
+def _ground_truth(row: dict, source: ManifestSource, image: str) -> Callable[[], np.ndarray] | None | str:
     """A row's optional ground truth for localisation: ``mask`` (an image file, non-zero = inside) or ``boxes``
     ([[x0, y0, x1, y1], ...] in the original image's pixels). A loader, None, or the reason it is unusable."""
     if row.get("mask"):
@@ -271,15 +274,15 @@ def _ground_truth(row: dict, source: ManifestSource, image: Path) -> Callable[[]
     return partial(_box_mask, image, [tuple(b) for b in boxes])
 
 
-def _mask_file(path: Path) -> np.ndarray:
+def _mask_file(path: str) -> np.ndarray:
     try:
         with Image.open(path) as mask:
             return np.asarray(mask.convert("L")) > 0
     except (OSError, ValueError) as err:
-        raise BadImage(f"mask {path.name} cannot be read: {err}") from None
+        raise BadImage(f"mask {Path(path).name} cannot be read: {err}") from None
 
 
-def _box_mask(image: Path, boxes: list[tuple[float, ...]]) -> np.ndarray:
+def _box_mask(image: str, boxes: list[tuple[float, ...]]) -> np.ndarray:
     with Image.open(image) as opened:  # boxes are given on the picture as shown: EXIF orientation applied
         width, height = ImageOps.exif_transpose(opened).size if _orientation(opened) != 1 else opened.size
     mask = np.zeros((height, width), dtype=bool)
