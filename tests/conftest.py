@@ -48,6 +48,18 @@ def make_texts(lengths: list[int], width: int | None = None, seed: int = 0, eos:
     return ids, mask
 
 
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    """A tar file of the given members (name -> bytes), in order, as WebDataset shards are."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def make_images(batch: int, size: int = 32, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=gen)

@@ -12,7 +12,6 @@ import json
 import re
 import shlex
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import ROOT, tiny_plain
+from conftest import ROOT, tiny_plain, write_tar
 from m2ib_lightning.config import load_config
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -77,11 +76,7 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
     (root / "pairs.jsonl").write_text("\n".join(rows) + "\n")
     (root / "shards").mkdir()
     for shard in range(2):
-        with tarfile.open(root / "shards" / f"{shard:05d}.tar", "w") as tar:
-            for key, data in ((f"k{shard}.png", _png_bytes(10 + shard)), (f"k{shard}.txt", b"a blue square")):
-                info = tarfile.TarInfo(key)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+        write_tar(root / "shards" / f"{shard:05d}.tar", {f"k{shard}.png": _png_bytes(10 + shard), f"k{shard}.txt": b"a blue square"})
     plain = root / "plain-model"
     plain.mkdir()
     save_file(tiny_plain(seed=1).state_dict(), str(plain / "weights.safetensors"))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_tar
 from m2ib_lightning.config import load_config
 from m2ib_lightning.data.manifest import EXIF_ORIENTATION, ManifestSource, load_rgb, owner_slot, read_pairs
 from m2ib_lightning.data.records import Failure
@@ -113,14 +113,6 @@ def test_a_missing_data_root_is_a_config_error_naming_it(tmp_path):
         source_of(cfg)
 
 
-def _tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _png_bytes(colour="red") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
@@ -128,9 +120,9 @@ def _png_bytes(colour="red") -> bytes:
 
 
 def test_webdataset_ids_are_unique_across_shards_and_a_key_repeated_in_a_tar_is_reported(tmp_path):
-    _tar(tmp_path / "a.tar", {"k1.png": _png_bytes(), "k1.txt": b"one", "k2.png": _png_bytes(), "k2.txt": b"two",
+    write_tar(tmp_path / "a.tar", {"k1.png": _png_bytes(), "k1.txt": b"one", "k2.png": _png_bytes(), "k2.txt": b"two",
                               "other.png": _png_bytes(), "other.txt": b"x", "k1.jpg": _png_bytes()})
-    _tar(tmp_path / "b.tar", {"k1.png": _png_bytes("blue"), "k1.txt": b"three"})
+    write_tar(tmp_path / "b.tar", {"k1.png": _png_bytes("blue"), "k1.txt": b"three"})
     entries = list(WebDatasetSource(str(tmp_path / "{a,b}.tar")).split(0, 1))
     good = [e.id for e in entries if not isinstance(e, Failure)]
     assert good == ["a/k1", "a/k2", "a/other", "b/k1"]
@@ -145,6 +137,6 @@ def test_webdataset_ids_are_unique_across_shards_and_a_key_repeated_in_a_tar_is_
 def test_webdataset_shards_whose_names_collide_are_refused(tmp_path):
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()
-        _tar(tmp_path / folder / "00000.tar", {"k.png": _png_bytes(), "k.txt": b"x"})
+        write_tar(tmp_path / folder / "00000.tar", {"k.png": _png_bytes(), "k.txt": b"x"})
     with pytest.raises(ValueError, match="share the name '00000'"):
         WebDatasetSource(str(tmp_path / "{x,y}/00000.tar"))

@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_images, make_texts
+from conftest import ROOT, make_images, make_texts, write_tar
 from m2ib_lightning import attribute, read_attributions, results
 from m2ib_lightning.config import load_config
 from m2ib_lightning.data.attribution import WorldSource
@@ -118,23 +117,15 @@ def _jpeg(seed: int, size=(40, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def _tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture
 def shards(tmp_path) -> tuple[str, set[str], dict[str, str]]:
     """Two tar shards as img2dataset writes them, with a corrupt image and a missing caption."""
-    _tar(tmp_path / "00000.tar", {
+    write_tar(tmp_path / "00000.tar", {
         "000000001.jpg": _jpeg(1), "000000001.txt": b"a red circle",
         "000000002.jpg": _jpeg(2), "000000002.json": json.dumps({"caption": "a blue square", "url": "x"}).encode(),
         "000000003.jpg": b"not a jpeg at all", "000000003.txt": b"a corrupt member",
     })
-    _tar(tmp_path / "00001.tar", {
+    write_tar(tmp_path / "00001.tar", {
         "000000004.jpg": _jpeg(4), "000000004.txt": b"a green cross",
         "000000005.jpg": _jpeg(5), "000000005.json": json.dumps({"url": "no caption"}).encode(),
         "000000006.png": _jpeg(6), "000000006.txt": b"a small triangle",
@@ -168,7 +159,7 @@ def test_webdataset_shares_are_disjoint_and_complete(shards, slots):
 
 
 def test_a_truncated_tar_is_reported_and_the_run_goes_on(tmp_path):
-    _tar(tmp_path / "00000.tar", {f"{i:09d}.jpg": _jpeg(i) for i in range(4)} | {f"{i:09d}.txt": b"x" for i in range(4)})
+    write_tar(tmp_path / "00000.tar", {f"{i:09d}.jpg": _jpeg(i) for i in range(4)} | {f"{i:09d}.txt": b"x" for i in range(4)})
     data = (tmp_path / "00000.tar").read_bytes()
     (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2 + 100])
     entries = list(WebDatasetSource(str(tmp_path / "00000.tar")).split(0, 1))
@@ -268,7 +259,7 @@ def test_bf16_keeps_the_maps_close_and_the_fit_in_float32(clip):
 def test_a_rerun_passes_over_finished_tars_without_reading_their_samples(tmp_path, monkeypatch):
     import webdataset
 
-    _tar(tmp_path / "00000.tar", {f"{i:09d}.jpg": _jpeg(i) for i in range(3)} | {f"{i:09d}.txt": b"x" for i in range(3)})
+    write_tar(tmp_path / "00000.tar", {f"{i:09d}.jpg": _jpeg(i) for i in range(3)} | {f"{i:09d}.txt": b"x" for i in range(3)})
     source = WebDatasetSource(str(tmp_path / "00000.tar"))
     keys = {e.id for e in source.split(0, 1)}
     assert len(keys) == 3
