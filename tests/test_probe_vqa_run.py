@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
@@ -86,3 +87,23 @@ def test_a_manifest_of_pairs_with_a_missing_image_lists_it_and_goes_on(tmp_path,
     assert summary["pairs"] == 2
     assert [f["id"] for f in summary["failed"]] == ["p1"] and "image not found" in summary["failed"][0]["reason"]
     assert load_file(out / "effects.safetensors")["image/text/resid/raw"].shape[0] == 2
+
+
+def test_a_rerun_probes_only_the_pairs_without_a_record_and_gives_the_same_arrays(one_process, tmp_path, tiny_vqa_bundle):
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(one_process, out)
+    parts = sorted((out / "parts").glob("*.pt"))
+    assert len(parts) == 4  # one record per pair
+    parts[1].unlink()  # as if the run had been killed before that pair
+    proc = _probe(out, tiny_vqa_bundle)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["probed_now"] == 1 and summary["probed_before"] == 3
+    one, resumed = load_file(one_process / "effects.safetensors"), load_file(out / "effects.safetensors")
+    assert one.keys() == resumed.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], resumed[key], rtol=0, atol=0, equal_nan=True)
+    proc = _probe(out, tiny_vqa_bundle)  # nothing left to probe
+    assert proc.returncode == 0 and json.loads((out / "summary.json").read_text())["probed_now"] == 0

@@ -1,8 +1,10 @@
 """NOTICE on BLIP VQA: activation patching over minimal pairs, through Lightning ``predict``.
 
-Pairs shard across devices (each pair is probed whole by one rank); every rank
-saves its results, and rank 0 merges them in pair order, so 1 and N processes
-give the same arrays. Outputs: ``effects.safetensors`` (per corruption, tower
+Pairs shard across devices (each pair is probed whole by one rank); each pair's
+record is saved (``parts/``) as soon as it is probed, so a killed run resumes with
+the pairs it had not done, and rank 0 merges every pair's record in pair order,
+so 1 and N processes, and a resumed run, give the same arrays. The run holds the
+output directory's lock and identity like every run. Outputs: ``effects.safetensors`` (per corruption, tower
 and site: the raw per-pair effects and their mean by template role or by head),
 ``heads.csv`` (every head ranked per site and tower), ``summary.json``
 (accuracy, important and universal heads, flagged pairs), labelled heat maps,
@@ -47,7 +49,7 @@ from ..probing import (
     vqa_minimal_pair,
 )
 from ..probing.patching import PatchingResult
-from ..results import atomic_write
+from ..results import atomic_write, safe_name
 from .common import hub_options, one_line, output_owner, owned_trainer, world_of
 
 RESULT_KEYS = ("seed", "model", "world", "data", "probe")
@@ -65,15 +67,24 @@ def load_vqa(name_or_path: str, hub=None):
 
 
 class PairItems(Dataset):
-    """Probing pairs as model inputs; a pair that cannot be made or read becomes ``{"id", "failure"}``."""
+    """Probing pairs as model inputs; a pair that cannot be made or read becomes ``{"id", "failure"}``.
+
+    ``skip(ids)`` leaves out pairs already probed (a resumed run); a pair keeps its index in the whole list,
+    which its noise seed and its place in the results follow.
+    """
 
     def __init__(self, pairs: list[VQAPair], processor: Any):
         self.pairs, self.processor = pairs, processor
+        self.order = list(range(len(pairs)))
+
+    def skip(self, ids: set[str]) -> None:
+        self.order = [i for i, pair in enumerate(self.pairs) if pair.id not in ids]
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.order)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index = self.order[position]
         pair = self.pairs[index]
         tokenizer = self.processor.tokenizer
         try:
@@ -198,34 +209,57 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     pairs, upfront_failures, passed_over = _pairs(cfg)
     module = VQAProbing(model, processor, cfg.probe, list(cfg.data.corruption), cfg.data.noise_std, cfg.seed)
-    owner = output_owner(cfg, RESULT_KEYS, SimpleNamespace(module=model))
-    trainer = owned_trainer(cfg, owner, [])
-    loader = DataLoader(PairItems(pairs, processor), batch_size=1, collate_fn=list)
+    items, parts = PairItems(pairs, processor), out / "parts"
+
+    def resume(trainer: L.Trainer, done: set[str]) -> None:  # once the output is owned: what earlier runs probed
+        items.skip({pair.id for pair in pairs if part_path(parts, pair.id).exists()})
+
+    owner = output_owner(cfg, RESULT_KEYS, SimpleNamespace(module=model), on_owned=(resume,))
+    trainer = owned_trainer(cfg, owner, [PairRecordWriter(parts)])
+    loader = DataLoader(items, batch_size=1, collate_fn=list)
     start = time.perf_counter()
     try:
-        return _merge(cfg, out, trainer, trainer.predict(module, loader) or [], upfront_failures, model, processor,
-                      pairs, passed_over, start)
+        trainer.predict(module, loader, return_predictions=False)
+        trainer.strategy.barrier()  # every rank's pairs are written before rank 0 merges
+        if trainer.global_rank != 0:
+            return {}
+        return _merge(cfg, out, trainer, parts, upfront_failures, model, processor, pairs, passed_over, start, len(items))
     finally:
         owner.release()
 
 
-def _merge(cfg, out, trainer, predictions, upfront_failures, model, processor, pairs, passed_over, start) -> dict[str, Any]:
-    """Every rank saves its part (named with this run's token); rank 0 merges this run's parts in pair order."""
-    token = trainer.strategy.broadcast(f"{time.time_ns():x}")  # this run's parts only, never an earlier run's
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
-    mine = [record for batch in predictions for record in batch]
-    atomic_write(parts / f"rank{trainer.global_rank}-{token}.pt", lambda tmp: torch.save(mine, tmp))
-    trainer.strategy.barrier()  # every rank's part is written before rank 0 merges
-    if trainer.global_rank != 0:
-        return {}
-    ours = sorted(parts.glob(f"rank*-{token}.pt"))
-    records = sorted((r for p in ours for r in torch.load(p, weights_only=True)), key=lambda r: r["index"])
-    records = list({r["index"]: r for r in records}.values())  # the distributed sampler may pad with repeats
-    for part in parts.glob("rank*.pt"):
-        part.unlink()
+def part_path(parts: Path, pair_id: str, failed: bool = False) -> Path:
+    """Where one probed pair's record is kept (``failed``: a pair that could not be probed, retried by a rerun)."""
+    return parts / f"{'failed-' if failed else ''}{safe_name(pair_id)}.pt"
+
+
+class PairRecordWriter(L.Callback):
+    """Saves each probed pair's record as soon as its batch ends (atomically), so a killed run loses at most the
+    pair in flight and a rerun probes only the pairs without a record."""
+
+    def __init__(self, parts: Path):
+        self.parts = parts
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.parts.mkdir(parents=True, exist_ok=True)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        for record in outputs:
+            path = part_path(self.parts, record["id"], failed="failure" in record)
+            atomic_write(path, lambda tmp, record=record: torch.save(record, tmp))
+
+
+def _merge(cfg, out, trainer, parts, upfront_failures, model, processor, pairs, passed_over, start, probed) -> dict[str, Any]:
+    """Rank 0: every pair's record, this run's and earlier runs', in pair order (a failure only where no record is)."""
+    records = []
+    for pair in pairs:
+        for path in (part_path(parts, pair.id), part_path(parts, pair.id, failed=True)):
+            if path.exists():
+                records.append(torch.load(path, weights_only=True))
+                break
     summary = _aggregate(cfg, out, records, upfront_failures, model, processor, pairs, trainer)
     summary["world_questions_passed_over"] = passed_over
+    summary["probed_now"], summary["probed_before"] = probed, len(records) - probed
     summary["wall_time_s"] = round(time.perf_counter() - start, 2)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     _print(summary)
