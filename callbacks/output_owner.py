@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from m2ib_lightning.results import (
-    OutputInUse, OutputMismatch, RunLock, atomic_write, claim_identity, done_ids,
+    OutputInUse, OutputMismatch, RunLock, atomic_write, claim_identity, count_done, done_ids,
 )
 
 _REFUSALS = {cls.__name__: cls for cls in (OutputInUse, OutputMismatch)}
@@ -21,7 +21,9 @@ class OutputOwner(L.Callback):
     is broadcast, so a refused run stops on every rank at once (also under torchrun or SLURM, where the other
     ranks exist from the start), before any other callback writes. Then every process pins its intra-op
     thread count to the identity's (maps are bitwise the same across topologies only with the same count),
-    rank 0 saves the config, and every rank reads the ids already done (``done``).
+    rank 0 saves the config, and every rank reads the ids already done (``done``; with ``share``, a function of
+    (rank, world size) giving the filter of the ids that rank's readers can meet, only those: memory grows with
+    the rank's share, not with the output).
 
     Put it first in the trainer's callbacks, call :meth:`claim` once the Trainer exists, and :meth:`release`
     once the run's last file is written. ``on_owned`` functions are called with (trainer, done ids)
@@ -31,11 +33,14 @@ class OutputOwner(L.Callback):
     def __init__(
         self, output_dir: str | Path, identity: dict[str, Any], config_yaml: str, *, threads: int | None = None,
         on_owned: tuple[Callable[[L.Trainer, set[str]], None], ...] = (),
+        share: Callable[[int, int], Callable[[str], bool]] | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.identity, self.config_yaml, self.threads, self.on_owned = identity, config_yaml, threads, on_owned
+        self.share = share
         self.lock = RunLock(self.output_dir)
         self.done: set[str] = set()
+        self.done_count = 0  # samples in the output on every rank (``done`` may hold this rank's share only)
         self.owned_identity: dict[str, Any] | None = None
         self.decision: tuple[str, str] | dict[str, Any] | None = None
 
@@ -48,7 +53,7 @@ class OutputOwner(L.Callback):
             self.lock.release()
             return type(err).__name__, str(err)
 
-    def _own(self, decision: tuple[str, str] | dict[str, Any], rank: int) -> None:
+    def _own(self, decision: tuple[str, str] | dict[str, Any], rank: int, world_size: int = 1) -> None:
         if isinstance(decision, (tuple, list)):
             raise _REFUSALS[decision[0]](decision[1])
         self.owned_identity = decision
@@ -57,7 +62,9 @@ class OutputOwner(L.Callback):
             for orphan in self.output_dir.glob(".*.tmp"):  # temporary files of a killed run's atomic writes
                 orphan.unlink(missing_ok=True)
             atomic_write(self.output_dir / "config.yaml", self.config_yaml)
-        self.done = done_ids(self.output_dir)
+        keep = None if self.share is None else self.share(rank, world_size)
+        self.done = done_ids(self.output_dir, keep)
+        self.done_count = len(self.done) if keep is None else count_done(self.output_dir)
 
     def claim(self, trainer: L.Trainer) -> None:
         """Rank 0 decides as soon as the Trainer exists, before it writes anything (its logger's directory);
@@ -73,7 +80,8 @@ class OutputOwner(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.global_rank == 0 and self.decision is None:
             self.decision = self._claim()
-        self._own(trainer.strategy.broadcast(self.decision if trainer.global_rank == 0 else {}), trainer.global_rank)
+        decision = trainer.strategy.broadcast(self.decision if trainer.global_rank == 0 else {})
+        self._own(decision, trainer.global_rank, trainer.world_size)
         for hook in self.on_owned:
             hook(trainer, self.done)
 

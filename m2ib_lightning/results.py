@@ -200,8 +200,8 @@ _ID_PREFIX = '{"id": '
 _decoder = json.JSONDecoder()
 
 
-def done_ids(output_dir: str | Path) -> set[str]:
-    """The ids already in the output: all a run reads at start-up.
+def done_ids(output_dir: str | Path, keep: Callable[[str], bool] | None = None) -> set[str]:
+    """The ids already in the output (only those ``keep`` accepts: a rank's own share): all a run reads at start-up.
 
     The index writes the id first, so only that string is decoded from each line.
     """
@@ -209,10 +209,21 @@ def done_ids(output_dir: str | Path) -> set[str]:
     for path in Path(output_dir).glob(INDEX_PATTERN):
         for line in _complete_lines(path):
             if line.startswith(_ID_PREFIX):
-                done.add(_decoder.raw_decode(line, len(_ID_PREFIX))[0])
+                sample_id = _decoder.raw_decode(line, len(_ID_PREFIX))[0]
             else:
-                done.add(json.loads(line)["id"])
+                sample_id = json.loads(line)["id"]
+            if keep is None or keep(sample_id):
+                done.add(sample_id)
     return done
+
+
+def count_done(output_dir: str | Path) -> int:
+    """Samples in the output (complete index lines), counted without decoding them."""
+    total = 0
+    for path in Path(output_dir).glob(INDEX_PATTERN):
+        with open(path, "rb") as handle:
+            total += sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    return total
 
 
 def merged_failures(output_dir: str | Path, run_token: str) -> list[dict]:

@@ -158,3 +158,19 @@ def test_twenty_kills_at_random_moments_alternating_1_and_2_processes_lose_and_d
     shards = {p.name for p in (out / "shards").iterdir()}
     assert shards == {line["shard"] for line in lines}, "an orphan shard, temporary or pending file is left"
     assert not list(out.glob(".*.tmp")) and not (out / "run.lock").exists()
+
+
+def test_a_manifest_run_resumed_on_two_ranks_reads_only_its_share_of_the_done_ids(tmp_path, tiny_bundle):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    rows = [{"id": f"ok-{i}", "image": "red.png", "text": "a red circle"} for i in range(10)]
+    (tmp_path / "six.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    (tmp_path / "ten.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    _train(*_args(out, tiny_bundle, f"data.manifest={tmp_path / 'six.jsonl'}", f"data.root={tmp_path}"))
+    _train(*_args(out, tiny_bundle, f"data.manifest={tmp_path / 'ten.jsonl'}", f"data.root={tmp_path}", *_ddp(2)))
+    ids = _ids(out)
+    assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == 6 and summary["done"] == 4 and summary["total_in_output"] == 10

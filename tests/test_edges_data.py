@@ -140,3 +140,14 @@ def test_webdataset_shards_whose_names_collide_are_refused(tmp_path):
         write_tar(tmp_path / folder / "00000.tar", {"k.png": _png_bytes(), "k.txt": b"x"})
     with pytest.raises(ValueError, match="share the name '00000'"):
         WebDatasetSource(str(tmp_path / "{x,y}/00000.tar"))
+
+
+def test_a_ranks_share_of_the_done_ids_is_what_its_readers_can_meet(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_bytes(b"".join(_line(id=f"p{i}", image="a.png", text="x") for i in range(40)))
+    source = ManifestSource(tmp_path / "m.jsonl")
+    world, workers = 2, 3
+    for rank in range(world):
+        met = {e.id for w in range(workers) for e in source.split(rank * workers + w, world * workers)}
+        share = ManifestSource.rank_share(rank, world, workers)
+        assert met == {f"p{i}" for i in range(40) if share(f"p{i}")} and met

@@ -208,6 +208,13 @@ class ManifestSource:
     def __iter__(self) -> Iterator[PairRecord | Failure]:
         return self._entries(0, 1, frozenset())
 
+    @staticmethod
+    def rank_share(rank: int, world_size: int, workers: int) -> Callable[[str], bool]:
+        """Whether an id belongs to one of ``rank``'s readers (slots ``rank * workers + w`` of ``world_size * workers``):
+        a resumed rank needs only those of the done ids."""
+        slots = world_size * workers
+        return lambda sample_id: owner_slot(sample_id, slots) // workers == rank
+
     def inside_root(self, relative: str) -> str | None:
         """The path of a manifest's image or mask (relative to the manifest's folder, or absolute), or None if it
         lies outside ``root`` (checked on the path as written, ``..`` resolved; symbolic links are followed later).

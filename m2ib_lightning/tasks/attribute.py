@@ -37,13 +37,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     display_image = getattr(backbone, "display_image", None)
     overlays = cfg.export.overlays if cfg.export.overlays is not None else (WORLD_OVERLAYS if world_run else 0)
-    owner = output_owner(cfg, RESULT_KEYS, backbone)
+    owner = output_owner(cfg, RESULT_KEYS, backbone, source=source)
     writer = AttributionWriter(out, samples_per_shard=cfg.export.samples_per_shard, overlays=overlays, display_image=display_image)
     summary_callback = RunSummary(cfg.seed)
     callbacks = [
         writer, summary_callback,
         TensorBoardAttributionLogger(every_n_batches=cfg.export.tensorboard_every_n_batches, display_image=display_image,
-                                     step_offset=lambda: len(owner.done)),
+                                     step_offset=lambda: owner.done_count),
     ]
     trainer = owned_trainer(cfg, owner, callbacks, source, {"default_hp_metric": False})
     datamodule = PairDataModule(
@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.global_rank != 0:
             return {}
         phases = {"startup_s": summary_callback.start - entered, "predict_s": summary_callback.result["wall_time_s"]}
-        return _finish(cfg, trainer, writer.run_token, summary_callback.result, len(owner.done), phases, time.perf_counter())
+        return _finish(cfg, trainer, writer.run_token, summary_callback.result, owner.done_count, phases, time.perf_counter())
     finally:
         owner.release()
 

@@ -89,7 +89,7 @@ def check_layers(cfg: DictConfig, backbone) -> None:
             raise ConfigError(str(err)) from err
 
 
-def output_owner(cfg: DictConfig, result_keys: tuple[str, ...], backbone=None, on_owned: tuple = ()):
+def output_owner(cfg: DictConfig, result_keys: tuple[str, ...], backbone=None, on_owned: tuple = (), source=None):
     """The :class:`~m2ib_lightning.callbacks.OutputOwner` of a run: its identity is the task, the settings
     ``result_keys`` name, and the loaded model's revision (a hub commit, where there is one)."""
     from ..callbacks import OutputOwner
@@ -98,7 +98,12 @@ def output_owner(cfg: DictConfig, result_keys: tuple[str, ...], backbone=None, o
                 for key in result_keys}
     model_config = getattr(getattr(backbone, "module", None), "config", None)
     identity = run_identity(cfg.task, settings, getattr(model_config, "_commit_hash", None))
-    return OutputOwner(cfg.output_dir, identity, OmegaConf.to_yaml(cfg), threads=cfg.get("threads"), on_owned=on_owned)
+    share = None
+    if source is not None and hasattr(source, "rank_share"):  # the done ids a rank's readers can meet, no more
+        workers = max(1, int(cfg.data.get("num_workers", 0)))
+        share = lambda rank, world: source.rank_share(rank, world, workers)  # noqa: E731
+    return OutputOwner(cfg.output_dir, identity, OmegaConf.to_yaml(cfg), threads=cfg.get("threads"), on_owned=on_owned,
+                       share=share)
 
 
 def make_trainer(cfg: DictConfig, **kwargs):
@@ -133,7 +138,7 @@ def owned_trainer(cfg: DictConfig, owner, callbacks: list, source=None, logger_a
     callbacks = [owner, *callbacks]
     if source is not None and cfg.trainer.get("enable_progress_bar", True):
         total = source.size_hint()
-        callbacks.append(SampleProgressBar(None if total is None else lambda: max(total - len(owner.done), 0)))
+        callbacks.append(SampleProgressBar(None if total is None else lambda: max(total - owner.done_count, 0)))
     # A streamed dataset has no sampler whose indices a prediction writer could get: the writers do not need them.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
     logger = TensorBoardLogger(cfg.output_dir, name="tensorboard", version="", **(logger_args or {}))
