@@ -98,3 +98,30 @@ def test_training_image_conversion_equals_the_saved_processor():
         image = ShapesWorld(seed=1).sample(index).image
         expected = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         torch.testing.assert_close(to_tensor(image), expected, atol=1e-6, rtol=0)
+
+
+def test_a_fit_saves_and_reports_on_global_rank_0_only(tmp_path, monkeypatch):
+    """Under DDP every rank runs the task: only rank 0 may write the model and the summary."""
+    from types import SimpleNamespace
+
+    from m2ib_lightning.tasks import common
+
+    saved = []
+
+    class Trainer:  # what fit_and_save uses of a Trainer on a rank other than 0
+        global_rank, global_step = 1, 3
+
+        def fit(self, *args): pass
+
+        def validate(self, *args, **kwargs): return [{"val/acc": 1.0}]
+
+    monkeypatch.setattr(common, "make_trainer", lambda cfg, **kwargs: Trainer())
+    model = SimpleNamespace(save_pretrained=lambda path: saved.append(("model", path)))
+    processor = SimpleNamespace(save_pretrained=lambda path: saved.append(("processor", path)),
+                                image_processor=SimpleNamespace(save_pretrained=lambda path: saved.append(("image", path))))
+    cfg = load_config(CONFIG_DIR / "fit_shapes_clip.yaml", [f"output_dir={tmp_path}"])
+    assert common.fit_and_save(cfg, tmp_path, SimpleNamespace(model=model), None, None, processor) is None
+    assert saved == []
+    Trainer.global_rank = 0
+    assert common.fit_and_save(cfg, tmp_path, SimpleNamespace(model=model), None, None, processor)[1] == 3
+    assert [kind for kind, _ in saved] == ["model", "processor", "image"]
