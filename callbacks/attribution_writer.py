@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from m2ib_lightning.engine import minmax
 from m2ib_lightning.results import (
     OVERLAY_DIR, SHARD_DIR, append_lines, atomic_write, cut_partial_line, failures_path, index_path, pending_path,
-    safe_name, settle_pending,
+    pending_ranks, safe_name, settle_pending,
 )
 from m2ib_lightning.visualize import prediction_figure
 
@@ -56,8 +56,7 @@ class RollingShardWriter(BasePredictionWriter):
         (self.output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         for path in (index_path(self.output_dir, self.rank), failures_path(self.output_dir, self.rank)):
             cut_partial_line(path)
-        pending = {int(p.name[len(".rank"):].split(".")[0]) for p in (self.output_dir / SHARD_DIR).glob(".rank*.pending*")}
-        for rank in sorted(pending):  # of any earlier topology: each settled by one rank of this one
+        for rank in pending_ranks(self.output_dir):  # of any earlier topology: each settled by one rank of this one
             if rank % trainer.world_size == self.rank:
                 settle_pending(self.output_dir, rank)
 

@@ -41,7 +41,6 @@ class OutputOwner(L.Callback):
         self.lock = RunLock(self.output_dir)
         self.done: set[str] = set()
         self.done_count = 0  # samples in the output on every rank (``done`` may hold this rank's share only)
-        self.owned_identity: dict[str, Any] | None = None
         self.decision: tuple[str, str] | dict[str, Any] | None = None
 
     def _claim(self) -> tuple[str, str] | dict[str, Any]:
@@ -56,7 +55,6 @@ class OutputOwner(L.Callback):
     def _own(self, decision: tuple[str, str] | dict[str, Any], rank: int, world_size: int = 1) -> None:
         if isinstance(decision, (tuple, list)):
             raise _REFUSALS[decision[0]](decision[1])
-        self.owned_identity = decision
         torch.set_num_threads(int(decision["threads"]))
         if rank == 0:
             for orphan in self.output_dir.glob(".*.tmp"):  # temporary files of a killed run's atomic writes

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .backbones.loading import DTYPES
 from .engine import M2IBConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -301,7 +302,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "export.grid_samples": _at_least(0),
     "metrics.confidence_drop": _one_of("absolute", "relative"), "metrics.pointing_ties": _one_of("share", "any"),
     "metrics.pointing_tolerance": _at_least(0),
-    "model.dtype": (lambda v: v is None or v in ("float32", "bfloat16", "float16", "auto"), "one of float32, bfloat16, float16, auto"),
+    "model.dtype": (lambda v: v is None or v in DTYPES, f"one of {list(DTYPES)}"),
     "threads": _at_least(1),
 }
 

@@ -154,6 +154,12 @@ def pending_path(output_dir: Path, rank: int) -> Path:
     return Path(output_dir) / SHARD_DIR / f".rank{rank}.pending"
 
 
+def pending_ranks(output_dir: Path) -> list[int]:
+    """The ranks (of any earlier topology) that left a pending commit behind."""
+    names = (Path(output_dir) / SHARD_DIR).glob(".rank*.pending*")
+    return sorted({int(p.name[len(".rank"):].split(".")[0]) for p in names})
+
+
 def settle_pending(output_dir: Path, rank: int) -> None:
     """After a kill: remove the shard (and its temporary file) a rank was committing unless its index lines
     landed (the index's last line names it); reads only the file tails."""

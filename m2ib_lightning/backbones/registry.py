@@ -113,24 +113,16 @@ def load_backbone(
         name = adapter_for_config(config) if adapter == "auto" else adapter
         factory = adapter_factory(name)
         if config.get("model_type") not in factory.model_types:
-            raise UnknownAdapterError(
-                f"adapter {name!r} serves model types {list(factory.model_types)}, but {name_or_path!r} is a "
-                f"{config.get('model_type')!r} checkpoint; use model.adapter=auto or {adapter_for_config(config)!r}"
-                if _any_adapter_for(config) else
-                f"adapter {name!r} serves model types {list(factory.model_types)}, but {name_or_path!r} is a "
-                f"{config.get('model_type')!r} checkpoint"
-            )
+            message = (f"adapter {name!r} serves model types {list(factory.model_types)}, but {name_or_path!r} is a "
+                       f"{config.get('model_type')!r} checkpoint")
+            try:
+                message += f"; use model.adapter=auto or {adapter_for_config(config)!r}"
+            except UnknownAdapterError:
+                pass  # no registered adapter serves it
+            raise UnknownAdapterError(message)
     else:
         name = adapter
     load = getattr(factory, "from_pretrained", None)
     if load is None:
         raise UnknownAdapterError(f"adapter {name!r} cannot load checkpoints: it has no from_pretrained(name_or_path)")
     return load(name_or_path, **options) if hub is None else load(name_or_path, hub=hub, **options)
-
-
-def _any_adapter_for(config: dict[str, Any]) -> bool:
-    try:
-        adapter_for_config(config)
-    except UnknownAdapterError:
-        return False
-    return True

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import MODALITIES, HubOptions, UnknownAdapterError, load_backbone, resolve_layer
 from ..config import ConfigError
 from ..data.world import ShapesWorld
-from ..results import atomic_write, run_identity
+from ..results import run_identity
 
 
 def world_of(cfg: DictConfig, seed: int | None = None) -> ShapesWorld:
@@ -40,8 +42,8 @@ def source_of(cfg: DictConfig):
     return WorldSource(world_of(cfg), cfg.data.num_samples)
 
 
-def prepare_output(cfg: DictConfig, save_config: bool = True) -> Path:
-    """Create ``output_dir`` and save the resolved config in it."""
+def prepare_output(cfg: DictConfig) -> Path:
+    """Create ``output_dir`` (writable); its config is saved by the run's owner, or a fit's summary."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={str(out)!r} is a file, not a directory")
@@ -51,8 +53,6 @@ def prepare_output(cfg: DictConfig, save_config: bool = True) -> Path:
         raise ConfigError(f"output_dir={str(out)!r} cannot be created: {err.strerror}") from err
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir={str(out)!r} is not writable")
-    if save_config:
-        atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg))
     return out
 
 
@@ -64,10 +64,16 @@ def hub_options(cfg: DictConfig) -> HubOptions | None:
 
 
 def backbone_of(cfg: DictConfig):
-    """The adapter ``model.name_or_path`` / ``model.adapter`` name, loaded with its processor; what cannot be
-    loaded is a ConfigError of one line naming the key."""
-    try:
+    """The adapter ``model.name_or_path`` / ``model.adapter`` name, loaded with its processor (see :func:`loading`)."""
+    with loading(cfg):
         return load_backbone(cfg.model.name_or_path, cfg.model.adapter, hub=hub_options(cfg))
+
+
+@contextlib.contextmanager
+def loading(cfg: DictConfig) -> Iterator[None]:
+    """Whatever keeps ``model`` from loading is a ConfigError of one line naming the key."""
+    try:
+        yield
     except UnknownAdapterError as err:
         raise ConfigError(f"model.adapter={cfg.model.adapter!r}: {err}") from err
     except (OSError, ValueError, RuntimeError) as err:
@@ -89,15 +95,14 @@ def check_layers(cfg: DictConfig, backbone) -> None:
             raise ConfigError(str(err)) from err
 
 
-def output_owner(cfg: DictConfig, result_keys: tuple[str, ...], backbone=None, on_owned: tuple = (), source=None):
+def output_owner(cfg: DictConfig, result_keys: tuple[str, ...], model=None, on_owned: tuple = (), source=None):
     """The :class:`~m2ib_lightning.callbacks.OutputOwner` of a run: its identity is the task, the settings
     ``result_keys`` name, and the loaded model's revision (a hub commit, where there is one)."""
     from ..callbacks import OutputOwner
 
     settings = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
                 for key in result_keys}
-    model_config = getattr(getattr(backbone, "module", None), "config", None)
-    identity = run_identity(cfg.task, settings, getattr(model_config, "_commit_hash", None))
+    identity = run_identity(cfg.task, settings, getattr(getattr(model, "config", None), "_commit_hash", None))
     share = None
     if source is not None and hasattr(source, "rank_share"):  # the done ids a rank's readers can meet, no more
         workers = max(1, int(cfg.data.get("num_workers", 0)))
@@ -143,7 +148,7 @@ def owned_trainer(cfg: DictConfig, owner, callbacks: list, source=None, logger_a
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
     logger = TensorBoardLogger(cfg.output_dir, name="tensorboard", version="", **(logger_args or {}))
     trainer = make_trainer(cfg, inference_mode=False, logger=logger, callbacks=callbacks)
-    prepare_output(cfg, save_config=False)  # the owner saves the config once it holds the output
+    prepare_output(cfg)  # the owner saves the config once it holds the output
     owner.claim(trainer)
     return trainer
 

@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.global_rank == 0:  # rank 0 alone: the sync sums them once
             earlier_samples(module, out)
 
-    owner = output_owner(cfg, RESULT_KEYS, backbone, on_owned=(add_earlier_samples,), source=source)
+    owner = output_owner(cfg, RESULT_KEYS, backbone.module, on_owned=(add_earlier_samples,), source=source)
     trainer = owned_trainer(cfg, owner, [writer], source, {"default_hp_metric": False})
     datamodule = PairDataModule(source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
                                 num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done)

@@ -24,7 +24,7 @@ def run(cfg: DictConfig) -> Path | None:
     from transformers import CLIPProcessor
 
     L.seed_everything(cfg.seed, workers=True)
-    out = prepare_output(cfg, save_config=False)  # the config goes into fit_summary.json
+    out = prepare_output(cfg)  # the config goes into fit_summary.json
     tokenizer = build_tokenizer()
     image_processor = build_image_processor(cfg.world.image_size)
     to_tensor = ImageToTensor(image_processor, cfg.world.image_size)

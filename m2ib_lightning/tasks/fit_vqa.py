@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> Path | None:
     from ..backbones import load_backbone
 
     L.seed_everything(cfg.seed, workers=True)
-    out = prepare_output(cfg, save_config=False)
+    out = prepare_output(cfg)
     tokenizer = build_vqa_tokenizer()
     image_processor = build_vqa_image_processor(cfg.world.image_size)
     to_tensor = ImageToTensor(image_processor, cfg.world.image_size)

@@ -52,8 +52,8 @@ RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     backbone = backbone_of(cfg)
-    out = prepare_output(cfg, save_config=False)
-    with output_owner(cfg, RESULT_KEYS, backbone).owning():
+    out = prepare_output(cfg)
+    with output_owner(cfg, RESULT_KEYS, backbone.module).owning():
         return _probe(cfg, out, backbone)
 
 

@@ -19,7 +19,6 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -50,7 +49,7 @@ from ..probing import (
 )
 from ..probing.patching import PatchingResult
 from ..results import atomic_write, safe_name
-from .common import hub_options, one_line, output_owner, owned_trainer, world_of
+from .common import hub_options, loading, output_owner, owned_trainer, world_of
 
 RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange", "cyan"],
@@ -202,10 +201,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     unknown = set(cfg.data.corruption) - {"image", "text", "noise"}
     if unknown or set(cfg.data.kinds) - set(TWO_CHOICE_KINDS):
         raise ConfigError(f"data.corruption takes image, text, noise and data.kinds {TWO_CHOICE_KINDS}; got {cfg.data.corruption}, {cfg.data.kinds}")
-    try:
+    with loading(cfg):
         model, processor = load_vqa(cfg.model.name_or_path, hub_options(cfg))
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: {one_line(err)}") from err
     out = Path(cfg.output_dir)
     pairs, upfront_failures, passed_over = _pairs(cfg)
     module = VQAProbing(model, processor, cfg.probe, list(cfg.data.corruption), cfg.data.noise_std, cfg.seed)
@@ -214,7 +211,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def resume(trainer: L.Trainer, done: set[str]) -> None:  # once the output is owned: what earlier runs probed
         items.skip({pair.id for pair in pairs if part_path(parts, pair.id).exists()})
 
-    owner = output_owner(cfg, RESULT_KEYS, SimpleNamespace(module=model), on_owned=(resume,))
+    owner = output_owner(cfg, RESULT_KEYS, model, on_owned=(resume,))
     trainer = owned_trainer(cfg, owner, [PairRecordWriter(parts)])
     loader = DataLoader(items, batch_size=1, collate_fn=list)
     start = time.perf_counter()
