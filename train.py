@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
         from m2ib_lightning.tasks.fit_clip import run
     elif cfg.task == "fit_vqa":
         from m2ib_lightning.tasks.fit_vqa import run
+    elif cfg.task == "fit_llava":
+        from m2ib_lightning.tasks.fit_llava import run
     elif cfg.task == "probe_vqa":
         from m2ib_lightning.tasks.probe_vqa import run
     elif cfg.task == "probe":

@@ -96,6 +96,28 @@ class FitVQAConfig:
 
 
 @dataclass
+class FitLlavaModel:
+    width: int = 128  # the Llama's hidden size
+    layers: int = 4
+    heads: int = 4
+    vision_feature_layer: int = -2  # the vision block whose output the language model reads (LLaVA-1.5: -2)
+
+
+@dataclass
+class FitLlavaConfig:
+    task: str = "fit_llava"
+    seed: int = 0
+    output_dir: str = "runs/fit_shapes_llava"
+    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
+    vision_from: str = "builtin:shapes-clip"  # the CLIP whose vision tower becomes the LLaVA's
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: FitVQAData = field(default_factory=FitVQAData)
+    model: FitLlavaModel = field(default_factory=FitLlavaModel)
+    optim: FitOptim = field(default_factory=FitOptim)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class AttributeData:
     manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
     webdataset: Optional[str] = None  # tar shards as img2dataset writes them, e.g. /data/{00000..00999}.tar
@@ -220,6 +242,7 @@ class EvaluateMetrics:
     confidence_drop: str = "absolute"  # absolute (the official M2IB script) | relative (Chattopadhay et al.'s Average Drop)
     pointing_ties: str = "share"  # share of the tied peak pixels inside the mask | any (a hit if one is, as Quantus)
     pointing_tolerance: int = 0  # pixels: a peak this close to the mask counts as inside (TorchRay: 15 at 224 px)
+    classes: Optional[List[str]] = None  # classes of the ground truth (manifest "class"); unset: the world's shapes
 
 
 @dataclass
@@ -249,7 +272,7 @@ class EvaluateConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig}
+SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "fit_llava": FitLlavaConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig}
 
 
 _ABSENT = object()  # an override not given at all; `key=null` is given, as None

@@ -25,7 +25,7 @@ from .metrics import (
     ConfidenceDrop, ConfidenceIncrease, CurveAUC, MaskEnergy, PointingGame, TopKIoU, confidence_drop, confidence_increase,
     curve_auc, keep_image, keep_text, mask_energy, perturbation_curve, pointing_game, text_perturbation_curve, top_k_iou,
 )
-from .metrics.mean import MeanOverSamples
+from .metrics.mean import MeanOverSamples, standard_error
 
 #: metric -> (class, whether higher is better), in table order
 METRICS: dict[str, type[MeanOverSamples]] = {
@@ -35,7 +35,10 @@ METRICS: dict[str, type[MeanOverSamples]] = {
     "text_confidence_drop": ConfidenceDrop, "text_confidence_increase": ConfidenceIncrease,
     "text_deletion_auc": CurveAUC, "text_insertion_auc": CurveAUC,
 }
-HIGHER_IS_BETTER = {name: name.endswith(("increase", "insertion_auc", "pointing_game", "energy", "iou")) for name in METRICS}
+#: the table's columns: every metric, and next to the pointing game its mean over classes (``metrics.classes``)
+COLUMNS = (*list(METRICS)[:5], "pointing_game_class_mean", *list(METRICS)[5:])
+HIGHER_IS_BETTER = {name: name.endswith(("increase", "insertion_auc", "pointing_game", "class_mean", "energy", "iou"))
+                    for name in COLUMNS}
 LOCALISATION = ("pointing_game", "energy", "top_k_iou")
 
 
@@ -52,6 +55,11 @@ class MetricSettings:
     confidence_drop: str = "absolute"  # absolute (the official M2IB script) | relative (Chattopadhay et al.'s Average Drop)
     pointing_ties: str = "share"  # share of the tied peak pixels inside the mask | any (a hit if one is, as Quantus)
     pointing_tolerance: int = 0  # pixels: a peak this close to the mask counts as inside (TorchRay: 15 at 224 px)
+    classes: tuple[str, ...] | None = None  # the ground truth's classes, for the pointing game's mean over classes
+
+    def class_index(self, name: str | None) -> int:
+        """The index of a sample's class in ``classes``; -1 for a sample without one (or without a class list)."""
+        return -1 if name is None or not self.classes else self.classes.index(name)
 
 
 def metric_of(name: str, settings: MetricSettings) -> MeanOverSamples:
@@ -59,7 +67,8 @@ def metric_of(name: str, settings: MetricSettings) -> MeanOverSamples:
     if name == "top_k_iou":
         return TopKIoU(settings.top_k_fraction)
     if name == "pointing_game":
-        return PointingGame(ties=settings.pointing_ties, tolerance=settings.pointing_tolerance)
+        return PointingGame(ties=settings.pointing_ties, tolerance=settings.pointing_tolerance,
+                            num_classes=len(settings.classes) if settings.classes else None)
     if name.endswith("confidence_drop"):
         return ConfidenceDrop(relative=settings.confidence_drop == "relative")
     return METRICS[name]()
@@ -139,6 +148,7 @@ class EvaluationModule(L.LightningModule):
             batch = _rows(batch, [b for b, r in enumerate(reasons) if r is None], batch["failures"] + failures)
         if not batch["id"]:
             return {"id": [], "failures": batch["failures"]}
+        batch = self._classes(batch)
         px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         width = int(mask.sum(1).max())
         batch = {**batch, "input_ids": ids[:, :width], "attention_mask": mask[:, :width]}
@@ -153,17 +163,35 @@ class EvaluationModule(L.LightningModule):
             seconds[name] = time.perf_counter() - start
             values[name] = self.evaluator.values(maps[name], batch, clean, words)
             for metric, per_sample in values[name].items():  # localisation only where there is ground truth;
-                applies = batch["has_target"].to(per_sample.device) if metric in LOCALISATION else slice(None)
-                self.metrics[name][metric].update_scores(per_sample[applies])  # a method's NaN elsewhere shows
+                if metric not in LOCALISATION:
+                    self.metrics[name][metric].update_scores(per_sample)  # a method's NaN shows
+                    continue
+                applies = batch["has_target"].to(per_sample.device)
+                extra = {"classes": batch["class_index"][applies.cpu()]} if metric == "pointing_game" else {}
+                self.metrics[name][metric].update_scores(per_sample[applies], **extra)
             self.seconds[name].update(seconds[name])
             self.samples[name].update(len(batch["id"]))
         return {
             "id": batch["id"], "failures": batch["failures"], "text": batch["text"], "tokens": batch["tokens"],
             "special": batch["special"], "lengths": batch["attention_mask"].sum(1).cpu(), "pixel_values": px.cpu(),
+            "target_class": batch.get("target_class", [None] * len(batch["id"])),
             "maps": {n: Maps(m.image.cpu(), None if m.text is None else m.text.cpu()) for n, m in maps.items()},
             "values": {n: {k: v.cpu() for k, v in vals.items()} for n, vals in values.items()},
             "seconds": seconds,
         }
+
+    def _classes(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``class_index`` per sample; a class outside ``metrics.classes`` is reported and left out of the class mean."""
+        names = list(batch.get("target_class", [None] * len(batch["id"])))
+        known = set(self.evaluator.settings.classes or ())
+        reports = []
+        for row, name in enumerate(names):
+            if name is not None and known and name not in known:
+                reports.append({"id": batch["id"][row], "severity": "warning",
+                                 "reason": f"class {name!r} is not one of metrics.classes; left out of the class mean"})
+                names[row] = None
+        index = torch.tensor([self.evaluator.settings.class_index(n) for n in names], dtype=torch.long)
+        return {**batch, "target_class": names, "class_index": index, "failures": batch["failures"] + reports}
 
     def on_predict_end(self) -> None:
         self.table = self.results()  # every rank: the sync is collective
@@ -181,12 +209,28 @@ class EvaluationModule(L.LightningModule):
                 if metric.samples() == 0:
                     row[name] = None
                 else:  # NaN (a method's broken score, or the error of one sample) as None: JSON has no NaN
-                    row[name] = tuple(None if math.isnan(v) else v for v in (metric.compute().item(), metric.standard_error().item()))
+                    row[name] = _pair(metric.compute(), metric.standard_error())
+            row["pointing_game_class_mean"] = _class_mean(metrics["pointing_game"])
             seconds, samples = self.seconds[method].compute().item(), self.samples[method].compute().item()
             row["samples"] = int(samples)
             row["samples_per_s"] = samples / seconds if seconds > 0 else None
             table[method] = row
         return table
+
+
+def _pair(mean: Tensor, error: Tensor) -> tuple[float | None, float | None]:
+    return tuple(None if math.isnan(v) else v for v in (mean.item(), error.item()))
+
+
+def _class_mean(metric: PointingGame) -> tuple[float | None, float | None] | None:
+    """(mean over classes of their hit rates, its standard error over classes); None without classes."""
+    if metric.num_classes is None:
+        return None
+    rates = metric.class_rates().double()
+    rates = rates[~rates.isnan()]
+    if rates.numel() == 0:
+        return None
+    return _pair(rates.mean(), standard_error(rates.sum(), (rates * rates).sum(), torch.tensor(rates.numel())))
 
 
 def _rows(batch: dict[str, Any], keep: list[int], failures: list[dict]) -> dict[str, Any]:

@@ -151,6 +151,14 @@ def test_evaluation_run_writes_tables_maps_grid_and_tensorboard_and_resumes(tmp_
     assert image.shape == (64, 64) and text.shape == (len(records[0].tokens),) and records[0].maps["saliency"][1] is None
     assert records[0].values["m2ib"]["pointing_game"] is not None
     assert list((out / "tensorboard").glob("events.out.tfevents*"))
+    # the mean over classes (the shape a caption names first) of each class's mean hit rate, from the per-sample values
+    entries = [json.loads(line) for line in (out / "index-rank0.jsonl").read_text().splitlines()]
+    by_class: dict[str, list[float]] = {}
+    for entry in entries:
+        by_class.setdefault(entry["class"], []).append(entry["values"]["m2ib"]["pointing_game"])
+    rates = [sum(v) / len(v) for v in by_class.values()]
+    assert len(rates) >= 2 and "pointing game (class mean) ↑" in md
+    assert full["methods"]["m2ib"]["pointing_game_class_mean"][0] == pytest.approx(sum(rates) / len(rates), abs=1e-6)
 
     partial = tmp_path / "partial"
     run(_config(partial, tiny_bundle, "data.num_samples=4"))
@@ -159,6 +167,10 @@ def test_evaluation_run_writes_tables_maps_grid_and_tensorboard_and_resumes(tmp_
     for method, row in full["methods"].items():
         for metric, value in row.items():
             if metric == "samples_per_s" or value is None:
+                assert metric == "samples_per_s" or resumed["methods"][method][metric] is None
+            elif metric == "pointing_game_class_mean":  # the resumed table counts the classes of earlier samples
+                assert value[0] == pytest.approx(resumed["methods"][method][metric][0], abs=1e-6), method
+            elif False:
                 assert metric == "samples_per_s" or resumed["methods"][method][metric] is None
             else:
                 assert value == pytest.approx(resumed["methods"][method][metric], rel=1e-5, abs=1e-6), (method, metric)
@@ -175,19 +187,27 @@ def test_every_method_runs_under_predict_on_other_families_and_a_manifest_gives_
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     rows = [{"id": f"p{i}", "image": f"{i}.png", "text": "a red circle"} for i in range(3)]
     rows[1]["boxes"] = [[0, 0, 10, 10]]
+    rows[2]["boxes"] = [[5, 5, 20, 30]]
+    rows[1]["class"], rows[2]["class"] = "circle", "nope"
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     summary = run(_config(tmp_path / "run", request.getfixturevalue(bundle), f"data.manifest={tmp_path / 'm.jsonl'}",
-                          "data.batch_size=3", "m2ib.vision_layer=-1", "m2ib.text_layer=-1"))
+                          "data.batch_size=3", "m2ib.vision_layer=-1", "m2ib.text_layer=-1", "metrics.classes=[circle,square]"))
+    # one class seen: its rate is p1's score; a class outside metrics.classes is a warning, not a lost sample
+    lines = {e["id"]: e for e in map(json.loads, (tmp_path / "run" / "index-rank0.jsonl").read_text().splitlines())}
+    p1 = lines["p1"]["values"]["m2ib"]["pointing_game"]
+    assert summary["methods"]["m2ib"]["pointing_game_class_mean"] == [pytest.approx(p1), None]
+    assert lines["p1"]["class"] == "circle" and "class" not in lines["p2"]
+    failures = [json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["severity"]) for f in failures] == [("p2", "warning")] and "'nope'" in failures[0]["reason"]
     md = (tmp_path / "run" / "results.md").read_text()
     assert summary["pairs"] == 3 and "image conf. drop" in md and set(summary["methods"]) == set(METHODS)
-    # p1 alone has boxes: localisation scores that one sample of the batch (standard error undefined), the others have none
-    assert summary["methods"]["m2ib"]["pointing_game"][1] is None and "± n/a" in md
-    lines = {e["id"]: e for e in map(json.loads, (tmp_path / "run" / "index-rank0.jsonl").read_text().splitlines())}
+    # p1 and p2 have boxes: localisation scores those samples of the batch, p0 has none
+    assert summary["methods"]["m2ib"]["pointing_game"][1] is not None and "± n/a" in md  # the class mean of 1 class
     assert lines["p0"]["values"]["m2ib"]["pointing_game"] is None and lines["p1"]["values"]["m2ib"]["pointing_game"] is not None
     for method, row in summary["methods"].items():
         assert row["samples"] == 3
         values = [v for k, v in row.items() if k not in ("samples", "samples_per_s") and v is not None]
-        localisation = ("pointing_game", "energy", "top_k_iou")
+        localisation = ("pointing_game", "pointing_game_class_mean", "energy", "top_k_iou")
         assert values and all(math.isfinite(x) for k, pair in row.items() if k not in ("samples", "samples_per_s")
                               and pair is not None for x in (pair[:1] if k in localisation else pair)), method
 

@@ -43,7 +43,8 @@ class PairSource(Protocol):
 
 
 class WorldSource:
-    """The first ``count`` samples of a (held-out) shapes world, with the caption's objects as ground truth."""
+    """The first ``count`` samples of a (held-out) shapes world, with the caption's objects as ground truth and the
+    shape of the first object it names as the sample's class."""
 
     def __init__(self, world: ShapesWorld, count: int):
         self.world, self.count = world, count
@@ -57,7 +58,9 @@ class WorldSource:
             if sample_id in skip:  # before anything is drawn
                 continue
             drawn = _WorldDrawing(self.world, index)
-            yield PairRecord(sample_id, self.world.caption_of(index)[0].text, drawn.image, load_mask=drawn.mask)
+            caption, referred = self.world.caption_of(index)
+            yield PairRecord(sample_id, caption.text, drawn.image, load_mask=drawn.mask,
+                             target_class=self.world.scene(index).objects[referred[0]].shape)
 
 
 class _WorldDrawing:
@@ -132,6 +135,7 @@ class PairStream(IterableDataset):
             if not mask.any():
                 return {"id": record.id, "failure": Failure(record.id, "ground truth: the mask is empty inside the model's crop")}
             item["target_mask"] = mask
+            item["target_class"] = record.target_class
         if text.truncated:
             reason = f"caption truncated from {text.full_length} to {len(text.ids)} tokens (the model's limit)"
             item["warning"] = Failure(record.id, reason, "warning")
@@ -163,6 +167,7 @@ def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, A
         empty = torch.zeros(size, dtype=torch.bool)
         batch["target_mask"] = torch.stack([item.get("target_mask", empty) for item in items])
         batch["has_target"] = torch.tensor(["target_mask" in item for item in items])
+        batch["target_class"] = [item.get("target_class") for item in items]
     return batch
 
 

@@ -257,7 +257,11 @@ class ManifestSource:
         truth = _ground_truth(row, self, image_path)
         if isinstance(truth, str):
             return Failure(sample_id, f"{where}: {truth}")
-        return PairRecord(sample_id, text.strip(), partial(load_rgb, image_path), load_mask=truth)
+        label = None if row.get("class") == "" else row.get("class")  # an empty CSV cell: no class
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip()):
+            return Failure(sample_id, f"{where}: class must be a non-empty string, got {label!r}")
+        return PairRecord(sample_id, text.strip(), partial(load_rgb, image_path), load_mask=truth,
+                          target_class=None if label is None else str(label).strip())
 
 
 def _ground_truth(row: dict, source: ManifestSource, image: str) -> Callable[[], np.ndarray] | None | str:

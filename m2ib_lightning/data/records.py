@@ -17,6 +17,7 @@ class PairRecord:
     text: str
     load_image: Callable[[], Image.Image]
     load_mask: Callable[[], "np.ndarray"] | None = None  # ground truth for localisation, where it exists
+    target_class: str | None = None  # what the ground truth shows, for the per-class pointing game
 
 
 class BadImage(ValueError):

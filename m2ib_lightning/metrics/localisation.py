@@ -79,8 +79,8 @@ def top_k_iou(maps: Tensor, masks: Tensor, fraction: float | None = None) -> Ten
 
 class PointingGame(MeanOverSamples):
     """Mean pointing-game hit rate over all samples seen (summed across processes); with ``num_classes``,
-    ``update(maps, masks, classes)`` also keeps each class's hits, and :meth:`per_class_mean` is the mean over
-    the classes seen of their hit rates."""
+    ``update(maps, masks, classes)`` also keeps each class's hits (a class index below 0: a sample without a
+    class, left out of them), and :meth:`per_class_mean` is the mean over the classes seen of their hit rates."""
 
     higher_is_better = True
 
@@ -102,20 +102,29 @@ class PointingGame(MeanOverSamples):
         if self.num_classes is not None:
             if classes is None:
                 raise ValueError("PointingGame(num_classes=...) needs the class of each sample: update(maps, masks, classes)")
-            classes = classes.to(self.class_counts.device).long()
-            self.class_hits.index_add_(0, classes, scores.double().to(self.class_hits.device))
-            self.class_counts.index_add_(0, classes, torch.ones_like(classes))
+            classes = torch.as_tensor(classes, device=self.class_counts.device).long()
+            if classes.shape != scores.shape or bool((classes >= self.num_classes).any()):
+                raise ValueError(f"classes must be one index below num_classes={self.num_classes} per sample, "
+                                 f"got shape {tuple(classes.shape)} for {scores.numel()} samples")
+            known = classes >= 0
+            self.class_hits.index_add_(0, classes[known], scores[known].double().to(self.class_hits.device))
+            self.class_counts.index_add_(0, classes[known], torch.ones_like(classes[known]))
         super().update(scores=scores)
+
+    def update_scores(self, scores: Tensor, classes: Tensor | None = None) -> None:
+        self.update(scores=scores, classes=classes)
+
+    def class_rates(self) -> Tensor:
+        """Each class's mean hit score over every process, NaN for a class no sample had."""
+        if self.num_classes is None:
+            raise ValueError("class_rates needs PointingGame(num_classes=...)")
+        with self.sync_context():
+            return (self.class_hits / self.class_counts).float()
 
     def per_class_mean(self) -> Tensor:
         """Mean over the classes seen (on every process) of each class's mean hit score."""
-        if self.num_classes is None:
-            raise ValueError("per_class_mean needs PointingGame(num_classes=...)")
-        with self.sync_context():
-            seen = self.class_counts > 0
-            return (self.class_hits[seen] / self.class_counts[seen]).mean().float()
-
-
+        rates = self.class_rates()
+        return rates[~rates.isnan()].mean()
 class MaskEnergy(MeanOverSamples):
     """Mean share of map energy inside the mask over all samples seen (summed across processes)."""
 

@@ -19,7 +19,8 @@ from ..baselines import METHODS, make_method
 from ..callbacks import EvaluationWriter
 from ..config import ConfigError
 from ..data.attribution import PairDataModule
-from ..evaluation import HIGHER_IS_BETTER, METRICS, EvaluationModule, MetricSettings
+from ..data.world import SHAPES
+from ..evaluation import COLUMNS, HIGHER_IS_BETTER, EvaluationModule, MetricSettings
 from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures
 from ..visualize import method_grid
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
@@ -30,7 +31,7 @@ RESULT_KEYS = ("seed", "model", "m2ib", "world", "methods", "baselines", "metric
 LABELS = {
     "image_confidence_drop": "image conf. drop", "image_confidence_increase": "image conf. increase",
     "image_deletion_auc": "image deletion AUC", "image_insertion_auc": "image insertion AUC",
-    "pointing_game": "pointing game", "energy": "energy in mask", "top_k_iou": "top-k IoU",
+    "pointing_game": "pointing game", "pointing_game_class_mean": "pointing game (class mean)", "energy": "energy in mask", "top_k_iou": "top-k IoU",
     "text_confidence_drop": "text conf. drop", "text_confidence_increase": "text conf. increase",
     "text_deletion_auc": "text deletion AUC", "text_insertion_auc": "text insertion AUC",
 }
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     display_image = getattr(backbone, "display_image", None)
     writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, grid_samples=cfg.export.grid_samples,
                               display_image=display_image)
-    module = EvaluationModule(backbone, methods, MetricSettings(**cfg.metrics))
+    module = EvaluationModule(backbone, methods, metric_settings(cfg))
     if any(getattr(method, "has_text_map", False) for method in methods.values()):
         try:  # text metrics replace words: with an id that keeps the caption's pooled position, checked up front
             module.evaluator.replacement_id()
@@ -90,22 +91,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         owner.release()
 
 
+def metric_settings(cfg: DictConfig) -> MetricSettings:
+    """``cfg.metrics``, with the world's shapes as the classes of a world run that names none."""
+    settings = OmegaConf.to_container(cfg.metrics)
+    classes = settings.pop("classes")
+    if classes is None and not (cfg.data.manifest or cfg.data.webdataset):
+        classes = SHAPES
+    if classes is not None and (len(set(classes)) != len(classes) or not all(str(c).strip() for c in classes)):
+        raise ConfigError(f"metrics.classes: must be distinct, non-empty names, got {classes}")
+    return MetricSettings(**settings, classes=None if classes is None else tuple(str(c) for c in classes))
+
+
 def earlier_samples(module: EvaluationModule, out: Path) -> None:
     """Add the metric values and seconds of samples done by earlier runs into this run's metrics (a resumed table).
 
     Reads the per-sample scalars of the index, never the maps.
     """
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    classes: dict[str, list[int]] = defaultdict(list)  # per method: the class index of each pointing-game value
     seconds: dict[str, list[float]] = defaultdict(list)
+    settings = module.evaluator.settings
     for entry in index_entries(out):
+        label = entry.get("class")
+        index = settings.class_index(label if label in (settings.classes or ()) else None)
         for method, metrics in entry["values"].items():
             if method in module.metrics:
                 for name, value in metrics.items():
                     if value is not None:  # None: the metric does not apply to that sample
                         values[(method, name)].append(value)
+                        if name == "pointing_game":
+                            classes[method].append(index)
                 seconds[method].append(entry["seconds"][method])
     for (method, name), scores in values.items():
-        module.metrics[method][name].update_scores(torch.tensor(scores, dtype=torch.float64))
+        extra = {"classes": torch.tensor(classes[method])} if name == "pointing_game" else {}
+        module.metrics[method][name].update_scores(torch.tensor(scores, dtype=torch.float64), **extra)
     for method, times in seconds.items():
         module.seconds[method].update(sum(times))
         module.samples[method].update(len(times))
@@ -121,7 +140,7 @@ def _cell(value: tuple[float | None, float | None] | None) -> str:
 
 def tables(table: dict[str, dict[str, Any]]) -> tuple[str, str, list[str]]:
     """(results.md, results.csv, the metric columns used): metrics no method has are left out."""
-    columns = [m for m in METRICS if any(row[m] is not None for row in table.values())]
+    columns = [m for m in COLUMNS if any(row[m] is not None for row in table.values())]
     arrows = {m: "↑" if HIGHER_IS_BETTER[m] else "↓" for m in columns}
     md = ["| method | " + " | ".join(f"{LABELS[m]} {arrows[m]}" for m in columns) + " | samples/s |",
           "|---" * (len(columns) + 2) + "|"]

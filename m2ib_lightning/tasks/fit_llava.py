@@ -1,0 +1,144 @@
+"""Train the small LLaVA of the shapes world with Lightning ``fit`` and save it in the hub layout.
+
+The loss is the answer's (one word, then ``</s>``) cross-entropy under teacher forcing,
+the prompt's positions masked out, as LLaVA's instruction tuning does.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..contrastive import adamw_with_warmup_cosine
+from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS, ShapesVQA
+from ..data.world_dataset import ImageToTensor
+from ..models.shapes_llava import IMAGE, build_llava_processor, build_llava_tokenizer, build_shapes_llava, init_vision_from_clip, prompt_text
+from ..results import atomic_write
+from .common import fit_and_save, prepare_output, world_of
+
+IGNORE = -100  # the label of a position the loss skips (transformers' convention)
+
+
+class LlavaQuestions(Dataset):
+    """Samples ``0 .. count`` of a :class:`ShapesVQA` as LLaVA inputs: the chat prompt with ``<image>`` expanded to
+    ``image_tokens`` ids, then the answer word and ``</s>``; labels only on the answer."""
+
+    def __init__(self, vqa: ShapesVQA, count: int, tokenizer: Any, to_tensor: ImageToTensor, image_tokens: int):
+        self.vqa, self.count, self.tokenizer, self.to_tensor = vqa, count, tokenizer, to_tensor
+        self.image_tokens = image_tokens
+        self.kind_ids = {kind: i for i, kind in enumerate(QUESTION_KINDS)}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.vqa.sample(index)
+        q = item.question
+        prompt = self.tokenizer(prompt_text(q.text).replace(IMAGE, IMAGE * self.image_tokens), add_special_tokens=False)["input_ids"]
+        (answer,) = self.tokenizer(q.answer, add_special_tokens=False)["input_ids"]
+        wrong = self.tokenizer(q.wrong, add_special_tokens=False)["input_ids"][0] if q.wrong else -1
+        return {"pixel_values": self.to_tensor(item.sample.image), "prompt": prompt, "answer": answer, "wrong": wrong,
+                "kind": self.kind_ids[q.kind]}
+
+
+def collate_llava(items: list[dict[str, Any]], pad_id: int, eos_id: int) -> dict[str, Tensor]:
+    """Left-padded prompt + answer + ``</s>``; ``prompt_end`` is where the answer starts (the same for every row)."""
+    sequences = [item["prompt"] + [item["answer"], eos_id] for item in items]
+    width = max(map(len, sequences))
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+        labels[row, -2:] = ids[row, -2:]
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "input_ids": ids, "attention_mask": mask, "labels": labels,
+        "position_ids": (mask.cumsum(1) - 1).clamp_min(0),
+        "answer": torch.tensor([item["answer"] for item in items]),
+        "wrong": torch.tensor([item["wrong"] for item in items]),
+        "kind": torch.tensor([item["kind"] for item in items]),
+    }
+
+
+class LlavaTraining(L.LightningModule):
+    """Fits an injected ``LlavaForConditionalGeneration`` on one-word answers; validates accuracy per question kind."""
+
+    def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """The logits at the positions that predict the answer word and ``</s>`` (the last two of each row)."""
+        return self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"], logits_to_keep=3).logits[:, :2]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self._logits(batch)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, -2:].flatten())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        correct = self._logits(batch)[:, 0].argmax(-1) == batch["answer"]  # over the whole vocabulary, as it answers
+        for i, kind in enumerate(QUESTION_KINDS):
+            rows = batch["kind"] == i
+            if rows.any():
+                self.log(f"val/acc_{kind}", correct[rows].float().mean(), batch_size=int(rows.sum()),
+                         prog_bar=kind in TWO_CHOICE_KINDS, sync_dist=True)
+
+    def configure_optimizers(self):
+        return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
+                                        int(self.trainer.estimated_stepping_batches))
+
+
+def run(cfg: DictConfig) -> Path | None:
+    """Fit, validate on held-out questions, and ``save_pretrained`` model and processor (tokenizer, chat template)."""
+    from ..backbones import load_backbone
+
+    L.seed_everything(cfg.seed, workers=True)
+    out = prepare_output(cfg)
+    clip = load_backbone(cfg.vision_from, "hf_clip").module
+    vision = clip.config.vision_config.to_dict()
+    if vision["image_size"] != cfg.world.image_size:
+        raise ValueError(f"vision_from={cfg.vision_from!r} sees {vision['image_size']} px images, the world has {cfg.world.image_size}")
+    tokenizer = build_llava_tokenizer()
+    processor = build_llava_processor(tokenizer, cfg.world.image_size, vision["patch_size"])
+    model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **cfg.model)
+    init_vision_from_clip(model, clip)
+    image_tokens = model.config.image_seq_length
+    to_tensor = ImageToTensor(processor.image_processor, cfg.world.image_size)
+
+    train = LlavaQuestions(ShapesVQA(world_of(cfg, cfg.world.seed), tuple(cfg.data.kinds)), cfg.data.train_samples,
+                           tokenizer, to_tensor, image_tokens)
+    heldout = LlavaQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor,
+                             image_tokens)
+    collate = partial(collate_llava, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    train_loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                              num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    val_loader = DataLoader(heldout, batch_size=128, collate_fn=collate)
+    fitted = fit_and_save(cfg, out, LlavaTraining(model, **cfg.optim), train_loader, val_loader, processor)
+    if fitted is None:  # not global rank 0, which alone saves and reports
+        return None
+    save_to, steps, metrics, wall = fitted
+    summary = {
+        "steps": steps,
+        "wall_time_s": round(wall, 1),
+        "heldout_accuracy": {k.removeprefix("val/acc_"): round(float(v), 4) for k, v in metrics.items()},
+        "model_dir": str(save_to),
+        "config": OmegaConf.to_container(cfg),
+    }
+    atomic_write(out / "fit_summary.json", json.dumps(summary, indent=2))
+    print(f"saved the model to {save_to} after {summary['steps']} steps, {wall / 60:.1f} min; "
+          f"held-out accuracy per kind: {summary['heldout_accuracy']}")
+    return save_to
