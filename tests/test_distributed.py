@@ -174,3 +174,17 @@ def test_a_manifest_run_resumed_on_two_ranks_reads_only_its_share_of_the_done_id
     assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == 6 and summary["done"] == 4 and summary["total_in_output"] == 10
+
+
+def test_a_fit_on_two_ddp_processes_saves_one_loadable_model_and_one_summary(tmp_path):
+    """End to end through train.py: both ranks train, rank 0 alone saves and reports, the other rank exits 0."""
+    from transformers import CLIPModel
+
+    out = tmp_path / "fit"
+    _train(sys.executable, "train.py", "configs/fit_shapes_clip.yaml", f"output_dir={out}", "data.train_samples=64",
+           "data.batch_size=8", "data.val_samples=16", "trainer.max_steps=2", "trainer.val_check_interval=2",
+           "model.width=32", "model.layers=1", "model.heads=2", "trainer.enable_progress_bar=false", *_ddp(2))
+    summary = json.loads((out / "fit_summary.json").read_text())
+    assert summary["steps"] == 2 and 0.0 <= summary["retrieval_acc@8"] <= 1.0
+    assert CLIPModel.from_pretrained(out / "model").config.vision_config.num_hidden_layers == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "fit_summary.json", "model", "tensorboard"]
