@@ -9,13 +9,16 @@ from __future__ import annotations
 import errno
 import sys
 
-from m2ib_lightning.config import ConfigError, describe_tasks, load_config
+from m2ib_lightning.config import ConfigError, describe_registered, describe_tasks, load_config
 from m2ib_lightning.results import OutputRefused
 
 
 def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
         print(describe_tasks())
+        return 0
+    if "--list" in argv:
+        print(describe_registered())
         return 0
     path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
     overrides = argv[1:] if path else argv

@@ -24,6 +24,7 @@ from torch import Tensor
 from .backbones import as_backbone
 from .backbones.base import block_output, resolve_layer, tower_inputs
 from .engine import M2IB, M2IBConfig, eval_mode, image_maps_from_capacity, minmax
+from .registry import Registry
 
 
 @dataclass
@@ -34,19 +35,21 @@ class Maps:
     text: Tensor | None = None
 
 
-METHODS: dict[str, type["AttributionMethod"]] = {}
+METHODS: Registry[type["AttributionMethod"]] = Registry("attribution method")
 
 
-def register_method(cls: type["AttributionMethod"]) -> type["AttributionMethod"]:
-    """Class decorator: make a method available by its ``name`` (in configs: ``methods: [...]``)."""
-    METHODS[cls.name] = cls
-    return cls
+def register_method(cls: type["AttributionMethod"] | None = None, *, overwrite: bool = False) -> Any:
+    """Class decorator: make a method available by its ``name`` (in configs: ``methods: [...]``); a taken name
+    is refused unless ``@register_method(overwrite=True)``."""
+    if cls is None:
+        return lambda method: register_method(method, overwrite=overwrite)
+    return METHODS.register(cls.name, cls, overwrite=overwrite)
 
 
 def make_method(name: str, backbone: Any, **settings: Any) -> "AttributionMethod":
     if name not in METHODS:
         raise ValueError(f"unknown attribution method {name!r}; registered: {sorted(METHODS)}")
-    return METHODS[name](backbone, **settings)
+    return METHODS.create(name, backbone, **settings)
 
 
 @contextlib.contextmanager

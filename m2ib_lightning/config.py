@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .backbones.loading import DTYPES
 from .engine import M2IBConfig
+from .metrics.settings import MetricSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -232,20 +233,6 @@ class EvaluateData:
 
 
 @dataclass
-class EvaluateMetrics:
-    steps: int = 10  # deletion/insertion fractions 0, 1/steps, ..., 1
-    unit: Optional[int] = None  # pixels per deletion cell side; unset: the model's patch size
-    deletion_baseline: str = "zero"  # zero (the mean colour after normalisation) | mean (the image's) | blur
-    insertion_baseline: str = "blur"
-    replacement_id: Optional[int] = None  # the token id that replaces words; unset: the adapter's neutral id (never BOS/EOS)
-    top_k_fraction: Optional[float] = None  # top region of top-k IoU; unset: as large as the mask
-    confidence_drop: str = "absolute"  # absolute (the official M2IB script) | relative (Chattopadhay et al.'s Average Drop)
-    pointing_ties: str = "share"  # share of the tied peak pixels inside the mask | any (a hit if one is, as Quantus)
-    pointing_tolerance: int = 0  # pixels: a peak this close to the mask counts as inside (TorchRay: 15 at 224 px)
-    classes: Optional[List[str]] = None  # classes of the ground truth (manifest "class"); unset: the world's shapes
-
-
-@dataclass
 class EvaluateExport:
     samples_per_shard: int = 1024
     grid_samples: int = 8  # rows of the picture grid (image, then one map per method)
@@ -267,7 +254,7 @@ class EvaluateConfig:
     m2ib: M2IBConfig = field(default_factory=M2IBConfig)
     methods: List[str] = field(default_factory=_default_methods)
     baselines: Dict[str, Any] = field(default_factory=dict)  # settings per method, e.g. {rise: {masks: 500}}
-    metrics: EvaluateMetrics = field(default_factory=EvaluateMetrics)
+    metrics: MetricSettings = field(default_factory=MetricSettings)
     export: EvaluateExport = field(default_factory=EvaluateExport)
     trainer: Dict[str, Any] = field(default_factory=dict)
 
@@ -405,6 +392,7 @@ def describe_tasks() -> str:
         "Runs the task a config names (task=...); without a config, configs/default.yaml (M2IB on the shapes world).",
         "Every key below can be set in the YAML file or overridden as key=value; `trainer` takes any lightning.Trainer argument.",
         f"Configs shipped: {', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))}",
+        "python train.py --list prints the registered adapters, methods, metrics, probing adapters and sites.",
     ]
     for task, schema in SCHEMAS.items():
         lines += ["", f"task={task}:"]
@@ -413,6 +401,26 @@ def describe_tasks() -> str:
             if key != "task":
                 lines.append(f"  {key}={value}")
     return "\n".join(lines)
+
+
+def describe_registered() -> str:
+    """``python train.py --list``: what each registry holds, so a config's names can be looked up."""
+    from .backbones.loading import SHIPPED_MODELS
+    from .backbones.registry import BACKBONES
+    from .baselines import METHODS
+    from .metrics import METRICS
+    from .probing.adapters import PROBING_ADAPTERS
+
+    rows = [
+        ("backbone adapters (model.adapter; or auto, or package.module:Factory)", list(BACKBONES)),
+        ("shipped models (model.name_or_path=builtin:NAME)", list(SHIPPED_MODELS)),
+        ("attribution methods (methods: [...], settings under baselines.NAME)", list(METHODS)),
+        ("metrics (columns of an evaluation table)", list(METRICS)),
+        ("probing adapters (found by ActivationPatching)", list(PROBING_ADAPTERS)),
+        *((f"probe sites of task={task} (probe.sites)", list(sites)) for task, sites in PROBE_SITES.items()),
+        ("tasks (task=...)", list(SCHEMAS)),
+    ]
+    return "\n".join(f"{title}:\n  {', '.join(names)}" for title, names in rows)
 
 
 def _flatten(tree: dict, prefix: str = ""):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -22,44 +21,26 @@ from torchmetrics.aggregation import SumMetric
 from .baselines import AttributionMethod, Maps, PairScorer, replacement_token
 from .engine import screen
 from .metrics import (
-    ConfidenceDrop, ConfidenceIncrease, CurveAUC, MaskEnergy, PointingGame, TopKIoU, confidence_drop, confidence_increase,
-    curve_auc, keep_image, keep_text, mask_energy, perturbation_curve, pointing_game, text_perturbation_curve, top_k_iou,
+    METRICS, ConfidenceDrop, PointingGame, TopKIoU, confidence_drop, confidence_increase, curve_auc, keep_image, keep_text,
+    mask_energy, metric_label, perturbation_curve, pointing_game, text_perturbation_curve, top_k_iou,
 )
 from .metrics.mean import MeanOverSamples, standard_error
+from .metrics.settings import MetricSettings
 
-#: metric -> (class, whether higher is better), in table order
-METRICS: dict[str, type[MeanOverSamples]] = {
-    "image_confidence_drop": ConfidenceDrop, "image_confidence_increase": ConfidenceIncrease,
-    "image_deletion_auc": CurveAUC, "image_insertion_auc": CurveAUC,
-    "pointing_game": PointingGame, "energy": MaskEnergy, "top_k_iou": TopKIoU,
-    "text_confidence_drop": ConfidenceDrop, "text_confidence_increase": ConfidenceIncrease,
-    "text_deletion_auc": CurveAUC, "text_insertion_auc": CurveAUC,
-}
-#: the table's columns: every metric, and next to the pointing game its mean over classes (``metrics.classes``)
-COLUMNS = (*list(METRICS)[:5], "pointing_game_class_mean", *list(METRICS)[5:])
-HIGHER_IS_BETTER = {name: name.endswith(("increase", "insertion_auc", "pointing_game", "class_mean", "energy", "iou"))
-                    for name in COLUMNS}
+#: the table's columns: every registered metric, and next to the pointing game its mean over classes (``metrics.classes``)
+CLASS_MEAN = "pointing_game_class_mean"
+COLUMNS = (*list(METRICS)[:5], CLASS_MEAN, *list(METRICS)[5:])
+
+
+def column_label(name: str) -> str:
+    return f"{PointingGame.label} (class mean)" if name == CLASS_MEAN else metric_label(name)
+
+
+def higher_is_better(name: str) -> bool:
+    return (PointingGame if name == CLASS_MEAN else METRICS[name]).higher_is_better
+
+
 LOCALISATION = ("pointing_game", "energy", "top_k_iou")
-
-
-@dataclass(frozen=True)
-class MetricSettings:
-    """How maps are scored."""
-
-    steps: int = 10  # deletion/insertion fractions 0, 1/steps, ..., 1
-    unit: int | None = None  # pixels per deletion cell side; None: the model's patch size
-    deletion_baseline: str = "zero"  # zero (mean colour after normalisation) | mean | blur
-    insertion_baseline: str = "blur"
-    replacement_id: int | None = None  # the id that replaces words; None: the adapter's neutral_token_id
-    top_k_fraction: float | None = None  # top region of top-k IoU; None: as large as the mask
-    confidence_drop: str = "absolute"  # absolute (the official M2IB script) | relative (Chattopadhay et al.'s Average Drop)
-    pointing_ties: str = "share"  # share of the tied peak pixels inside the mask | any (a hit if one is, as Quantus)
-    pointing_tolerance: int = 0  # pixels: a peak this close to the mask counts as inside (TorchRay: 15 at 224 px)
-    classes: tuple[str, ...] | None = None  # the ground truth's classes, for the pointing game's mean over classes
-
-    def class_index(self, name: str | None) -> int:
-        """The index of a sample's class in ``classes``; -1 for a sample without one (or without a class list)."""
-        return -1 if name is None or not self.classes else self.classes.index(name)
 
 
 def metric_of(name: str, settings: MetricSettings) -> MeanOverSamples:
@@ -210,7 +191,7 @@ class EvaluationModule(L.LightningModule):
                     row[name] = None
                 else:  # NaN (a method's broken score, or the error of one sample) as None: JSON has no NaN
                     row[name] = _pair(metric.compute(), metric.standard_error())
-            row["pointing_game_class_mean"] = _class_mean(metrics["pointing_game"])
+            row[CLASS_MEAN] = _class_mean(metrics["pointing_game"])
             seconds, samples = self.seconds[method].compute().item(), self.samples[method].compute().item()
             row["samples"] = int(samples)
             row["samples_per_s"] = samples / seconds if seconds > 0 else None

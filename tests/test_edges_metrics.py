@@ -49,7 +49,7 @@ def test_pointing_game_per_class_mean_is_the_mean_of_class_hit_rates():
     with pytest.raises(ValueError, match="needs the class of each sample"):
         metric.update(scores=torch.tensor([1.0]))
     metric.update(scores=torch.tensor([0.0, 0.0]), classes=torch.tensor([-1, 2]))  # -1: no class, counts per sample only
-    assert metric.compute().item() == pytest.approx(3 / 6) and metric.per_class_mean().item() == pytest.approx(0.5)
+    assert metric.compute().item() == pytest.approx(3 / 6) and metric.per_class_mean().item() == pytest.approx(1 / 3)
     assert metric.class_rates().tolist()[2] == 0.0 and metric.class_counts.tolist() == [3, 1, 1]
     with pytest.raises(ValueError, match="below num_classes=3"):
         metric.update(scores=torch.tensor([1.0]), classes=torch.tensor([3]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 #: the Lightning shell: every other module of the package is the pure-torch core
@@ -52,3 +54,58 @@ def test_callbacks_from_the_repository_root_are_the_packages_own_in_either_impor
         code = SAME_CALLBACKS.format(first=first, second=second)
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0 and int(proc.stdout) >= 7, proc.stderr[-3000:]
+
+
+def _registries():
+    from m2ib_lightning.backbones.registry import BACKBONES, register_backbone
+    from m2ib_lightning.baselines import METHODS, register_method
+    from m2ib_lightning.metrics import METRICS
+    from m2ib_lightning.probing.adapters import PROBING_ADAPTERS, register_probing_adapter
+
+    def method(name: str, overwrite: bool = False):
+        cls = type("Method", (), {"name": name, "__init__": lambda self, *a, **k: setattr(self, "args", (a, k))})
+        return register_method(overwrite=overwrite)(cls) if overwrite else register_method(cls)
+
+    return {  # registry -> register(name, overwrite) through its public helper
+        "backbone": (BACKBONES, lambda name, overwrite=False: register_backbone(name, lambda *a, **k: ("b", a, k), overwrite=overwrite)),
+        "method": (METHODS, method),
+        "probing": (PROBING_ADAPTERS, lambda name, overwrite=False: register_probing_adapter(
+            name, lambda model: False, lambda model: ("p", model), overwrite=overwrite)),
+        "metric": (METRICS, lambda name, overwrite=False: METRICS.register(name, lambda *a, **k: ("m", a, k), overwrite=overwrite)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["backbone", "method", "probing", "metric"])
+def test_each_registry_registers_lists_creates_and_refuses_a_taken_name_unless_told(kind):
+    registry, register = _registries()[kind]
+    before = registry.names()
+    name = f"test_{kind}_entry"
+    try:
+        register(name)
+        assert registry.names() == [*before, name] and name in registry
+        with pytest.raises(ValueError, match=f"{name!r} is already registered"):
+            register(name)
+        first = registry[name]
+        register(name, overwrite=True)
+        assert registry[name] is not first and registry.names() == [*before, name]
+        if kind != "probing":  # a probing entry is (accepts, factory), tried by as_probing_adapter
+            created = registry.create(name, 1, x=2)
+            assert (created.args if kind == "method" else created[1:]) == ((1,), {"x": 2})
+        with pytest.raises(KeyError, match="registered: "):
+            registry["nope"]
+        with pytest.raises(ValueError, match="without ':'"):
+            register("pkg.module:Name")
+    finally:
+        registry._entries.pop(name, None)
+    assert registry.names() == before
+
+
+def test_train_list_prints_every_registry(capsys):
+    import train
+    from m2ib_lightning.baselines import METHODS
+    from m2ib_lightning.metrics import METRICS
+
+    assert train.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for names in (METHODS.names(), METRICS.names(), ["hf_clip", "hf_siglip", "hf_blip_itc", "blip_vqa", "cross_head", "shapes-clip"]):
+        assert all(name in out for name in names)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+from ..registry import Registry
 from .base import VisionLanguageBackbone
 from .hf_blip import HFBlipITCBackbone
 from .hf_clip import HFCLIPBackbone
@@ -24,11 +25,10 @@ from .loading import HubOptions, read_model_config
 AdapterFactory = Callable[..., VisionLanguageBackbone]
 
 #: name -> adapter factory, in the order ``auto`` tries them
-BACKBONES: dict[str, AdapterFactory] = {
-    "hf_clip": HFCLIPBackbone,
-    "hf_siglip": HFSiglipBackbone,
-    "hf_blip_itc": HFBlipITCBackbone,
-}
+BACKBONES: Registry[AdapterFactory] = Registry("backbone adapter")
+BACKBONES.register("hf_clip", HFCLIPBackbone)
+BACKBONES.register("hf_siglip", HFSiglipBackbone)
+BACKBONES.register("hf_blip_itc", HFBlipITCBackbone)
 
 
 class UnknownAdapterError(ValueError):
@@ -37,11 +37,7 @@ class UnknownAdapterError(ValueError):
 
 def register_backbone(name: str, factory: AdapterFactory, *, overwrite: bool = False) -> None:
     """Make an adapter available by name, e.g. to a config's ``model.adapter`` and to ``auto``."""
-    if not name or ":" in name:
-        raise ValueError(f"an adapter name must be non-empty and hold no ':', got {name!r}")
-    if name in BACKBONES and not overwrite:
-        raise ValueError(f"a backbone adapter named {name!r} is already registered")
-    BACKBONES[name] = factory
+    BACKBONES.register(name, factory, overwrite=overwrite)
 
 
 def _registered() -> str:

@@ -54,6 +54,7 @@ class ConfidenceDrop(MeanOverSamples):
     """Mean of ``max(0, s - s') * 100`` over samples, or of the relative drop (lower is better)."""
 
     higher_is_better = False
+    label = "conf. drop"
 
     def __init__(self, relative: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -67,6 +68,7 @@ class ConfidenceIncrease(MeanOverSamples):
     """Percentage of samples with ``s' > s`` (higher is better)."""
 
     higher_is_better = True
+    label = "conf. increase"
 
     def _per_sample(self, clean: Tensor, perturbed: Tensor) -> Tensor:
         return confidence_increase(clean, perturbed)

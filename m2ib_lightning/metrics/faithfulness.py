@@ -122,5 +122,21 @@ def curve_auc(curves: Tensor) -> Tensor:
 class CurveAUC(MeanOverSamples):
     """Mean area under deletion or insertion curves over all samples seen (summed across processes)."""
 
+    label = "AUC"
+
     def _per_sample(self, curves: Tensor) -> Tensor:
         return curve_auc(curves)
+
+
+class DeletionAUC(CurveAUC):
+    """Mean area under deletion curves: the score as the top-ranked parts go first (lower is better)."""
+
+    higher_is_better = False
+    label = "deletion AUC"
+
+
+class InsertionAUC(CurveAUC):
+    """Mean area under insertion curves: the score as the top-ranked parts come back first (higher is better)."""
+
+    higher_is_better = True
+    label = "insertion AUC"

@@ -83,6 +83,7 @@ class PointingGame(MeanOverSamples):
     class, left out of them), and :meth:`per_class_mean` is the mean over the classes seen of their hit rates."""
 
     higher_is_better = True
+    label = "pointing game"
 
     def __init__(self, ties: str = "share", tolerance: int = 0, num_classes: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -129,6 +130,7 @@ class MaskEnergy(MeanOverSamples):
     """Mean share of map energy inside the mask over all samples seen (summed across processes)."""
 
     higher_is_better = True
+    label = "energy in mask"
 
     def _per_sample(self, maps: Tensor, masks: Tensor) -> Tensor:
         return mask_energy(maps, masks)
@@ -138,6 +140,7 @@ class TopKIoU(MeanOverSamples):
     """Mean IoU of the map's top region with the mask over all samples seen (summed across processes)."""
 
     higher_is_better = True
+    label = "top-k IoU"
 
     def __init__(self, fraction: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -19,6 +19,8 @@ from typing import Any, Callable, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import Registry
+
 from ..backbones.base import features
 
 SITE_NAMES = ("resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head")
@@ -191,22 +193,23 @@ def _is_clip(model: Any) -> bool:
     return all(hasattr(model, a) for a in ("vision_model", "text_model", "visual_projection", "logit_scale"))
 
 
-#: (accepts(model), adapter class), tried in order
-PROBING_ADAPTERS: list[tuple[Callable[[Any], bool], Callable[[Any], ProbingAdapter]]] = [
-    (_is_blip_vqa, BlipVQAProbe),
-    (_is_clip, CLIPProbe),
-]
+#: name -> (accepts(model), adapter factory); the latest registered is tried first, so a user's own wins
+PROBING_ADAPTERS: Registry[tuple[Callable[[Any], bool], Callable[[Any], ProbingAdapter]]] = Registry("probing adapter")
+PROBING_ADAPTERS.register("blip_vqa", (_is_blip_vqa, BlipVQAProbe))
+PROBING_ADAPTERS.register("clip", (_is_clip, CLIPProbe))
 
 
-def register_probing_adapter(accepts: Callable[[Any], bool], factory: Callable[[Any], ProbingAdapter]) -> None:
-    """Make ``ActivationPatching(model)`` find ``factory`` for models ``accepts`` says yes to (tried first)."""
-    PROBING_ADAPTERS.insert(0, (accepts, factory))
+def register_probing_adapter(name: str, accepts: Callable[[Any], bool], factory: Callable[[Any], ProbingAdapter], *,
+                             overwrite: bool = False) -> None:
+    """Make ``ActivationPatching(model)`` find ``factory`` for models ``accepts`` says yes to (tried before those
+    registered earlier)."""
+    PROBING_ADAPTERS.register(name, (accepts, factory), overwrite=overwrite)
 
 
 def as_probing_adapter(model: Any) -> ProbingAdapter:
     if isinstance(model, ProbingAdapter):
         return model
-    for accepts, factory in PROBING_ADAPTERS:
+    for accepts, factory in reversed(list(PROBING_ADAPTERS.values())):
         if accepts(model):
             return factory(model)
     raise TypeError(

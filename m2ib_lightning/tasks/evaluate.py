@@ -20,22 +20,13 @@ from ..callbacks import EvaluationWriter
 from ..config import ConfigError
 from ..data.attribution import PairDataModule
 from ..data.world import SHAPES
-from ..evaluation import COLUMNS, HIGHER_IS_BETTER, EvaluationModule, MetricSettings
+from ..evaluation import COLUMNS, EvaluationModule, MetricSettings, column_label, higher_is_better
 from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures
 from ..visualize import method_grid
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
 #: Settings that change the table: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world", "methods", "baselines", "metrics")
-
-LABELS = {
-    "image_confidence_drop": "image conf. drop", "image_confidence_increase": "image conf. increase",
-    "image_deletion_auc": "image deletion AUC", "image_insertion_auc": "image insertion AUC",
-    "pointing_game": "pointing game", "pointing_game_class_mean": "pointing game (class mean)", "energy": "energy in mask", "top_k_iou": "top-k IoU",
-    "text_confidence_drop": "text conf. drop", "text_confidence_increase": "text conf. increase",
-    "text_deletion_auc": "text deletion AUC", "text_insertion_auc": "text insertion AUC",
-}
-
 
 def build_methods(cfg: DictConfig, backbone: Any) -> dict[str, Any]:
     """The methods ``cfg.methods`` names, from the registry, with their ``cfg.baselines`` settings (m2ib: ``cfg.m2ib``).
@@ -96,10 +87,10 @@ def metric_settings(cfg: DictConfig) -> MetricSettings:
     settings = OmegaConf.to_container(cfg.metrics)
     classes = settings.pop("classes")
     if classes is None and not (cfg.data.manifest or cfg.data.webdataset):
-        classes = SHAPES
+        classes = list(SHAPES)
     if classes is not None and (len(set(classes)) != len(classes) or not all(str(c).strip() for c in classes)):
         raise ConfigError(f"metrics.classes: must be distinct, non-empty names, got {classes}")
-    return MetricSettings(**settings, classes=None if classes is None else tuple(str(c) for c in classes))
+    return MetricSettings(**settings, classes=None if classes is None else [str(c) for c in classes])
 
 
 def earlier_samples(module: EvaluationModule, out: Path) -> None:
@@ -141,8 +132,7 @@ def _cell(value: tuple[float | None, float | None] | None) -> str:
 def tables(table: dict[str, dict[str, Any]]) -> tuple[str, str, list[str]]:
     """(results.md, results.csv, the metric columns used): metrics no method has are left out."""
     columns = [m for m in COLUMNS if any(row[m] is not None for row in table.values())]
-    arrows = {m: "↑" if HIGHER_IS_BETTER[m] else "↓" for m in columns}
-    md = ["| method | " + " | ".join(f"{LABELS[m]} {arrows[m]}" for m in columns) + " | samples/s |",
+    md = ["| method | " + " | ".join(f"{column_label(m)} {'↑' if higher_is_better(m) else '↓'}" for m in columns) + " | samples/s |",
           "|---" * (len(columns) + 2) + "|"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
