@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .backbones import as_backbone
 from .backbones.base import block_output, resolve_layer, tower_inputs
+from .backbones.capabilities import require
 from .engine import M2IB, M2IBConfig, eval_mode, image_maps_from_capacity, minmax
 from .registry import Registry
 
@@ -368,10 +369,11 @@ class _AttentionMethod(AttributionMethod):
     has_text_map = True
     needs_gradients = False
 
+    def __init__(self, backbone: Any, **settings: Any):
+        super().__init__(backbone, **settings)
+        require(self.backbone, "attention", f"the {self.name} method")
+
     def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
-        for needed in ("attention_modules", "eager_attention"):
-            if not hasattr(self.backbone, needed):
-                raise TypeError(f"{self.name} needs attention probabilities: {type(self.backbone).__name__} has no {needed}()")
         image = self._relevance("image", pixel_values, input_ids, attention_mask)
         text = self._relevance("text", pixel_values, input_ids, attention_mask)
         return Maps(self.token_map(image, pixel_values), minmax(text, attention_mask.bool()))

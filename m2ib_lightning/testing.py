@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .backbones import MODALITIES, Modality, VisionLanguageBackbone, as_backbone
 from .backbones.base import other, tower_inputs
+from .backbones.capabilities import claimed
 from .engine import M2IB, M2IBConfig, eval_mode, minmax
 
 
@@ -204,9 +205,13 @@ def check_backbone(
     ``example_inputs``: ``pixel_values`` (B, C, H, W), ``input_ids`` (B, L) and
     optionally ``attention_mask``, with B >= 2. The properties:
     ``prefix/tail``, ``batch invariance``, ``no cross-talk``, ``padding``,
-    ``model untouched`` and ``naive reference``.
+    ``model untouched`` and ``naive reference``; then one per further capability the adapter claims:
+    ``preprocessing`` (an image and a caption become inputs the towers take, token names and the display
+    picture fit them) and ``attention`` (one attention module per block, whose eager probabilities are
+    distributions over real keys, and the attention setting restored).
     """
-    backbone = as_backbone(backbone)
+    backbone = as_backbone(backbone)  # refuses an adapter that lacks a member of a capability it claims
+    capabilities = claimed(backbone)
     pixels, ids = example_inputs["pixel_values"], example_inputs["input_ids"]
     mask = example_inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -291,4 +296,57 @@ def check_backbone(
         _close("naive reference", result.image_maps[0], image_map, f"image map at layer {layer}", **maps_tol)
         _close("naive reference", minmax(result.text_maps[:, :length])[0], text_map, f"text map at layer {layer}", **maps_tol)
     passed.append("naive reference")
+    if "preprocessing" in capabilities:
+        _check_preprocessing(backbone, pixels)
+        passed.append("preprocessing")
+    if "attention" in capabilities:
+        _check_attention(backbone, inputs)
+        passed.append("attention")
     return passed
+
+
+def _check_preprocessing(backbone: Any, pixels: Tensor) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(torch.randint(0, 256, (pixels.shape[-2] + 7, pixels.shape[-1] + 3, 3),
+                                          generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy())
+    values = backbone.image_inputs(image)
+    if not isinstance(values, Tensor) or values.shape != pixels.shape[1:]:
+        raise BackboneCheckError("preprocessing", f"image_inputs gave {getattr(values, 'shape', type(values))}, "
+                                                  f"the towers take {tuple(pixels.shape[1:])}")
+    text = backbone.text_inputs("a red circle left of a blue square")
+    ids = torch.tensor([text.ids])
+    backbone.validate_inputs(values[None].to(pixels.dtype), ids, torch.ones_like(ids))
+    for name, out in (("token_strings", backbone.token_strings(text.ids)), ("special_mask", backbone.special_mask(text.ids))):
+        if len(out) != len(text.ids):
+            raise BackboneCheckError("preprocessing", f"{name} gave {len(out)} entries for {len(text.ids)} token ids")
+    picture = backbone.display_image(values)
+    if picture.shape != (*values.shape[-2:], 3) or picture.dtype != "uint8":
+        raise BackboneCheckError("preprocessing", f"display_image gave {picture.shape} {picture.dtype}, not (H, W, 3) uint8")
+    if not isinstance(backbone.pad_token_id, int):
+        raise BackboneCheckError("preprocessing", f"pad_token_id is {backbone.pad_token_id!r}, not an int")
+
+
+def _check_attention(backbone: Any, inputs: dict[str, dict[str, Tensor]]) -> None:
+    module = backbone.module
+    before = [getattr(c, "_attn_implementation", None) for c in (getattr(module, "config", None),) if c is not None]
+    for m in MODALITIES:
+        modules = backbone.attention_modules(m)
+        if len(modules) != backbone.num_layers(m):
+            raise BackboneCheckError("attention", f"{len(modules)} {m} attention modules for {backbone.num_layers(m)} blocks")
+        probs: list[Tensor] = []
+        handles = [a.register_forward_hook(lambda mod, args, out: probs.append(out[1])) for a in modules]
+        try:
+            with backbone.eager_attention(), eval_mode(module), torch.no_grad():
+                backbone.embed(m, inputs[m])
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(probs) != len(modules) or any(p is None or p.dim() != 4 for p in probs):
+            raise BackboneCheckError("attention", f"the {m} attention modules gave no (B, heads, T, T) probabilities in eager mode")
+        sums = torch.stack([p.sum(-1) for p in probs]).double()
+        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+            raise BackboneCheckError("attention", f"{m} attention rows do not sum to 1")
+    after = [getattr(c, "_attn_implementation", None) for c in (getattr(module, "config", None),) if c is not None]
+    if after != before:
+        raise BackboneCheckError("attention", f"eager_attention left the attention implementation at {after}, not {before}")

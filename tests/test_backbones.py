@@ -63,6 +63,9 @@ def test_adapter_passes_the_conformance_suite(name):
     expected = {"prefix/tail", "batch invariance", "no cross-talk", "model untouched", "naive reference"}
     assert expected <= set(passed)
     assert ("padding" in passed) == (name != "hf_siglip")  # SigLIP has no padding: every position is real
+    # every capability claimed is checked: HF adapters built without a processor offer attention, the plain one
+    # preprocessing (inferred from its members)
+    assert ("attention" in passed) == (name != "plain") and ("preprocessing" in passed) == (name == "plain")
 
 
 @pytest.mark.parametrize("name", ["hf_clip", "hf_siglip", "hf_blip_itc", "plain"])
@@ -200,4 +203,51 @@ def test_the_docs_worked_example_runs_as_written(capsys):
     for block in blocks[:3]:  # the model, its adapter, the conformance check
         exec(block.split("```")[0], namespace)
     printed = capsys.readouterr().out
-    assert "'prefix/tail', 'batch invariance', 'padding', 'no cross-talk', 'model untouched', 'naive reference'" in printed
+    assert "'prefix/tail', 'batch invariance', 'padding', 'no cross-talk', 'model untouched', 'naive reference', 'preprocessing'" in printed
+
+
+def test_an_adapter_lacking_a_member_of_a_claimed_capability_is_refused_at_load_naming_it():
+    from m2ib_lightning.backbones.capabilities import MissingCapabilityError
+
+    model, _ = example("plain")
+
+    class ClaimsAttention(PlainAdapter):
+        capabilities = ("towers", "preprocessing", "attention")
+
+        def attention_modules(self, modality):
+            return []
+
+    with pytest.raises(MissingCapabilityError, match=r"missing attention: eager_attention"):
+        as_backbone(ClaimsAttention(model.module))
+
+    class NoTail:  # the towers of PlainAdapter but its tail
+        num_prefix_tokens = 1
+        blocks, num_layers, patch_grid = PlainAdapter.blocks, PlainAdapter.num_layers, PlainAdapter.patch_grid
+        validate_inputs, embed, prefix = PlainAdapter.validate_inputs, PlainAdapter.embed, PlainAdapter.prefix
+
+        def __init__(self, module):
+            self.module = module
+
+    with pytest.raises(MissingCapabilityError, match=r"missing towers: tail\)"):
+        as_backbone(NoTail(model.module))
+
+
+def test_attention_methods_refuse_an_adapter_without_attention_with_a_clear_error():
+    from m2ib_lightning.backbones.capabilities import MissingCapabilityError
+    from m2ib_lightning.baselines import make_method
+
+    model, _ = example("plain")
+    for name in ("rollout", "chefer"):
+        with pytest.raises(MissingCapabilityError, match=f"the {name} method needs the adapter's attention capability: "
+                                                          "PlainAdapter has no attention_modules, eager_attention"):
+            make_method(name, model)
+
+
+def test_a_run_refuses_an_adapter_without_preprocessing_before_any_work():
+    from m2ib_lightning.backbones.capabilities import MissingCapabilityError
+    from m2ib_lightning.data.attribution import PairDataModule, WorldSource
+    from m2ib_lightning.data.world import ShapesWorld
+
+    clip = as_backbone(FAMILIES["hf_clip"][0](seed=0))  # built from a config: no processor
+    with pytest.raises(MissingCapabilityError, match="built without a processor"):
+        PairDataModule(WorldSource(ShapesWorld(seed=1), 4), clip, run_seed=0)

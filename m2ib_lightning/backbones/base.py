@@ -242,6 +242,11 @@ class HFLayout:
 
     config: Any
 
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """Towers and attention always; preprocessing when loaded with a processor (``from_pretrained``)."""
+        return ("towers", "attention", *(("preprocessing",) if getattr(self, "processor", None) is not None else ()))
+
     def num_layers(self, modality: Modality) -> int:
         return len(self.blocks(modality))
 

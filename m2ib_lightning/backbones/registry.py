@@ -15,8 +15,11 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+from torch import nn
+
 from ..registry import Registry
 from .base import VisionLanguageBackbone
+from .capabilities import check_claims
 from .hf_blip import HFBlipITCBackbone
 from .hf_clip import HFCLIPBackbone
 from .hf_siglip import HFSiglipBackbone
@@ -66,18 +69,24 @@ def adapter_factory(adapter: str) -> AdapterFactory:
 
 def as_backbone(model: Any, adapter: str = "auto", **options: Any) -> VisionLanguageBackbone:
     """Wrap an in-memory model in its adapter; an adapter is returned as it is."""
-    if isinstance(model, VisionLanguageBackbone):
-        return model
+    if isinstance(model, VisionLanguageBackbone) or (not isinstance(model, nn.Module) and hasattr(model, "module")):
+        return _checked(model)  # an adapter already (a half-written one is refused naming what it lacks)
     if adapter != "auto":
-        return adapter_factory(adapter)(model, **options)
+        return _checked(adapter_factory(adapter)(model, **options))
     for factory in BACKBONES.values():
         accepts = getattr(factory, "accepts", None)
         if accepts is not None and accepts(model):
-            return factory(model, **options)
+            return _checked(factory(model, **options))
     raise UnknownAdapterError(
         f"no registered backbone adapter accepts a {type(model).__name__}; registered adapters: {_registered()}. "
         "Pass an adapter (see m2ib_lightning.backbones and docs/backbones.md) or register one with register_backbone"
     )
+
+
+def _checked(adapter: VisionLanguageBackbone) -> VisionLanguageBackbone:
+    """The adapter, once it has every member of each capability it claims (and of the engine's towers)."""
+    check_claims(adapter)
+    return adapter
 
 
 def adapter_for_config(config: dict[str, Any]) -> str:
@@ -121,4 +130,4 @@ def load_backbone(
     load = getattr(factory, "from_pretrained", None)
     if load is None:
         raise UnknownAdapterError(f"adapter {name!r} cannot load checkpoints: it has no from_pretrained(name_or_path)")
-    return load(name_or_path, **options) if hub is None else load(name_or_path, hub=hub, **options)
+    return _checked(load(name_or_path, **options) if hub is None else load(name_or_path, hub=hub, **options))

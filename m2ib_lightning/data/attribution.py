@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..backbones.capabilities import require
 from .records import BadImage, Failure, PairRecord
 from .world import ShapesWorld
 from .world_dataset import pad_token_ids
@@ -188,6 +189,7 @@ class PairDataModule(L.LightningDataModule):
         skip_ids: set[str] | frozenset | Callable[[], set[str]] = frozenset(),
     ):
         super().__init__()
+        require(backbone, "preprocessing", "a PairDataModule")  # here, not inside a loader worker
         self.dataset = PairStream(source, backbone, run_seed)
         self.skip_ids = skip_ids
         self.pad_id = backbone.pad_token_id

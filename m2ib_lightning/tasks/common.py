@@ -10,6 +10,7 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from ..backbones import MODALITIES, HubOptions, UnknownAdapterError, load_backbone, resolve_layer
+from ..backbones.capabilities import MissingCapabilityError, require
 from ..config import ConfigError
 from ..data.world import ShapesWorld
 from ..results import run_identity
@@ -66,7 +67,9 @@ def hub_options(cfg: DictConfig) -> HubOptions | None:
 def backbone_of(cfg: DictConfig):
     """The adapter ``model.name_or_path`` / ``model.adapter`` name, loaded with its processor (see :func:`loading`)."""
     with loading(cfg):
-        return load_backbone(cfg.model.name_or_path, cfg.model.adapter, hub=hub_options(cfg))
+        backbone = load_backbone(cfg.model.name_or_path, cfg.model.adapter, hub=hub_options(cfg))
+        require(backbone, "preprocessing", "a train.py run")
+        return backbone
 
 
 @contextlib.contextmanager
@@ -74,7 +77,7 @@ def loading(cfg: DictConfig) -> Iterator[None]:
     """Whatever keeps ``model`` from loading is a ConfigError of one line naming the key."""
     try:
         yield
-    except UnknownAdapterError as err:
+    except (UnknownAdapterError, MissingCapabilityError) as err:
         raise ConfigError(f"model.adapter={cfg.model.adapter!r}: {err}") from err
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: {one_line(err)}") from err

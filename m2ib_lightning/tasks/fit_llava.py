@@ -114,8 +114,11 @@ def run(cfg: DictConfig) -> Path | None:
         raise ValueError(f"vision_from={cfg.vision_from!r} sees {vision['image_size']} px images, the world has {cfg.world.image_size}")
     tokenizer = build_llava_tokenizer()
     processor = build_llava_processor(tokenizer, cfg.world.image_size, vision["patch_size"])
-    model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **cfg.model)
+    settings = dict(cfg.model)
+    freeze_vision = settings.pop("freeze_vision")
+    model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **settings)
     init_vision_from_clip(model, clip)
+    model.model.vision_tower.requires_grad_(not freeze_vision)
     image_tokens = model.config.image_seq_length
     to_tensor = ImageToTensor(processor.image_processor, cfg.world.image_size)
 

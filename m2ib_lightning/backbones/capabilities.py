@@ -1,0 +1,129 @@
+"""What an adapter can do, as small protocols: an adapter states the capabilities it offers, loading checks that it
+has every member of each (naming the missing ones, before any work), and each consumer asks for what it needs.
+
+- ``towers``: what the M2IB engine needs (:class:`~m2ib_lightning.backbones.base.VisionLanguageBackbone`);
+- ``preprocessing``: what dataset runs need to turn an image and a caption into inputs and to display them;
+- ``attention``: what the attention methods (rollout, Chefer) need to read attention probabilities.
+
+An adapter without a ``capabilities`` attribute is taken to offer the capabilities whose members it has all of
+(``towers`` always): a half-written preprocessing is then refused by the run that needs it, with the names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ContextManager, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+from torch import Tensor, nn
+
+from .base import Modality, TextEncoding, VisionLanguageBackbone
+
+
+@runtime_checkable
+class Preprocessing(Protocol):
+    """Images and captions to model inputs, token names for exports, and the image back for display.
+
+    ``image_geometry(image)`` (how the processor resized and cropped it) is optional: without it, maps stay at the
+    model's input size and ground-truth masks must come at that size.
+    """
+
+    pad_token_id: int
+
+    def image_inputs(self, image: Any) -> Tensor:
+        """One PIL image as the model's (C, H, W) pixel values."""
+
+    def text_inputs(self, text: str) -> TextEncoding:
+        """One caption as token ids, cut to the model's limit."""
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The tokenizer's pieces of ``ids``, for exports."""
+
+    def special_mask(self, ids: Sequence[int]) -> list[bool]:
+        """True for the special tokens that displays leave out."""
+
+    def display_image(self, pixel_values: Tensor) -> np.ndarray:
+        """(C, H, W) model input -> (H, W, 3) uint8 picture."""
+
+
+@runtime_checkable
+class Attention(Protocol):
+    """Each block's attention module, whose output in eager mode is (context, probabilities (B, heads, T, T))."""
+
+    def attention_modules(self, modality: Modality) -> list[nn.Module]:
+        """One module per block of the tower, in block order."""
+
+    def eager_attention(self) -> ContextManager[None]:
+        """A context in which attention runs eagerly (probabilities returned); the model's setting comes back after."""
+
+
+CAPABILITIES: dict[str, type] = {"towers": VisionLanguageBackbone, "preprocessing": Preprocessing, "attention": Attention}
+
+
+class MissingCapabilityError(TypeError):
+    """An adapter that lacks a capability it claims, or one that a consumer needs."""
+
+
+def members(capability: str) -> list[str]:
+    """The member names of a capability's protocol, in declaration order."""
+    protocol = CAPABILITIES[capability]
+    names = [*getattr(protocol, "__annotations__", {}), *(n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_"))]
+    return list(dict.fromkeys(n for n in names if not n.startswith("_")))
+
+
+def missing_members(adapter: Any, capability: str) -> list[str]:
+    return [name for name in members(capability) if not _has(adapter, name)]
+
+
+def _has(adapter: Any, name: str) -> bool:
+    """A member, found without running it where possible: a property that needs a processor is still a member."""
+    if inspect.getattr_static(adapter, name, _ABSENT) is not _ABSENT:
+        return True
+    try:  # a wrapper that forwards attributes (``__getattr__``)
+        getattr(adapter, name)
+    except AttributeError:
+        return False
+    except Exception:  # noqa: BLE001 - there, but it needs what this adapter was built without
+        return True
+    return True
+
+
+_ABSENT = object()
+
+
+def claimed(adapter: Any) -> tuple[str, ...]:
+    """The capabilities an adapter states (``capabilities``), or, without that attribute, those it has every member of."""
+    stated = getattr(adapter, "capabilities", None)
+    if stated is not None:
+        unknown = sorted(set(stated) - set(CAPABILITIES))
+        if unknown:
+            raise MissingCapabilityError(f"{type(adapter).__name__}.capabilities names unknown {unknown}; known: {list(CAPABILITIES)}")
+        return ("towers", *(c for c in stated if c != "towers"))
+    return ("towers", *(c for c in CAPABILITIES if c != "towers" and not missing_members(adapter, c)))
+
+
+def check_claims(adapter: Any) -> tuple[str, ...]:
+    """Raise :class:`MissingCapabilityError` naming each member missing from a claimed capability; return the claims."""
+    capabilities = claimed(adapter)
+    gaps = {c: missing_members(adapter, c) for c in capabilities}
+    gaps = {c: m for c, m in gaps.items() if m}
+    if gaps:
+        detail = "; ".join(f"{c}: {', '.join(m)}" for c, m in gaps.items())
+        raise MissingCapabilityError(f"adapter {type(adapter).__name__} claims capabilities it does not implement (missing {detail})")
+    return capabilities
+
+
+def require(adapter: Any, capability: str, consumer: str) -> None:
+    """Raise :class:`MissingCapabilityError` unless ``adapter`` has every member of ``capability``; ``consumer`` says who asks."""
+    missing = missing_members(adapter, capability)
+    if missing:
+        raise MissingCapabilityError(
+            f"{consumer} needs the adapter's {capability} capability: {type(adapter).__name__} has no {', '.join(missing)} "
+            "(see docs/backbones.md)"
+        )
+    if capability not in claimed(adapter):
+        raise MissingCapabilityError(
+            f"{consumer} needs the adapter's {capability} capability, which this {type(adapter).__name__} does not offer"
+            + (" (built without a processor: load it with from_pretrained)" if capability == "preprocessing" else "")
+        )
+
