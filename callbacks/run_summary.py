@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torchmetrics.aggregation import MaxMetric, SumMetric
 
+from m2ib_lightning.baselines import random_image_maps
 from m2ib_lightning.data.attribution import sample_seed
 from m2ib_lightning.engine import image_maps_from_capacity
 from m2ib_lightning.metrics import MaskEnergy, PointingGame
@@ -27,7 +28,8 @@ def processed(batch_or_outputs: dict[str, Any]) -> int:
 class RunSummary(L.Callback):
     """Counts (done, failed, warnings), wall time and samples/s summed over ranks, and, for the samples
     with ground truth (the world's objects, a manifest's masks or boxes), pointing game and mask energy
-    of the M2IB maps next to uniformly random maps (seeded per sample id, so the same on any topology).
+    of the M2IB maps next to the random baseline's maps (seeded per sample id, so the same on any topology, and
+    the maps of the `random` method of an evaluation with the same seed).
 
     ``result`` is set on every rank at the end of predict.
     """
@@ -66,10 +68,8 @@ class RunSummary(L.Callback):
         grid = outputs["image_capacity"][rows]
         maps = {
             "m2ib": image_maps_from_capacity(grid.flatten(1), tuple(grid.shape[-2:]), tuple(masks.shape[-2:])),
-            "random": torch.stack([
-                torch.rand(masks.shape[-2:], generator=torch.Generator().manual_seed(sample_seed(self.seed, "random\x00" + i)))
-                for i, has in zip(outputs["id"], rows.tolist()) if has
-            ]),
+            "random": random_image_maps([torch.Generator().manual_seed(sample_seed(self.seed, i))  # the evaluation's
+                                         for i, has in zip(outputs["id"], rows.tolist()) if has], tuple(masks.shape[-2:])),
         }
         device = pl_module.device
         for name, (pointing, energy) in self.maps.items():

@@ -1,11 +1,14 @@
-"""Pictures of maps: heat-map overlays and coloured tokens (Pillow only)."""
+"""Every figure of the project: heat-map overlays and coloured tokens (Pillow), and labelled layer x head / position
+heat maps of probing effects (matplotlib)."""
 
 from __future__ import annotations
 
+import io
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+import torch
 from torch import Tensor
 
 from .backbones.base import clean_token
@@ -112,3 +115,28 @@ def method_grid(images: list[np.ndarray], heats: dict[str, list[np.ndarray]], sc
         for c, name in enumerate(heats, 1):
             sheet.paste(overlay(image, heats[name][r]).resize(cell, Image.NEAREST), (c * cell[0], top))
     return sheet
+
+
+def labelled_heatmap(values: torch.Tensor, columns: list[str], title: str, xlabel: str) -> bytes:
+    """A labelled heat map (layers x columns, 0 white, symmetric colour bar) of probing effects, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = values.float().numpy()
+    limit = max(1e-6, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0  # symmetric: 0 is white
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.45 * len(columns) + 2), max(2.5, 0.45 * grid.shape[0] + 1.5)))
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    step = max(1, len(columns) // 24)
+    axes.set_xticks(range(0, len(columns), step), [columns[i] for i in range(0, len(columns), step)], rotation=60, ha="right", fontsize=7)
+    axes.set_yticks(range(grid.shape[0]), [str(i) for i in range(grid.shape[0])])
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("layer")
+    axes.set_title(title, fontsize=8)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -16,13 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from safetensors.torch import save_file
 
 from ..data.world import WorldSample
 from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect, universal_heads
 from ..results import atomic_write
-from ..visualize import heat_colours
+from ..visualize import labelled_heatmap
 from .common import backbone_of, output_owner, prepare_output, world_of
 
 
@@ -37,13 +36,6 @@ def _pair_inputs(processor, clean: WorldSample, corrupt: WorldSample, modality: 
     if texts[0]["input_ids"].shape != texts[1]["input_ids"].shape:
         raise ValueError(f"captions {clean.text!r} and {corrupt.text!r} differ in token count")
     return dict(texts[0]), dict(texts[1]), images(images=[clean.image, corrupt.image], return_tensors="pt")["pixel_values"]
-
-
-def _heatmap_png(values: torch.Tensor, path: Path, cell: int = 12) -> None:
-    """Effects (rows, cols) as a picture: 0 blue, 1 red, clipped; each value a ``cell``-pixel square."""
-    grid = np.nan_to_num(values.clamp(0, 1).numpy(), nan=0.0)
-    image = Image.fromarray(heat_colours(grid), "RGB").resize((grid.shape[1] * cell, grid.shape[0] * cell), Image.NEAREST)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 #: settings that change the results: a rerun into the same output_dir must keep them
@@ -90,7 +82,9 @@ def _probe(cfg: DictConfig, out: Path, backbone) -> dict[str, Any]:
                 continue
             mean, raw, _ = mean_effect(group)
             tensors[f"{modality}/{site}/mean"], tensors[f"{modality}/{site}/raw"] = mean.contiguous(), raw.contiguous()
-            _heatmap_png(mean, out / f"{modality}_{site}.png")
+            columns = [f"h{i}" if site.endswith("head") else str(i) for i in range(mean.shape[1])]
+            png = labelled_heatmap(mean, columns, f"{modality} {site}: mean patching effect", "head" if site.endswith("head") else "token")
+            atomic_write(out / f"{modality}_{site}.png", png)
             overview[f"{modality}/{site}"] = {
                 "pairs": len(group),
                 "flagged": sum(r.flagged for r in group),

@@ -49,6 +49,7 @@ from ..probing import (
 )
 from ..probing.patching import PatchingResult
 from ..results import atomic_write, safe_name
+from ..visualize import labelled_heatmap
 from .common import hub_options, loading, output_owner, owned_trainer, world_of
 
 RESULT_KEYS = ("seed", "model", "world", "data", "probe")
@@ -288,7 +289,7 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, 
             for kind in sorted({r["kind"] for r, _ in scored}):
                 kept = [score for r, score in scored if r["kind"] == kind]
                 important[(kind, corruption, tower, site)] = important_heads(torch.stack(kept).mean(0))
-            figures[key] = _heatmap(mean, [f"h{h}" for h in range(mean.shape[1])], f"{key}: {RANKING_LABELS[ranking]}, "
+            figures[key] = labelled_heatmap(mean, [f"h{h}" for h in range(mean.shape[1])], f"{key}: {RANKING_LABELS[ranking]}, "
                                     "layers x heads", "head")
         elif tower == "text":  # one template per task: positions are averaged by their role in it
             for kind in sorted({r["kind"] for r, _ in entries}):
@@ -296,11 +297,11 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, 
                 by_role, roles = effect_by_role([res["effect"] for _, res in of_kind], [r["roles"] for r, _ in of_kind],
                                                 [res["flagged"] for _, res in of_kind])
                 tensors[f"{key}/{kind}/mean_by_role"] = by_role.contiguous()
-                figures[f"{key}/{kind}"] = _heatmap(by_role, roles, f"{key}, {kind} questions: mean effect", "question role")
+                figures[f"{key}/{kind}"] = labelled_heatmap(by_role, roles, f"{key}, {kind} questions: mean effect", "question role")
         else:
             tensors[f"{key}/mean"] = mean.contiguous()
             columns = [str(i) for i in range(mean.shape[1])] if mean.shape[1] > 1 else ["all tokens"]
-            figures[key] = _heatmap(mean, columns, f"{key}: mean effect, layers x image tokens", "image token")
+            figures[key] = labelled_heatmap(mean, columns, f"{key}: mean effect, layers x image tokens", "image token")
     atomic_write(out / "effects.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     figure_dir = out / "figures"
     figure_dir.mkdir(exist_ok=True)
@@ -367,31 +368,6 @@ def _write_heads_csv(out: Path, ranked: dict, important: dict) -> None:
     writer.writerow(["tower", "site", "corruption", "statistic", "rank", "layer", "head", "score", "important_in_tasks"])
     writer.writerows(rows)
     atomic_write(out / "heads.csv", buffer.getvalue())
-
-
-def _heatmap(values: torch.Tensor, columns: list[str], title: str, xlabel: str) -> bytes:
-    """A labelled heat map (layers x columns) with a colour bar, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = values.float().numpy()
-    limit = max(1e-6, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0  # symmetric: 0 is white
-    figure, axes = plt.subplots(figsize=(max(4.0, 0.45 * len(columns) + 2), max(2.5, 0.45 * grid.shape[0] + 1.5)))
-    image = axes.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-    step = max(1, len(columns) // 24)
-    axes.set_xticks(range(0, len(columns), step), [columns[i] for i in range(0, len(columns), step)], rotation=60, ha="right", fontsize=7)
-    axes.set_yticks(range(grid.shape[0]), [str(i) for i in range(grid.shape[0])])
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel("layer")
-    axes.set_title(title, fontsize=8)
-    figure.colorbar(image, ax=axes)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
 
 
 def _head_overlays(cfg, model, processor, pairs, done, universal, important, figure_dir: Path) -> dict[str, bytes]:
