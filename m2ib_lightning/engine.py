@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .backbones import MODALITIES, Modality, TowerState, VisionLanguageBackbone, as_backbone, resolve_layer
 from .backbones.base import other, tower_inputs
+from .backbones.capabilities import claimed
 from .bottleneck import INITIAL_ALPHA, capacity, masked_moments, sample
 
 Seeds = int | Sequence[int] | Tensor
@@ -430,7 +431,10 @@ def attribute(
     batch_invariant: bool = True,
     noise_device: str = "cpu",
     precision: str = "32",
-) -> AttributionResult:
+    answer_ids: Tensor | None = None,
+    answer_mask: Tensor | None = None,
+    max_new_tokens: int = 16,
+) -> Any:
     """M2IB image and text maps for a batch of pairs; see :class:`M2IB`.
 
     ``model`` is a ``transformers.CLIPModel``, ``SiglipModel`` or ``BlipForImageTextRetrieval``, any model a
@@ -438,9 +442,25 @@ def attribute(
     int for every sample or a 1-D tensor with one seed per sample. With one
     sample and seed ``s`` the result equals the official implementation's after
     ``torch.manual_seed(s)`` before each of its two map calls.
+
+    For a VLM that answers questions (``transformers.LlavaForConditionalGeneration``, or an adapter with the
+    ``answers`` capability) the fit term is log p(answer): ``answer_ids`` (with ``answer_mask``) are the answers
+    to explain; without them, the model's own greedy answers (up to ``max_new_tokens``), kept in the result's
+    ``answer_ids``. Returns an :class:`~m2ib_lightning.answers.AnswerAttribution` then.
     """
     config = M2IBConfig(
         vision_layer=vision_layer, text_layer=text_layer, beta=beta, steps=steps, lr=lr, num_noise=num_noise,
         batch_invariant=batch_invariant, noise_device=noise_device, precision=precision,
     )
-    return M2IB(model, config).attribute(pixel_values, input_ids, attention_mask, seed=seed)
+    adapter = as_backbone(model)
+    if "answers" in claimed(adapter):
+        from .answers import attribute_answers
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if answer_ids is None:
+            answer_ids, answer_mask = adapter.generate_answers(pixel_values, input_ids, mask, max_new_tokens)
+        return attribute_answers(adapter, pixel_values, input_ids, mask, answer_ids, answer_mask, config=config, seed=seed)
+    if answer_ids is not None:
+        raise ValueError(f"answer_ids: {type(adapter).__name__} does not answer questions (a dual encoder); "
+                         "pass answer_ids only for a VLM with the answers capability")
+    return M2IB(adapter, config).attribute(pixel_values, input_ids, attention_mask, seed=seed)

@@ -208,10 +208,13 @@ def check_backbone(
     ``model untouched`` and ``naive reference``; then one per further capability the adapter claims:
     ``preprocessing`` (an image and a caption become inputs the towers take, token names and the display
     picture fit them) and ``attention`` (one attention module per block, whose eager probabilities are
-    distributions over real keys, and the attention setting restored).
+    distributions over real keys, and the attention setting restored). An adapter of a VLM that answers
+    questions (the ``answers`` capability) is checked by :func:`check_answers`.
     """
     backbone = as_backbone(backbone)  # refuses an adapter that lacks a member of a capability it claims
     capabilities = claimed(backbone)
+    if "towers" not in capabilities:
+        return check_answers(backbone, example_inputs, naive_layers=naive_layers, m2ib_steps=m2ib_steps, m2ib_noise=m2ib_noise)
     pixels, ids = example_inputs["pixel_values"], example_inputs["input_ids"]
     mask = example_inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -350,3 +353,120 @@ def _check_attention(backbone: Any, inputs: dict[str, dict[str, Tensor]]) -> Non
     after = [getattr(c, "_attn_implementation", None) for c in (getattr(module, "config", None),) if c is not None]
     if after != before:
         raise BackboneCheckError("attention", f"eager_attention left the attention implementation at {after}, not {before}")
+
+
+# ------------------------------------------------------------------------------------------- answers
+def naive_answer_m2ib(model: Any, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+                      answer_mask: Tensor, *, modality: str, layer: int, config: M2IBConfig, seed: int) -> Tensor:
+    """M2IB for answers on one sample, the K noise copies one at a time through the whole model: the reference.
+
+    Returns the per-position capacity (T,) at block ``layer``'s output, zero where no noise goes.
+    """
+    from .answers import replaced_output
+    from .bottleneck import capacity, masked_moments
+
+    batch = model.answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask)
+    block = model.blocks(modality)[layer]
+    captured: list[Tensor] = []
+    with torch.no_grad(), replaced_output(block, capture=captured):
+        model.answer_log_likelihood(batch)
+    hidden, where = captured[0][0], batch.positions[modality][0]
+    alpha = torch.full_like(hidden, 5.0, requires_grad=True)
+    optimizer = torch.optim.Adam([alpha], lr=config.lr)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(config.steps):
+        noise = torch.randn((config.num_noise, int(where.sum()), hidden.shape[-1]), generator=generator, dtype=hidden.dtype)
+        mu, var = masked_moments(hidden, alpha)
+        fits = []
+        for k in range(config.num_noise):
+            z = hidden.clone()
+            z[where] = mu[where] + var[where].sqrt() * noise[k]
+            with replaced_output(block, z[None]):
+                fits.append(model.answer_log_likelihood(batch)[0])
+        if step == config.steps - 1:
+            break
+        loss = config.beta * capacity(mu, var)[where].mean() - torch.stack(fits).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (capacity(mu, var) * where[:, None]).sum(-1).detach()
+
+
+def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers: tuple[int, ...] = (0, -1),
+                  m2ib_steps: int = 3, m2ib_noise: int = 2) -> list[str]:
+    """The properties M2IB for answers relies on, for an adapter with the ``answers`` capability; raise
+    :class:`BackboneCheckError` naming the first that fails.
+
+    ``example_inputs``: ``pixel_values``, ``input_ids``, ``attention_mask``, ``answer_ids`` and ``answer_mask`` of at
+    least two samples, best with different question and answer lengths. The properties: ``no cross-talk`` (one
+    sample's log p(answer) has exactly zero gradient w.r.t. every other sample's block outputs), ``batch
+    invariance`` (each sample alone gives its row's maps), ``model untouched`` (also after an error inside the fit)
+    and ``naive reference`` (the engine equals :func:`naive_answer_m2ib` at ``naive_layers``, both fits).
+    """
+    from .answers import attribute_answers, replaced_output
+
+    model = as_backbone(model)
+    args = [example_inputs[k] for k in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")]
+    if args[0].shape[0] < 2:
+        raise ValueError("example_inputs must hold at least two samples")
+    module, passed = model.module, []
+    tol = {"atol": 1e-10, "rtol": 0} if args[0].dtype == torch.float64 else {"atol": 5e-3, "rtol": 0}
+    batch = model.answer_batch(*args)
+    with eval_mode(module):
+        for m in MODALITIES:
+            block = model.blocks(m)[model.num_layers(m) // 2]
+            captured: list[Tensor] = []
+            with torch.no_grad(), replaced_output(block, capture=captured):
+                model.answer_log_likelihood(batch)
+            hidden = captured[0].detach().requires_grad_(True)
+            with replaced_output(block, hidden):
+                (grad,) = torch.autograd.grad(model.answer_log_likelihood(batch)[0], [hidden])
+            if bool(grad[1:].ne(0).any()):
+                raise BackboneCheckError("no cross-talk", f"sample 0's log p(answer) depends on other samples' {m} block outputs")
+    passed.append("no cross-talk")
+
+    config = M2IBConfig(vision_layer=naive_layers[0], text_layer=naive_layers[0], steps=m2ib_steps, num_noise=m2ib_noise)
+    seeds = list(range(3, 3 + len(args[1])))
+    both = attribute_answers(model, *args, config=config, seed=seeds)
+    for b in range(len(args[1])):
+        alone = attribute_answers(model, *(a[b:b + 1] for a in args), config=config, seed=seeds[b])
+        for name in ("image_capacity", "text_capacity"):
+            _close("batch invariance", getattr(alone, name)[0], getattr(both, name)[b], f"{name} of sample {b}", **tol)
+    passed.append("batch invariance")
+
+    before = _snapshot(module)
+    attribute_answers(model, *args, config=config)
+    _check_untouched("model untouched", before, module, "by a fit")
+    calls = {"n": 0}
+    original = model.answer_log_likelihood
+
+    def failing(batch: Any, copies: int = 1) -> Tensor:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise _InjectedError("injected by check_answers")
+        return original(batch, copies)
+
+    model.answer_log_likelihood = failing
+    try:
+        attribute_answers(model, *args, config=config)
+    except _InjectedError:
+        pass
+    else:
+        raise BackboneCheckError("model untouched", "an error raised inside the fit did not reach the caller")
+    finally:
+        del model.answer_log_likelihood
+    _check_untouched("model untouched", before, module, "by a fit that raised an error")
+    passed.append("model untouched")
+
+    for layer in naive_layers:
+        config = replace(config, vision_layer=layer, text_layer=layer)
+        result = attribute_answers(model, *(a[:1] for a in args), config=config, seed=3)
+        columns = args[2][0].bool().nonzero()[:, 0]
+        for m, name in (("image", "image_capacity"), ("text", "text_capacity")):
+            index = model.resolve_layer(m, layer, "vision_layer" if m == "image" else "text_layer")
+            naive = naive_answer_m2ib(model, *(a[:1] for a in args), modality=m, layer=index, config=config, seed=3)
+            got = result.image_capacity[0] if m == "image" else result.text_capacity[0, columns]
+            _close("naive reference", got, naive[: len(got)], f"{name} at layer {layer}", **tol)
+    passed.append("naive reference")
+    return passed
+

@@ -3,10 +3,11 @@ has every member of each (naming the missing ones, before any work), and each co
 
 - ``towers``: what the M2IB engine needs (:class:`~m2ib_lightning.backbones.base.VisionLanguageBackbone`);
 - ``preprocessing``: what dataset runs need to turn an image and a caption into inputs and to display them;
-- ``attention``: what the attention methods (rollout, Chefer) need to read attention probabilities.
+- ``attention``: what the attention methods (rollout, Chefer) need to read attention probabilities;
+- ``answers``: what M2IB for answers needs from a VLM that answers questions (BLIP VQA, LLaVA, ...).
 
 An adapter without a ``capabilities`` attribute is taken to offer the capabilities whose members it has all of
-(``towers`` always): a half-written preprocessing is then refused by the run that needs it, with the names.
+(``towers`` if none): a half-written preprocessing is then refused by the run that needs it, with the names.
 """
 
 from __future__ import annotations
@@ -57,7 +58,39 @@ class Attention(Protocol):
         """A context in which attention runs eagerly (probabilities returned); the model's setting comes back after."""
 
 
-CAPABILITIES: dict[str, type] = {"towers": VisionLanguageBackbone, "preprocessing": Preprocessing, "attention": Attention}
+@runtime_checkable
+class Answers(Protocol):
+    """What M2IB for answers needs from a VLM that answers questions (fusion or generative)."""
+
+    module: nn.Module
+
+    def blocks(self, modality: Modality) -> Sequence[nn.Module]:
+        """The blocks whose outputs the image and text bottlenecks replace."""
+
+    def num_layers(self, modality: Modality) -> int:
+        """Number of those blocks."""
+
+    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        """(rows, cols) of the image's patch tokens."""
+
+    def resolve_layer(self, modality: Modality, layer: int, name: str) -> int:
+        """A block index (negative from the end); ValueError naming ``name`` where the bottleneck cannot go."""
+
+    def answer_batch(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+                     answer_mask: Tensor) -> Any:
+        """Model inputs for (question, answer) pairs, with each tower's bottlenecked positions."""
+
+    def answer_log_likelihood(self, batch: Any, copies: int = 1) -> Tensor:
+        """(B * copies,) log p(answer) under teacher forcing, each sample's rows repeated ``copies`` times."""
+
+    def generate_answers(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                         max_new_tokens: int) -> tuple[Tensor, Tensor]:
+        """The model's own greedy answers as (answer_ids, answer_mask)."""
+
+
+CAPABILITIES: dict[str, type] = {
+    "towers": VisionLanguageBackbone, "preprocessing": Preprocessing, "attention": Attention, "answers": Answers,
+}
 
 
 class MissingCapabilityError(TypeError):
@@ -92,14 +125,15 @@ _ABSENT = object()
 
 
 def claimed(adapter: Any) -> tuple[str, ...]:
-    """The capabilities an adapter states (``capabilities``), or, without that attribute, those it has every member of."""
+    """The capabilities an adapter states (``capabilities``), or, without that attribute, those it has every member
+    of (at least ``towers``, so that an adapter with none is told what the engine needs)."""
     stated = getattr(adapter, "capabilities", None)
     if stated is not None:
         unknown = sorted(set(stated) - set(CAPABILITIES))
         if unknown:
             raise MissingCapabilityError(f"{type(adapter).__name__}.capabilities names unknown {unknown}; known: {list(CAPABILITIES)}")
-        return ("towers", *(c for c in stated if c != "towers"))
-    return ("towers", *(c for c in CAPABILITIES if c != "towers" and not missing_members(adapter, c)))
+        return tuple(stated)
+    return tuple(c for c in CAPABILITIES if not missing_members(adapter, c)) or ("towers",)
 
 
 def check_claims(adapter: Any) -> tuple[str, ...]:

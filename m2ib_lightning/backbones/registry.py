@@ -19,9 +19,10 @@ from torch import nn
 
 from ..registry import Registry
 from .base import VisionLanguageBackbone
-from .capabilities import check_claims
+from .capabilities import Answers, check_claims
 from .hf_blip import HFBlipITCBackbone
 from .hf_clip import HFCLIPBackbone
+from .hf_llava import HFLlavaAnswerer
 from .hf_siglip import HFSiglipBackbone
 from .loading import HubOptions, read_model_config
 
@@ -32,6 +33,7 @@ BACKBONES: Registry[AdapterFactory] = Registry("backbone adapter")
 BACKBONES.register("hf_clip", HFCLIPBackbone)
 BACKBONES.register("hf_siglip", HFSiglipBackbone)
 BACKBONES.register("hf_blip_itc", HFBlipITCBackbone)
+BACKBONES.register("hf_llava", HFLlavaAnswerer)
 
 
 class UnknownAdapterError(ValueError):
@@ -69,7 +71,7 @@ def adapter_factory(adapter: str) -> AdapterFactory:
 
 def as_backbone(model: Any, adapter: str = "auto", **options: Any) -> VisionLanguageBackbone:
     """Wrap an in-memory model in its adapter; an adapter is returned as it is."""
-    if isinstance(model, VisionLanguageBackbone) or (not isinstance(model, nn.Module) and hasattr(model, "module")):
+    if isinstance(model, (VisionLanguageBackbone, Answers)) or (not isinstance(model, nn.Module) and hasattr(model, "module")):
         return _checked(model)  # an adapter already (a half-written one is refused naming what it lacks)
     if adapter != "auto":
         return _checked(adapter_factory(adapter)(model, **options))

@@ -1,0 +1,153 @@
+"""M2IB for answers: the bottleneck fitted inside a VLM that answers questions, its fit term the answer's
+log-likelihood under teacher forcing (pure torch).
+
+The same bottleneck, alpha (init 5), noise stream, capacity, Adam, steps and map as for dual encoders; only
+the fit term and the places change: fit = mean over the K noise copies of sum_t log p(answer_t), per-sample
+loss = beta * mean capacity - fit, the batch loss their sum. The bottlenecked block output replaces the
+block's own through a forward hook placed before every other hook (transformers records hidden states with
+hooks of its own: LLaVA reads ``hidden_states[vision_feature_layer]`` through them), removed after each pass,
+also on errors. This engine runs the whole model at each step (exact; the prefix cache and the answer-only
+vocabulary projection are where it can get faster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .backbones.base import Modality
+from .bottleneck import INITIAL_ALPHA, capacity, masked_moments, sample
+from .engine import M2IBConfig, Seeds, _as_seeds, draw_noise, eval_mode, generators_for, image_maps_from_capacity, minmax
+
+
+@dataclass
+class AnswerAttribution:
+    """Maps explaining answers: ``image_capacity`` (B, vision tokens, CLS first where there is one),
+    ``image_maps`` (B, H, W), ``text_capacity`` / ``text_maps`` (B, L) aligned with ``input_ids`` (zero at padding
+    and at image-token positions), and each fit's log p(answer) at its last pass."""
+
+    image_capacity: Tensor
+    image_maps: Tensor
+    text_capacity: Tensor
+    text_maps: Tensor
+    image_fit: Tensor
+    text_fit: Tensor
+    answer_ids: Tensor  # the answers explained, (B, A), with answer_mask
+    answer_mask: Tensor
+
+
+@contextlib.contextmanager
+def replaced_output(block: nn.Module, value: Tensor | None = None, capture: list[Tensor] | None = None) -> Iterator[None]:
+    """While inside: ``block``'s output is ``value`` (or kept, and appended to ``capture``), ahead of every other
+    hook on it; the hook is removed on the way out, also on errors."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if capture is not None:
+            capture.append(hidden)
+        if value is None:
+            return None
+        if value.shape != hidden.shape:
+            raise RuntimeError(f"the bottleneck holds {tuple(value.shape)}, the block's output is {tuple(hidden.shape)}")
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
+    handle = block.register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int, seeds: Tensor,
+                          config: M2IBConfig) -> tuple[Tensor, Tensor]:
+    """Fit one tower's bottleneck at block ``layer`` for a batch; returns (per-position capacity (B, T), zero where
+    no noise goes, and the last pass's fit term (B,))."""
+    block = model.blocks(modality)[layer]
+    captured: list[Tensor] = []
+    with torch.no_grad(), replaced_output(block, capture=captured):
+        model.answer_log_likelihood(batch, 1)
+    hidden = captured[0].detach()
+    batch_size, tokens, dim = hidden.shape
+    positions = batch.positions[modality]
+    if positions.shape != (batch_size, tokens):
+        raise RuntimeError(f"{modality} positions are {tuple(positions.shape)}, the block output {(batch_size, tokens)}")
+    real, element_mask = positions[:, None, :, None], positions[:, :, None].to(hidden.dtype)
+    elements = positions.sum(1).to(hidden.dtype) * dim
+    generators = generators_for(seeds, hidden.device if config.noise_device == "auto" else "cpu")
+    alpha = torch.full_like(hidden, INITIAL_ALPHA, requires_grad=True)
+    optimizer = torch.optim.Adam([alpha], lr=config.lr)
+    copies = config.num_noise
+    for step in range(config.steps):
+        noise = draw_noise(generators, copies, positions, dim, hidden.dtype).to(hidden.device)
+        mu, var = masked_moments(hidden, alpha)
+        nats = capacity(mu, var) * element_mask
+        noisy = torch.where(real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
+        with replaced_output(block, noisy.reshape(batch_size * copies, tokens, dim)):
+            fit = model.answer_log_likelihood(batch, copies).view(batch_size, copies).mean(1)
+        if step == config.steps - 1:
+            break  # the map is read from this pass
+        loss = (config.beta * nats.sum((1, 2)) / elements - fit).sum()  # a sum: each sample's gradient is its solo run's
+        (alpha.grad,) = torch.autograd.grad(loss, [alpha])
+        optimizer.step()
+    return nats.detach().sum(-1), fit.detach()
+
+
+def attribute_answers(
+    model: Any,
+    pixel_values: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    answer_ids: Tensor,
+    answer_mask: Tensor | None = None,
+    *,
+    config: M2IBConfig = M2IBConfig(),
+    seed: Seeds = 0,
+) -> AnswerAttribution:
+    """Image and text maps of why ``model`` (an answer adapter, e.g. ``HFLlavaAnswerer``) gives ``answer_ids``.
+
+    ``answer_mask`` marks real answer tokens (real first); ``seed``: one per sample or one for the batch. The
+    model is left as it was: parameters, gradients, train flags and hooks.
+    """
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    answer_mask = torch.ones_like(answer_ids) if answer_mask is None else answer_mask
+    for name, tensor, like in (("attention_mask", attention_mask, input_ids), ("answer_mask", answer_mask, answer_ids)):
+        if tensor.shape != like.shape:
+            raise ValueError(f"{name} must have the shape of its ids {tuple(like.shape)}, got {tuple(tensor.shape)}")
+    if not (len(pixel_values) == len(input_ids) == len(answer_ids)):
+        raise ValueError(f"pixel_values, input_ids and answer_ids must hold one row per sample, got "
+                         f"{len(pixel_values)}, {len(input_ids)} and {len(answer_ids)}")
+    layers = {"image": model.resolve_layer("image", config.vision_layer, "vision_layer"),
+              "text": model.resolve_layer("text", config.text_layer, "text_layer")}
+    seeds = _as_seeds(seed, len(input_ids))
+    module = model.module
+    grads = {p: p.requires_grad for p in module.parameters()}
+    try:
+        module.requires_grad_(False)  # gradients flow to alpha only; the weights' flags come back below
+        with eval_mode(module), torch.enable_grad():
+            batch = model.answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask)
+            fits = {m: fit_answer_bottleneck(model, batch, m, layers[m], seeds, config) for m in ("image", "text")}
+    finally:
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+    image_capacity, image_fit = fits["image"]
+    positions, fit_text = fits["text"]
+    text_capacity = torch.zeros(input_ids.shape, dtype=positions.dtype, device=positions.device)
+    text_real = torch.zeros(input_ids.shape, dtype=torch.bool, device=positions.device)
+    for b, (columns, sequence) in enumerate(zip(batch.input_columns, batch.prompt_columns)):
+        text_capacity[b, columns] = positions[b, sequence]
+        text_real[b, columns] = batch.positions["text"][b, sequence]
+    grid = model.patch_grid(pixel_values)
+    return AnswerAttribution(
+        image_capacity=image_capacity,
+        image_maps=image_maps_from_capacity(image_capacity, grid, tuple(pixel_values.shape[-2:])),
+        text_capacity=text_capacity,
+        text_maps=minmax(text_capacity, text_real),
+        image_fit=image_fit,
+        text_fit=fit_text,
+        answer_ids=answer_ids,
+        answer_mask=answer_mask,
+    )

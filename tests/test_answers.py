@@ -1,0 +1,193 @@
+"""M2IB for answers on LLaVA: the fit term is the model's own log p(answer), the engine equals a naive per-sample
+loop, batches do not change a sample's maps, samples do not talk to each other, and the model is left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2ib_lightning.answers import attribute_answers, replaced_output
+from m2ib_lightning.backbones.hf_llava import HFLlavaAnswerer
+from m2ib_lightning.engine import M2IBConfig
+from m2ib_lightning.models.shapes_llava import IMAGE, build_llava_tokenizer, build_shapes_llava
+from m2ib_lightning.testing import BackboneCheckError, check_backbone, naive_answer_m2ib
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=16,
+              patch_size=8, hidden_act="quick_gelu")
+
+
+def tiny_llava(seed: int = 0, feature_layer: int = -1) -> HFLlavaAnswerer:
+    tokenizer = build_llava_tokenizer()
+    model = build_shapes_llava(tokenizer, VISION, width=32, layers=3, heads=2, vision_feature_layer=feature_layer, seed=seed)
+    return HFLlavaAnswerer(model.double().eval())
+
+
+#: every registered adapter of a VLM that answers, with a tiny model built from its config
+ANSWER_FAMILIES = {"hf_llava": tiny_llava}
+
+
+def test_every_registered_answer_adapter_is_covered():
+    from m2ib_lightning.backbones import BACKBONES
+
+    stated = {n: getattr(f, "capabilities", ()) for n, f in BACKBONES.items()}  # a property on the HF dual encoders
+    assert {n for n, c in stated.items() if isinstance(c, tuple) and "answers" in c} == set(ANSWER_FAMILIES)
+
+
+def inputs(seed: int = 0):
+    """Two prompts of different lengths (the shorter left-padded) with 4 image tokens, answers of 1 and 2 tokens."""
+    tokenizer = build_llava_tokenizer()
+    image = tokenizer.convert_tokens_to_ids(IMAGE)
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(8, len(tokenizer), (n,), generator=g).tolist()  # noqa: E731
+    prompts = [[2, *words(2), image, image, image, image, *words(3)], [2, *words(1), image, image, image, image, *words(1)]]
+    width = max(map(len, prompts))
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+    answers = torch.tensor([[words(1)[0], 3], [words(1)[0], 0]])
+    answer_mask = torch.tensor([[1, 1], [1, 0]])
+    pixels = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    return pixels, ids, mask, answers, answer_mask
+
+
+def own_log_likelihood(model, pixels, ids, mask, answers, answer_mask) -> torch.Tensor:
+    """log p(answer) by the model's own forward, one sample at a time, padding removed."""
+    out = []
+    for b in range(len(ids)):
+        prompt, answer = ids[b][mask[b].bool()], answers[b][answer_mask[b].bool()]
+        sequence = torch.cat([prompt, answer])[None]
+        logits = model.module(input_ids=sequence, pixel_values=pixels[b:b + 1]).logits[0]
+        logp = F.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(answer)], dim=-1)
+        out.append(logp.gather(1, answer[:, None]).sum())
+    return torch.stack(out)
+
+
+def test_with_lambda_at_one_the_fit_term_is_the_models_own_log_p_of_the_answer():
+    model = tiny_llava()
+    pixels, ids, mask, answers, answer_mask = inputs()
+    batch = model.answer_batch(pixels, ids, mask, answers, answer_mask)
+    with torch.no_grad():
+        expected = own_log_likelihood(model, pixels, ids, mask, answers, answer_mask)
+        torch.testing.assert_close(model.answer_log_likelihood(batch), expected, atol=1e-10, rtol=0)
+        for modality in ("image", "text"):  # the block output put back unchanged (lambda = 1, no noise)
+            block = model.blocks(modality)[1]
+            captured = []
+            with replaced_output(block, capture=captured):
+                model.answer_log_likelihood(batch)
+            with replaced_output(block, captured[0]):
+                torch.testing.assert_close(model.answer_log_likelihood(batch), expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [0, -1])
+def test_the_engine_equals_a_naive_per_sample_loop_float64_for_both_fits(layer):
+    model = tiny_llava(feature_layer=-1)
+    pixels, ids, mask, answers, answer_mask = inputs()
+    config = M2IBConfig(vision_layer=layer, text_layer=layer, steps=3, num_noise=2)
+    result = attribute_answers(model, pixels, ids, mask, answers, answer_mask, config=config, seed=[11, 12])
+    for b in range(2):
+        one = (pixels[b:b + 1], ids[b:b + 1], mask[b:b + 1], answers[b:b + 1], answer_mask[b:b + 1])
+        image = naive_answer_m2ib(model, *one, modality="image", layer=layer % 3, config=config, seed=11 + b)
+        torch.testing.assert_close(result.image_capacity[b], image, atol=1e-10, rtol=0)
+        text = naive_answer_m2ib(model, *one, modality="text", layer=layer % 3, config=config, seed=11 + b)
+        columns = mask[b].bool().nonzero()[:, 0]
+        torch.testing.assert_close(result.text_capacity[b, columns], text[: len(columns)], atol=1e-10, rtol=0)
+
+
+def test_padding_image_tokens_and_the_answer_get_no_capacity_and_a_batch_gives_each_sample_its_solo_maps():
+    model = tiny_llava()
+    pixels, ids, mask, answers, answer_mask = inputs()
+    config = M2IBConfig(vision_layer=0, text_layer=1, steps=3, num_noise=2)
+    both = attribute_answers(model, pixels, ids, mask, answers, answer_mask, config=config, seed=[5, 6])
+    image_token = model.config.image_token_id
+    assert bool((both.text_capacity[ids == image_token] == 0).all()) and bool((both.text_capacity[mask == 0] == 0).all())
+    assert bool((both.text_capacity[(mask == 1) & (ids != image_token)] > 0).all())
+    assert both.text_capacity.shape == ids.shape and both.image_capacity.shape == (2, 5) and both.image_maps.shape == (2, 16, 16)
+    for b in range(2):
+        alone = attribute_answers(model, pixels[b:b + 1], ids[b:b + 1], mask[b:b + 1], answers[b:b + 1],
+                                  answer_mask[b:b + 1], config=config, seed=5 + b)
+        torch.testing.assert_close(alone.image_capacity[0], both.image_capacity[b], atol=1e-10, rtol=0)
+        torch.testing.assert_close(alone.text_capacity[0], both.text_capacity[b], atol=1e-10, rtol=0)
+
+
+def test_no_cross_talk_and_the_model_untouched_also_after_an_error():
+    model = tiny_llava()
+    pixels, ids, mask, answers, answer_mask = inputs()
+    batch = model.answer_batch(pixels, ids, mask, answers, answer_mask)
+    block = model.blocks("text")[1]
+    captured = []
+    with torch.no_grad(), replaced_output(block, capture=captured):
+        model.answer_log_likelihood(batch)
+    hidden = captured[0].detach().requires_grad_(True)
+    with replaced_output(block, hidden):
+        (grad,) = torch.autograd.grad(model.answer_log_likelihood(batch)[0], [hidden])
+    assert bool(grad[0].ne(0).any()) and bool(grad[1:].eq(0).all())  # exactly zero across samples
+
+    module = model.module
+    module.train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    hooks = {name: list(m._forward_hooks.values()) for name, m in module.named_modules()}  # transformers' own, installed once
+    config = M2IBConfig(vision_layer=0, text_layer=0, steps=2, num_noise=2)
+    attribute_answers(model, pixels, ids, mask, answers, answer_mask, config=config)
+    original = model.answer_log_likelihood
+
+    def failing(batch, copies=1):
+        if copies > 1:
+            raise RuntimeError("inside the fit")
+        return original(batch, copies)
+
+    model.answer_log_likelihood = failing
+    with pytest.raises(RuntimeError, match="inside the fit"):
+        attribute_answers(model, pixels, ids, mask, answers, answer_mask, config=config)
+    del model.answer_log_likelihood
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == flags and module.training
+    assert all(p.grad is None for p in module.parameters())
+    assert {name: list(m._forward_hooks.values()) for name, m in module.named_modules()} == hooks
+
+
+def test_an_image_bottleneck_after_the_block_llava_reads_is_refused():
+    model = tiny_llava(feature_layer=-2)  # reads block 1's output of 3
+    pixels, ids, mask, answers, answer_mask = inputs()
+    with pytest.raises(ValueError, match="vision_layer=2 is block 2, after block 1"):
+        attribute_answers(model, pixels, ids, mask, answers, answer_mask, config=M2IBConfig(vision_layer=2, text_layer=0, steps=1))
+    model.resolve_layer("image", 1, "vision_layer")  # the block it reads is allowed
+
+
+def test_the_front_door_explains_given_answers_or_the_models_own_greedy_ones():
+    from m2ib_lightning import attribute
+    from conftest import tiny_clip
+
+    model = tiny_llava()
+    pixels, ids, mask, answers, answer_mask = inputs()
+    settings = dict(vision_layer=0, text_layer=1, steps=2, num_noise=2, seed=3)
+    given = attribute(model.module, pixels, ids, mask, answer_ids=answers, answer_mask=answer_mask, **settings)
+    direct = attribute_answers(model, pixels, ids, mask, answers, answer_mask,
+                               config=M2IBConfig(vision_layer=0, text_layer=1, steps=2, num_noise=2), seed=3)
+    torch.testing.assert_close(given.image_capacity, direct.image_capacity, atol=0, rtol=0)
+    own = attribute(model.module, pixels, ids, mask, max_new_tokens=2, **settings)
+    for b in range(2):  # the greedy answer, token by token, from the model's own logits
+        prompt = ids[b][mask[b].bool()][None]
+        first = model.module(input_ids=prompt, pixel_values=pixels[b:b + 1]).logits[0, -1].argmax()
+        if first != model.config.text_config.eos_token_id:
+            assert own.answer_ids[b, 0] == first and own.answer_mask[b, 0] == 1
+    with pytest.raises(ValueError, match="does not answer questions"):
+        attribute(tiny_clip(seed=0), pixels.float(), ids, mask, answer_ids=answers)
+
+
+@pytest.mark.parametrize("family", list(ANSWER_FAMILIES))
+def test_check_backbone_passes_every_answer_adapter_and_names_a_broken_property(family):
+    model = ANSWER_FAMILIES[family]()
+    names = ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")
+    example = dict(zip(names, inputs()))
+    assert check_backbone(model, example) == ["no cross-talk", "batch invariance", "model untouched", "naive reference"]
+
+    class Leaky(HFLlavaAnswerer):  # the batch's mean log p leaks into every sample's score
+        def answer_log_likelihood(self, batch, copies=1):
+            scores = super().answer_log_likelihood(batch, copies)
+            return scores + 1e-3 * scores.mean()
+
+    with pytest.raises(BackboneCheckError, match="^no cross-talk"):
+        check_backbone(Leaky(model.module), example)
