@@ -23,8 +23,27 @@ def tiny_llava(seed: int = 0, feature_layer: int = -1) -> HFLlavaAnswerer:
     return HFLlavaAnswerer(model.double().eval())
 
 
-#: every registered adapter of a VLM that answers, with a tiny model built from its config
-ANSWER_FAMILIES = {"hf_llava": tiny_llava}
+def tiny_blip_vqa(seed: int = 0):
+    from m2ib_lightning.backbones.hf_blip_vqa import HFBlipVQAAnswerer
+    from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_tokenizer
+
+    model = build_shapes_blip_vqa(build_vqa_tokenizer(), image_size=16, patch_size=8, width=32, vision_layers=2,
+                                  text_layers=2, heads=2, seed=seed)
+    return HFBlipVQAAnswerer(model.double().eval())
+
+
+def blip_inputs(seed: int = 0):
+    """Two questions ([CLS] words [SEP]) of different lengths, the shorter right-padded; answers of 2 and 1 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(6, 30, (n,), generator=g).tolist()  # noqa: E731
+    ids = torch.tensor([[2, *words(5), 3], [2, *words(2), 3, 0, 0, 0]])
+    mask = (ids != 0).long()
+    answers, answer_mask = torch.tensor([words(2), [words(1)[0], 0]]), torch.tensor([[1, 1], [1, 0]])
+    return torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64), ids, mask, answers, answer_mask
+
+
+#: every registered adapter of a VLM that answers: a tiny model built from its config, and example inputs
+ANSWER_FAMILIES = {"hf_llava": (tiny_llava, lambda: inputs()), "hf_blip_vqa": (tiny_blip_vqa, blip_inputs)}
 
 
 def test_every_registered_answer_adapter_is_covered():
@@ -179,15 +198,41 @@ def test_the_front_door_explains_given_answers_or_the_models_own_greedy_ones():
 
 @pytest.mark.parametrize("family", list(ANSWER_FAMILIES))
 def test_check_backbone_passes_every_answer_adapter_and_names_a_broken_property(family):
-    model = ANSWER_FAMILIES[family]()
+    build, example_inputs = ANSWER_FAMILIES[family]
+    model = build()
     names = ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")
-    example = dict(zip(names, inputs()))
+    example = dict(zip(names, example_inputs()))
     assert check_backbone(model, example) == ["no cross-talk", "batch invariance", "model untouched", "naive reference"]
 
-    class Leaky(HFLlavaAnswerer):  # the batch's mean log p leaks into every sample's score
+    class Leaky(type(model)):  # the batch's mean log p leaks into every sample's score
         def answer_log_likelihood(self, batch, copies=1):
             scores = super().answer_log_likelihood(batch, copies)
             return scores + 1e-3 * scores.mean()
 
     with pytest.raises(BackboneCheckError, match="^no cross-talk"):
         check_backbone(Leaky(model.module), example)
+
+
+def test_on_the_shipped_blip_vqa_m2ib_points_at_the_object_a_question_is_about():
+    """The image map of M2IB explaining the right answer, against the questioned object's mask: far above random."""
+    from m2ib_lightning import attribute
+    from m2ib_lightning.backbones import load_backbone
+    from m2ib_lightning.data.questions import ShapesVQA
+    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.metrics import pointing_game
+
+    model = load_backbone("builtin:shapes-blip-vqa")
+    tokenizer, images = model.processor.tokenizer, model.processor.image_processor
+    vqa = ShapesVQA(ShapesWorld(seed=2, image_size=64, max_objects=3, noise=0.03), ("colour", "shape", "what_colour", "what_shape"))
+    items = [vqa.sample(i) for i in range(8)]
+    pixels = torch.stack([images(images=item.sample.image, return_tensors="pt")["pixel_values"][0] for item in items])
+    questions = tokenizer([item.question.text for item in items], padding=True, return_tensors="pt")
+    answers = tokenizer([item.question.answer for item in items], add_special_tokens=False, padding=True, return_tensors="pt")
+    masks = torch.stack([torch.as_tensor(item.sample.object_masks[item.question.target]) for item in items])
+    result = attribute(model.module, pixels, questions["input_ids"], questions["attention_mask"], answer_ids=answers["input_ids"],
+                       answer_mask=answers["attention_mask"], vision_layer=0, text_layer=1, steps=5, num_noise=4, seed=0)
+    hits = pointing_game(result.image_maps, masks)
+    chance = masks.flatten(1).float().mean(1)  # a random map's peak lands in the mask this often
+    error = hits.std() / len(hits) ** 0.5
+    print(f"\npointing game of M2IB on answers, shipped BLIP VQA: {hits.mean():.3f} +- {error:.3f}; random {chance.mean():.3f}")
+    assert hits.mean() - chance.mean() > 2 * error and hits.mean() >= 0.6

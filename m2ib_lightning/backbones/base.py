@@ -63,6 +63,41 @@ class TextEncoding:
         return self.full_length > len(self.ids)
 
 
+@dataclass(frozen=True)
+class AnswerBatch:
+    """Model inputs for (prompt, answer) pairs and where the fit reads and writes.
+
+    ``positions[modality]`` (B, T) marks the bottlenecked positions of that tower's block outputs;
+    ``prompt_columns[b]`` are the positions, in the text block's output, of sample b's real prompt tokens, in
+    ``input_ids`` order, and ``input_columns[b]`` their columns in ``input_ids``; ``targets`` / ``score_mask``
+    (B, A) are the answer tokens to score, and ``score_index`` (B, A), where the adapter needs it, the positions
+    whose logits predict them. ``inputs`` holds what the adapter's forward takes.
+    """
+
+    inputs: dict[str, Tensor]
+    positions: dict[str, Tensor]
+    input_columns: list[Tensor]
+    prompt_columns: list[Tensor]
+    targets: Tensor
+    score_mask: Tensor
+    score_index: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.targets.shape[0]
+
+
+
+def real_tokens(ids: Tensor, mask: Tensor, name: str) -> list[Tensor]:
+    """Each row's real tokens (where ``mask`` is 1, in order: left or right padding removed); ValueError naming
+    ``name`` for a row without any."""
+    rows = [row[keep.bool()] for row, keep in zip(ids, mask)]
+    for b, row in enumerate(rows):
+        if len(row) == 0:
+            raise ValueError(f"{name}: sample {b} has no real token (its mask is all 0)")
+    return rows
+
+
 @runtime_checkable
 class VisionLanguageBackbone(Protocol):
     """What the engine needs from a dual-encoder model."""

@@ -12,38 +12,14 @@ language-model layer at the prompt's real, non-image positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Modality, resolve_layer
+from .base import AnswerBatch, Modality, real_tokens, resolve_layer
 from .loading import HubOptions, load_pretrained
-
-
-@dataclass(frozen=True)
-class AnswerBatch:
-    """Model inputs for (prompt, answer) pairs and where the fit reads and writes.
-
-    ``positions[modality]`` (B, T) marks the bottlenecked positions of that tower's block outputs;
-    ``prompt_columns[b]`` are the sequence positions of sample b's real prompt tokens, in ``input_ids`` order,
-    and ``input_columns[b]`` their columns in ``input_ids``; ``score_index`` / ``targets`` / ``score_mask``
-    (B, A) say which logits predict which answer token.
-    """
-
-    inputs: dict[str, Tensor]
-    positions: dict[str, Tensor]
-    input_columns: list[Tensor]
-    prompt_columns: list[Tensor]
-    score_index: Tensor
-    targets: Tensor
-    score_mask: Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.targets.shape[0]
 
 
 def is_hf_llava(model: Any) -> bool:
@@ -109,13 +85,7 @@ class HFLlavaAnswerer:
         """Each sample's real prompt then its real answer from position 0, the batch right-padded after them."""
         image_token = self.config.image_token_id
         pad = self.config.text_config.pad_token_id or 0
-        prompts = [row[keep.bool()] for row, keep in zip(input_ids, attention_mask)]
-        answers = [row[keep.bool()] for row, keep in zip(answer_ids, answer_mask)]
-        for b, (prompt, answer) in enumerate(zip(prompts, answers)):
-            if len(answer) == 0:
-                raise ValueError(f"answer_ids: sample {b} has no answer token (answer_mask is all 0)")
-            if len(prompt) == 0:
-                raise ValueError(f"input_ids: sample {b} has no prompt token (attention_mask is all 0)")
+        prompts, answers = real_tokens(input_ids, attention_mask, "input_ids"), real_tokens(answer_ids, answer_mask, "answer_ids")
         width = max(len(p) + len(a) for p, a in zip(prompts, answers))
         batch, longest = len(prompts), max(len(a) for a in answers)
         ids = input_ids.new_full((batch, width), pad)

@@ -21,6 +21,7 @@ from ..registry import Registry
 from .base import VisionLanguageBackbone
 from .capabilities import Answers, check_claims
 from .hf_blip import HFBlipITCBackbone
+from .hf_blip_vqa import HFBlipVQAAnswerer
 from .hf_clip import HFCLIPBackbone
 from .hf_llava import HFLlavaAnswerer
 from .hf_siglip import HFSiglipBackbone
@@ -33,6 +34,7 @@ BACKBONES: Registry[AdapterFactory] = Registry("backbone adapter")
 BACKBONES.register("hf_clip", HFCLIPBackbone)
 BACKBONES.register("hf_siglip", HFSiglipBackbone)
 BACKBONES.register("hf_blip_itc", HFBlipITCBackbone)
+BACKBONES.register("hf_blip_vqa", HFBlipVQAAnswerer)
 BACKBONES.register("hf_llava", HFLlavaAnswerer)
 
 

@@ -1,0 +1,138 @@
+"""Adapter for Hugging Face ``transformers.BlipForQuestionAnswering``: M2IB explains the answer.
+
+Vision tower -> image-grounded text encoder (the question, cross-attending to every image
+token) -> answer decoder, as the model's own ``forward`` runs them (which returns no
+decoder logits in transformers 5.x). Decoder input = [decoder_start_token_id] + answer;
+the logits at decoder position t predict answer token t. Each question is laid out from
+position 0 without its padding (BERT positions are absolute), and the decoder reads each
+sample's real question tokens only: transformers' BLIP answer decoder ignores
+``encoder_attention_mask``, so a padded question would leak into the answer. The image
+bottleneck sits on a vision block (CLS included), the text bottleneck on a text-encoder
+layer at the question's real tokens ([CLS] and [SEP] included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AnswerBatch, Modality, real_tokens, resolve_layer
+from .loading import HubOptions, load_pretrained
+
+
+def is_hf_blip_vqa(model: Any) -> bool:
+    return all(hasattr(model, a) for a in ("vision_model", "text_encoder", "text_decoder", "decoder_start_token_id"))
+
+
+class HFBlipVQAAnswerer:
+    """Runs a ``BlipForQuestionAnswering`` on questions and answers, with bottlenecks placed by the M2IB fit."""
+
+    model_types = ("blip",)
+    architectures = ("BlipForQuestionAnswering",)
+    capabilities = ("answers",)
+    num_prefix_tokens = 1
+
+    def __init__(self, model: nn.Module, processor: Any = None):
+        if not is_hf_blip_vqa(model):
+            raise TypeError(f"HFBlipVQAAnswerer wraps a transformers BlipForQuestionAnswering, got {type(model).__name__}")
+        self.module, self.processor, self.config = model, processor, model.config
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return is_hf_blip_vqa(model)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, hub: HubOptions | None = None) -> "HFBlipVQAAnswerer":
+        from transformers import BlipForQuestionAnswering
+
+        return cls(*load_pretrained(BlipForQuestionAnswering, name_or_path, hub))
+
+    def blocks(self, modality: Modality) -> Sequence[nn.Module]:
+        """Vision blocks for ``image``; the image-grounded text encoder's layers (not the decoder's) for ``text``."""
+        return self.module.vision_model.encoder.layers if modality == "image" else self.module.text_encoder.encoder.layer
+
+    def num_layers(self, modality: Modality) -> int:
+        return len(self.blocks(modality))
+
+    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        patch = self.config.vision_config.patch_size
+        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+    def resolve_layer(self, modality: Modality, layer: int, name: str) -> int:
+        tower = "the vision tower" if modality == "image" else "the text encoder"
+        return resolve_layer(layer, self.num_layers(modality), name, tower)
+
+    def answer_batch(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+                     answer_mask: Tensor) -> AnswerBatch:
+        questions, answers = real_tokens(input_ids, attention_mask, "input_ids"), real_tokens(answer_ids, answer_mask, "answer_ids")
+        batch, width, longest = len(questions), max(map(len, questions)), max(map(len, answers))
+        ids = input_ids.new_full((batch, width), self.config.text_config.pad_token_id or 0)
+        mask = torch.zeros_like(ids)
+        targets = answer_ids.new_zeros(batch, longest)
+        score_mask = torch.zeros(batch, longest, dtype=torch.bool, device=ids.device)
+        for b, (question, answer) in enumerate(zip(questions, answers)):
+            ids[b, :len(question)], mask[b, :len(question)] = question, 1
+            targets[b, :len(answer)], score_mask[b, :len(answer)] = answer, True
+        rows, cols = self.patch_grid(pixel_values)
+        return AnswerBatch(
+            inputs={"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask},
+            positions={"image": torch.ones(batch, 1 + rows * cols, dtype=torch.bool, device=ids.device), "text": mask.bool()},
+            input_columns=[keep.bool().nonzero()[:, 0] for keep in attention_mask],
+            prompt_columns=[torch.arange(len(q), device=ids.device) for q in questions],
+            targets=targets, score_mask=score_mask,
+        )
+
+    def _questions(self, batch: AnswerBatch, copies: int) -> Tensor:
+        """The image-grounded question encodings (B * copies, L, D), each sample's rows ``copies`` times."""
+        inputs = {k: v.repeat_interleave(copies, dim=0) for k, v in batch.inputs.items()}
+        image = self.module.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+        return self.module.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                        encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state
+
+    def _decode(self, question: Tensor, decoder_ids: Tensor) -> Tensor:
+        mask = torch.ones(question.shape[:-1], dtype=torch.long, device=question.device)
+        return self.module.text_decoder(input_ids=decoder_ids, encoder_hidden_states=question, encoder_attention_mask=mask).logits
+
+    def answer_log_likelihood(self, batch: AnswerBatch, copies: int = 1) -> Tensor:
+        """(B * copies,) sum over real answer tokens of log_softmax(decoder logits)[answer]; the decoder of each sample
+        reads its real question tokens only."""
+        question = self._questions(batch, copies)
+        start = self.module.decoder_start_token_id
+        scores = []
+        for b in range(batch.batch_size):
+            answer = batch.targets[b][batch.score_mask[b]]
+            length = int(batch.inputs["attention_mask"][b].sum())
+            decoder_ids = torch.cat([answer.new_tensor([start]), answer[:-1]]).expand(copies, -1)
+            logits = self._decode(question[b * copies:(b + 1) * copies, :length], decoder_ids)
+            logp = F.log_softmax(logits, dim=-1).gather(-1, answer.expand(copies, -1)[..., None])[..., 0]
+            scores.append(logp.sum(1))
+        return torch.cat(scores)
+
+    @torch.no_grad()
+    def generate_answers(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                         max_new_tokens: int = 16) -> tuple[Tensor, Tensor]:
+        """Each sample's greedy answer from ``decoder_start_token_id``, up to [SEP] (not included)."""
+        batch = self.answer_batch(pixel_values, input_ids, attention_mask, input_ids[:, :1], torch.ones_like(input_ids[:, :1]))
+        question = self._questions(batch, 1)
+        stop = {self.config.text_config.sep_token_id, self.config.text_config.eos_token_id} - {None}
+        answers = []
+        for b in range(len(input_ids)):
+            tokens = [self.module.decoder_start_token_id]
+            length = int(batch.inputs["attention_mask"][b].sum())
+            for _ in range(max_new_tokens):
+                logits = self._decode(question[b:b + 1, :length], input_ids.new_tensor([tokens]))
+                token = int(logits[0, -1].argmax())
+                if token in stop:
+                    break
+                tokens.append(token)
+            answers.append(tokens[1:])
+        width = max(1, max(map(len, answers)))
+        ids = input_ids.new_zeros(len(answers), width)
+        mask = torch.zeros_like(ids)
+        for b, answer in enumerate(answers):
+            ids[b, :len(answer)], mask[b, :len(answer)] = input_ids.new_tensor(answer, dtype=torch.long), 1
+        return ids, mask
