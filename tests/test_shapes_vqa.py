@@ -9,7 +9,7 @@ from m2ib_lightning.backbones.loading import SHIPPED_MODELS
 from m2ib_lightning.config import CONFIG_DIR, load_config
 from m2ib_lightning.data.questions import TWO_CHOICE_KINDS, ShapesVQA
 from m2ib_lightning.data.world import ShapesWorld
-from m2ib_lightning.models.shapes_blip_vqa import first_step_logits
+from m2ib_lightning.backbones.hf_blip_vqa import first_step_logits
 from m2ib_lightning.tasks.probe_vqa import load_vqa
 
 SHIPPED = "builtin:shapes-blip-vqa"

@@ -10,7 +10,7 @@ downloaded BLIP. Answers are one word; the answer decoder starts from
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..data.questions import vqa_vocabulary
 from .shapes_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -82,19 +82,3 @@ def init_vision_from_clip(blip: nn.Module, clip: nn.Module) -> None:
         for name in ("layer_norm1", "layer_norm2", "mlp"):
             getattr(b, name).load_state_dict(getattr(a, name).state_dict())
     dst.post_layernorm.load_state_dict(src.post_layernorm.state_dict())
-
-
-def first_step_logits(
-    model: nn.Module, pixel_values: Tensor | None, input_ids: Tensor, attention_mask: Tensor | None = None,
-    image_embeds: Tensor | None = None,
-) -> Tensor:
-    """Answer-decoder logits (B, vocab) of any ``BlipForQuestionAnswering`` after one step from
-    ``decoder_start_token_id``: what the answer starts with (NOTICE's score). ``image_embeds`` skips the vision tower."""
-    image = model.vision_model(pixel_values=pixel_values).last_hidden_state if image_embeds is None else image_embeds
-    image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
-    question = model.text_encoder(
-        input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image, encoder_attention_mask=image_mask
-    ).last_hidden_state
-    start = torch.full((input_ids.shape[0], 1), model.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    out = model.text_decoder(input_ids=start, encoder_hidden_states=question, encoder_attention_mask=attention_mask)
-    return out.logits[:, -1]

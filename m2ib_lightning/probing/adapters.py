@@ -77,7 +77,10 @@ class CLIPProbe(ProbingAdapter):
     towers = ("image", "text")
 
     def __init__(self, model: nn.Module):
+        from ..backbones.hf_clip import HFCLIPBackbone
+
         self.module = model
+        self.backbone = HFCLIPBackbone(model)  # the CLIP family's layout (blocks, pooling), read once
 
     def _encoder(self, tower: str):
         return (self.module.vision_model if tower == "image" else self.module.text_model).encoder
@@ -116,9 +119,7 @@ class CLIPProbe(ProbingAdapter):
     def pooled_position(self, tower: str, inputs: dict[str, Tensor]) -> int:
         if tower == "image":
             return 0
-        from ..backbones.hf_clip import HFCLIPBackbone
-
-        return int(HFCLIPBackbone(self.module).pool_index(inputs["input_ids"])[0])
+        return int(self.backbone.pool_index(inputs["input_ids"])[0])
 
 
 # ------------------------------------------------------------------- BLIP VQA
@@ -172,7 +173,7 @@ class BlipVQAProbe(ProbingAdapter):
 
     def decision_logits(self, inputs: dict[str, Tensor], rows: int, tower: str) -> Tensor:
         """The vision tower runs once (its output repeated) unless its own sites are patched."""
-        from ..models.shapes_blip_vqa import first_step_logits
+        from ..backbones.hf_blip_vqa import first_step_logits
 
         expand = lambda t: t.expand(rows, *t.shape[1:])  # noqa: E731
         mask = inputs.get("attention_mask")

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..backbones.hf_blip_vqa import first_step_logits
 from ..contrastive import adamw_with_warmup_cosine
 from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS, ShapesVQA
 from ..data.world_dataset import ImageToTensor, pad_token_ids
@@ -20,7 +21,6 @@ from ..models.shapes_blip_vqa import (
     build_shapes_blip_vqa,
     build_vqa_image_processor,
     build_vqa_tokenizer,
-    first_step_logits,
     init_vision_from_clip,
 )
 from ..results import atomic_write

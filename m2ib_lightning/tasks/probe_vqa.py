@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
 from ..data.questions import ShapesVQA, TWO_CHOICE_KINDS
-from ..models.shapes_blip_vqa import first_step_logits
+from ..backbones.hf_blip_vqa import first_step_logits
 from ..probing import (
     ActivationPatching,
     answer_position,
