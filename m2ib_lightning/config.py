@@ -414,7 +414,9 @@ def describe_registered() -> str:
 
     rows = [
         ("backbone adapters (model.adapter; or auto, or package.module:Factory)", list(BACKBONES)),
-        ("shipped models (model.name_or_path=builtin:NAME)", list(SHIPPED_MODELS)),
+        ("shipped models (model.name_or_path=builtin:NAME)",
+         [name if (path / "config.json").exists() else f"{name} (not built here: python train.py {recipe})"
+          for name, (path, recipe) in SHIPPED_MODELS.items()]),
         ("attribution methods (methods: [...], settings under baselines.NAME)", list(METHODS)),
         ("metrics (columns of an evaluation table)", list(METRICS)),
         ("probing adapters (found by ActivationPatching)", list(PROBING_ADAPTERS)),
