@@ -318,6 +318,30 @@ class HFLayout:
                 c._attn_implementation = saved[name]
 
 
+class HFAnswerLayout:
+    """What the Hugging Face adapters of VLMs that answer share: depth from ``blocks``, the patch grid from the vision
+    config, and loading through ``transformers.<model_class>.from_pretrained`` with the processor."""
+
+    capabilities = ("answers",)
+    model_class = ""  # the transformers class name
+    config: Any
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, hub: Any = None) -> Any:
+        import transformers
+
+        from .loading import load_pretrained
+
+        return cls(*load_pretrained(getattr(transformers, cls.model_class), name_or_path, hub))
+
+    def num_layers(self, modality: Modality) -> int:
+        return len(self.blocks(modality))
+
+    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        patch = self.config.vision_config.patch_size
+        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+
 def clean_token(token: str) -> str:
     """A tokenizer piece without its word markers: ``cat</w>`` -> ``cat``, ``##s`` -> ``s``, ``▁cat`` -> ``cat``."""
     return token.removesuffix("</w>").removeprefix("##").removeprefix("▁").removeprefix("Ġ")

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AnswerBatch, Modality, real_tokens, resolve_layer
-from .loading import HubOptions, load_pretrained
+from .base import AnswerBatch, HFAnswerLayout, Modality, real_tokens, resolve_layer
 
 
 def is_hf_blip_vqa(model: Any) -> bool:
@@ -43,12 +42,12 @@ def first_step_logits(
     return out.logits[:, -1]
 
 
-class HFBlipVQAAnswerer:
+class HFBlipVQAAnswerer(HFAnswerLayout):
     """Runs a ``BlipForQuestionAnswering`` on questions and answers, with bottlenecks placed by the M2IB fit."""
 
     model_types = ("blip",)
     architectures = ("BlipForQuestionAnswering",)
-    capabilities = ("answers",)
+    model_class = "BlipForQuestionAnswering"
     num_prefix_tokens = 1
 
     def __init__(self, model: nn.Module, processor: Any = None):
@@ -60,22 +59,9 @@ class HFBlipVQAAnswerer:
     def accepts(cls, model: Any) -> bool:
         return is_hf_blip_vqa(model)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, *, hub: HubOptions | None = None) -> "HFBlipVQAAnswerer":
-        from transformers import BlipForQuestionAnswering
-
-        return cls(*load_pretrained(BlipForQuestionAnswering, name_or_path, hub))
-
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:
         """Vision blocks for ``image``; the image-grounded text encoder's layers (not the decoder's) for ``text``."""
         return self.module.vision_model.encoder.layers if modality == "image" else self.module.text_encoder.encoder.layer
-
-    def num_layers(self, modality: Modality) -> int:
-        return len(self.blocks(modality))
-
-    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
-        patch = self.config.vision_config.patch_size
-        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
     def resolve_layer(self, modality: Modality, layer: int, name: str) -> int:
         tower = "the vision tower" if modality == "image" else "the text encoder"

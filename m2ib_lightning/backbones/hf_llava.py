@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AnswerBatch, Modality, real_tokens, resolve_layer
-from .loading import HubOptions, load_pretrained
+from .base import AnswerBatch, HFAnswerLayout, Modality, real_tokens, resolve_layer
 
 
 def is_hf_llava(model: Any) -> bool:
@@ -27,11 +26,11 @@ def is_hf_llava(model: Any) -> bool:
     return all(hasattr(inner, name) for name in ("vision_tower", "multi_modal_projector", "language_model")) and hasattr(model, "lm_head")
 
 
-class HFLlavaAnswerer:
+class HFLlavaAnswerer(HFAnswerLayout):
     """Runs a ``LlavaForConditionalGeneration`` on prompts and answers, with bottlenecks placed by the M2IB fit."""
 
     model_types = ("llava",)
-    capabilities = ("answers",)
+    model_class = "LlavaForConditionalGeneration"
 
     def __init__(self, model: nn.Module, processor: Any = None):
         if not is_hf_llava(model):
@@ -44,12 +43,6 @@ class HFLlavaAnswerer:
     def accepts(cls, model: Any) -> bool:
         return is_hf_llava(model)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, *, hub: HubOptions | None = None) -> "HFLlavaAnswerer":
-        from transformers import LlavaForConditionalGeneration
-
-        return cls(*load_pretrained(LlavaForConditionalGeneration, name_or_path, hub))
-
     # ------------------------------------------------------------------ layout
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:
         """Vision-tower blocks for ``image`` (transformers 4.x nests the tower once more), LM layers for ``text``."""
@@ -58,13 +51,6 @@ class HFLlavaAnswerer:
             tower = getattr(inner.vision_tower, "vision_model", inner.vision_tower)
             return tower.encoder.layers
         return inner.language_model.layers
-
-    def num_layers(self, modality: Modality) -> int:
-        return len(self.blocks(modality))
-
-    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
-        patch = self.config.vision_config.patch_size
-        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
     def resolve_layer(self, modality: Modality, layer: int, name: str) -> int:
         """A block index; an image bottleneck after the earliest block ``vision_feature_layer`` reads is refused,

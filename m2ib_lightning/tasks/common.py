@@ -186,3 +186,17 @@ def fit_and_save(cfg: DictConfig, out: Path, module, train_loader, val_loader, p
     processor.save_pretrained(save_to)
     processor.image_processor.save_pretrained(save_to)
     return save_to, trainer.global_step, metrics, wall
+
+
+def write_fit_summary(cfg: DictConfig, out: Path, fitted: tuple[Path, int, dict, float], results: dict) -> dict:
+    """``fit_summary.json`` of a fit (rank 0): steps, seconds, the task's held-out ``results``, where it saved, the config."""
+    import json
+
+    from ..results import atomic_write
+
+    save_to, steps, _, wall = fitted
+    summary = {"steps": steps, "wall_time_s": round(wall, 1), **results, "model_dir": str(save_to),
+               "config": OmegaConf.to_container(cfg)}
+    atomic_write(out / "fit_summary.json", json.dumps(summary, indent=2))
+    return summary
+

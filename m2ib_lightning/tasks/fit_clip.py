@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..contrastive import ContrastiveCLIP
 from ..data.world_dataset import ImageToTensor, WorldPairs, WorldRetrieval, collate_pairs, collate_retrieval
 from ..models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
-from ..results import atomic_write
-from .common import fit_and_save, prepare_output, world_of
+from .common import fit_and_save, prepare_output, world_of, write_fit_summary
 
 RETRIEVAL_CANDIDATES = 8
 
@@ -46,14 +44,7 @@ def run(cfg: DictConfig) -> Path | None:
     if fitted is None:  # not global rank 0, which alone saves and reports
         return None
     save_to, steps, metrics, wall = fitted
-    summary = {
-        "steps": steps,
-        "wall_time_s": round(wall, 1),
-        "retrieval_acc@8": metrics[f"val/retrieval_acc@{RETRIEVAL_CANDIDATES}"],
-        "model_dir": str(save_to),
-        "config": OmegaConf.to_container(cfg),
-    }
-    atomic_write(out / "fit_summary.json", json.dumps(summary, indent=2))
+    summary = write_fit_summary(cfg, out, fitted, {"retrieval_acc@8": metrics[f"val/retrieval_acc@{RETRIEVAL_CANDIDATES}"]})
     print(f"saved the model to {save_to}: {summary['retrieval_acc@8']:.3f} held-out 8-way retrieval accuracy "
           f"after {steps} steps, {wall / 60:.1f} min")
     return save_to

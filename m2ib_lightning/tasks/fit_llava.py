@@ -6,14 +6,13 @@ the prompt's positions masked out, as LLaVA's instruction tuning does.
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,8 +20,8 @@ from ..contrastive import adamw_with_warmup_cosine
 from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS, ShapesVQA
 from ..data.world_dataset import ImageToTensor
 from ..models.shapes_llava import IMAGE, build_llava_processor, build_llava_tokenizer, build_shapes_llava, init_vision_from_clip, prompt_text
-from ..results import atomic_write
-from .common import fit_and_save, prepare_output, world_of
+from .common import fit_and_save, prepare_output, world_of, write_fit_summary
+from .fit_vqa import accuracy_per_kind
 
 IGNORE = -100  # the label of a position the loss skips (transformers' convention)
 
@@ -134,14 +133,7 @@ def run(cfg: DictConfig) -> Path | None:
     if fitted is None:  # not global rank 0, which alone saves and reports
         return None
     save_to, steps, metrics, wall = fitted
-    summary = {
-        "steps": steps,
-        "wall_time_s": round(wall, 1),
-        "heldout_accuracy": {k.removeprefix("val/acc_"): round(float(v), 4) for k, v in metrics.items()},
-        "model_dir": str(save_to),
-        "config": OmegaConf.to_container(cfg),
-    }
-    atomic_write(out / "fit_summary.json", json.dumps(summary, indent=2))
-    print(f"saved the model to {save_to} after {summary['steps']} steps, {wall / 60:.1f} min; "
+    summary = write_fit_summary(cfg, out, fitted, {"heldout_accuracy": accuracy_per_kind(metrics)})
+    print(f"saved the model to {save_to} after {steps} steps, {wall / 60:.1f} min; "
           f"held-out accuracy per kind: {summary['heldout_accuracy']}")
     return save_to

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -23,8 +22,7 @@ from ..models.shapes_blip_vqa import (
     build_vqa_tokenizer,
     init_vision_from_clip,
 )
-from ..results import atomic_write
-from .common import fit_and_save, prepare_output, world_of
+from .common import fit_and_save, prepare_output, world_of, write_fit_summary
 
 
 class VQAQuestions(Dataset):
@@ -102,6 +100,11 @@ def answer_accuracy(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Ten
     return {kind: correct[batch["kind"] == i] for i, kind in enumerate(QUESTION_KINDS) if (batch["kind"] == i).any()}
 
 
+def accuracy_per_kind(metrics: dict) -> dict[str, float]:
+    """The last validation's ``val/acc_KIND`` metrics as {kind: accuracy}."""
+    return {k.removeprefix("val/acc_"): round(float(v), 4) for k, v in metrics.items()}
+
+
 def run(cfg: DictConfig) -> Path | None:
     """Fit, validate on held-out questions, and ``save_pretrained`` model, tokenizer and processor."""
     from transformers import BlipProcessor
@@ -128,14 +131,7 @@ def run(cfg: DictConfig) -> Path | None:
     if fitted is None:  # not global rank 0, which alone saves and reports
         return None
     save_to, steps, metrics, wall = fitted
-    summary = {
-        "steps": steps,
-        "wall_time_s": round(wall, 1),
-        "heldout_accuracy": {k.removeprefix("val/acc_"): round(float(v), 4) for k, v in metrics.items()},
-        "model_dir": str(save_to),
-        "config": OmegaConf.to_container(cfg),
-    }
-    atomic_write(out / "fit_summary.json", json.dumps(summary, indent=2))
-    print(f"saved the model to {save_to} after {summary['steps']} steps, {wall / 60:.1f} min; "
+    summary = write_fit_summary(cfg, out, fitted, {"heldout_accuracy": accuracy_per_kind(metrics)})
+    print(f"saved the model to {save_to} after {steps} steps, {wall / 60:.1f} min; "
           f"held-out accuracy per kind: {summary['heldout_accuracy']}")
     return save_to
