@@ -1,0 +1,47 @@
+"""The shapes LLaVA recipe: a short fit saves a LLaVA that loads through from_pretrained, whose processor expands the
+image placeholder, and that the answer adapter serves."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from m2ib_lightning.backbones import load_backbone
+from m2ib_lightning.backbones.hf_llava import HFLlavaAnswerer
+from m2ib_lightning.config import CONFIG_DIR, load_config
+from m2ib_lightning.data.world import ShapesWorld
+
+
+def test_a_short_fit_saves_a_llava_that_loads_and_answers(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from m2ib_lightning.tasks.fit_llava import run
+
+    cfg = load_config(CONFIG_DIR / "fit_shapes_llava.yaml", [
+        f"output_dir={tmp_path}", "data.train_samples=64", "data.batch_size=8", "data.val_samples=16", "data.num_workers=0",
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "model.width=32", "model.layers=1", "model.heads=2",
+        "trainer.enable_progress_bar=false",
+    ])
+    saved = run(cfg)
+    summary = json.loads((tmp_path / "fit_summary.json").read_text())
+    assert summary["steps"] == 2 and set(summary["heldout_accuracy"]) <= {"colour", "shape", "size", "side", "place",
+                                                                           "what_colour", "what_shape", "what_size"}
+    model = LlavaForConditionalGeneration.from_pretrained(saved)
+    processor = AutoProcessor.from_pretrained(saved)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]}],
+        add_generation_prompt=True)
+    assert prompt == "<s>user: <image> what colour is the circle? assistant:"
+    inputs = processor(images=ShapesWorld(seed=1).sample(0).image, text=prompt, return_tensors="pt")
+    image_token = model.config.image_token_id
+    assert int((inputs["input_ids"] == image_token).sum()) == 64  # one per patch of 8 x 8, CLS dropped
+    assert model.config.vision_feature_layer == -1 and model.config.text_config.num_hidden_layers == 1
+    adapter = load_backbone(str(saved))
+    assert isinstance(adapter, HFLlavaAnswerer)
+    answer = processor.tokenizer("red", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        batch = adapter.answer_batch(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], answer,
+                                     torch.ones_like(answer))
+        logits = model(**inputs).logits[0, -1]
+        assert torch.allclose(adapter.answer_log_likelihood(batch), torch.log_softmax(logits, -1)[answer[0, 0]], atol=1e-5)
