@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -212,11 +210,13 @@ def test_every_method_runs_under_predict_on_other_families_and_a_manifest_gives_
                               and pair is not None for x in (pair[:1] if k in localisation else pair)), method
 
 
-def test_unknown_methods_and_settings_exit_2(tmp_path, tiny_bundle):
+def test_unknown_methods_and_settings_exit_2(tmp_path, tiny_bundle, capsys):
+    from test_edges_runs import _main  # train.py's main in this process
+
     for override, message in (("methods=[m2ib,nope]", "methods: unknown ['nope']"),
                               ("baselines.rise.bogus=1", "baselines.rise: ")):
-        proc = subprocess.run([sys.executable, "train.py", "configs/evaluate_shapes.yaml", f"output_dir={tmp_path / 'x'}",
-                               f"model.name_or_path={tiny_bundle}", override], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = _main(capsys, "configs/evaluate_shapes.yaml", f"output_dir={tmp_path / 'x'}", f"model.name_or_path={tiny_bundle}",
+                     override)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
