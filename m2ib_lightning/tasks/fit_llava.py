@@ -16,12 +16,11 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..contrastive import adamw_with_warmup_cosine
-from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS, ShapesVQA
+from ..data.questions import QUESTION_KINDS, ShapesVQA
 from ..data.world_dataset import ImageToTensor
 from ..models.shapes_llava import IMAGE, build_llava_processor, build_llava_tokenizer, build_shapes_llava, init_vision_from_clip, prompt_text
 from .common import fit_and_save, prepare_output, world_of, write_fit_summary
-from .fit_vqa import accuracy_per_kind
+from .fit_vqa import AnswerFit, accuracy_per_kind
 
 IGNORE = -100  # the label of a position the loss skips (transformers' convention)
 
@@ -69,13 +68,8 @@ def collate_llava(items: list[dict[str, Any]], pad_id: int, eos_id: int) -> dict
     }
 
 
-class LlavaTraining(L.LightningModule):
-    """Fits an injected ``LlavaForConditionalGeneration`` on one-word answers; validates accuracy per question kind."""
-
-    def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200):
-        super().__init__()
-        self.model = model
-        self.save_hyperparameters(ignore=["model"])
+class LlavaTraining(AnswerFit):
+    """Fits an injected ``LlavaForConditionalGeneration`` on one-word answers."""
 
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         """The logits at the positions that predict the answer word and ``</s>`` (the last two of each row)."""
@@ -88,17 +82,8 @@ class LlavaTraining(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        correct = self._logits(batch)[:, 0].argmax(-1) == batch["answer"]  # over the whole vocabulary, as it answers
-        for i, kind in enumerate(QUESTION_KINDS):
-            rows = batch["kind"] == i
-            if rows.any():
-                self.log(f"val/acc_{kind}", correct[rows].float().mean(), batch_size=int(rows.sum()),
-                         prog_bar=kind in TWO_CHOICE_KINDS, sync_dist=True)
-
-    def configure_optimizers(self):
-        return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
-                                        int(self.trainer.estimated_stepping_batches))
+    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self._logits(batch)[:, 0]
 
 
 def run(cfg: DictConfig) -> Path | None:

@@ -66,13 +66,38 @@ def collate_questions(items: list[dict[str, Any]], pad_id: int) -> dict[str, Ten
     }
 
 
-class VQATraining(L.LightningModule):
-    """Fits an injected ``BlipForQuestionAnswering`` on one-word answers; validates accuracy per question kind."""
+class AnswerFit(L.LightningModule):
+    """What the VQA fits share: an injected model, AdamW with warm-up and cosine decay, and held-out accuracy per
+    question kind (the first answer token's argmax over the whole vocabulary, as the model answers)."""
 
     def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
+
+    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, vocab) logits of the first answer token."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        with torch.no_grad():
+            correct = self.first_answer_logits(batch).argmax(-1) == batch["answer"]
+        for i, kind in enumerate(QUESTION_KINDS):
+            rows = batch["kind"] == i
+            if rows.any():
+                self.log(f"val/acc_{kind}", correct[rows].float().mean(), batch_size=int(rows.sum()),
+                         prog_bar=kind in TWO_CHOICE_KINDS, sync_dist=True)
+
+    def configure_optimizers(self):
+        return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
+                                        int(self.trainer.estimated_stepping_batches))
+
+
+class VQATraining(AnswerFit):
+    """Fits an injected ``BlipForQuestionAnswering`` on one-word answers."""
+
+    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return first_step_logits(self.model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.model(
@@ -81,23 +106,6 @@ class VQATraining(L.LightningModule):
         ).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        for kind, correct in answer_accuracy(self.model, batch).items():
-            self.log(f"val/acc_{kind}", correct.float().mean(), batch_size=len(correct), prog_bar=kind in TWO_CHOICE_KINDS,
-                     sync_dist=True)
-
-    def configure_optimizers(self):
-        return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
-                                        int(self.trainer.estimated_stepping_batches))
-
-
-@torch.no_grad()
-def answer_accuracy(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Per kind, whether the first answer token is right: the argmax over the whole vocabulary, as the model answers."""
-    logits = first_step_logits(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    correct = logits.argmax(-1) == batch["answer"]
-    return {kind: correct[batch["kind"] == i] for i, kind in enumerate(QUESTION_KINDS) if (batch["kind"] == i).any()}
 
 
 def accuracy_per_kind(metrics: dict) -> dict[str, float]:
