@@ -51,6 +51,8 @@ class RunSummary(L.Callback):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for metric in self._metrics():
             metric.to(pl_module.device)  # states must live where the process group syncs (NCCL: on the GPU)
+        for count in self.counts.values():
+            count.update(0.0)  # a rank with nothing left to do (a finished run, rerun) still has its counts
         self.start = time.perf_counter()
 
     def on_predict_batch_end(
