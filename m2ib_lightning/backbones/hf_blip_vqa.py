@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.world_dataset import pad_token_ids
 from .base import AnswerBatch, HFAnswerLayout, Modality, real_tokens, resolve_layer
 
 
@@ -132,9 +133,5 @@ class HFBlipVQAAnswerer(HFAnswerLayout):
                     break
                 tokens.append(token)
             answers.append(tokens[1:])
-        width = max(1, max(map(len, answers)))
-        ids = input_ids.new_zeros(len(answers), width)
-        mask = torch.zeros_like(ids)
-        for b, answer in enumerate(answers):
-            ids[b, :len(answer)], mask[b, :len(answer)] = input_ids.new_tensor(answer, dtype=torch.long), 1
-        return ids, mask
+        ids, mask = pad_token_ids([list(map(int, answer)) for answer in answers], 0)
+        return ids.to(input_ids.device), mask.to(input_ids.device)

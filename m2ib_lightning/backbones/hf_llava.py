@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.world_dataset import pad_token_ids
 from .base import AnswerBatch, HFAnswerLayout, Modality, real_tokens, resolve_layer
 
 
@@ -110,12 +111,8 @@ class HFLlavaAnswerer(HFAnswerLayout):
                                        max_new_tokens=max_new_tokens, do_sample=False)[0, prompt.shape[1]:]
             stop = (out == eos).nonzero()
             answers.append(out[: int(stop[0]) if len(stop) else len(out)])
-        width = max(1, max(len(a) for a in answers))
-        ids = input_ids.new_zeros(len(answers), width)
-        mask = torch.zeros_like(ids)
-        for b, answer in enumerate(answers):
-            ids[b, :len(answer)], mask[b, :len(answer)] = answer, 1
-        return ids, mask
+        ids, mask = pad_token_ids([list(map(int, answer)) for answer in answers], 0)
+        return ids.to(input_ids.device), mask.to(input_ids.device)
 
     def answer_log_likelihood(self, batch: AnswerBatch, copies: int = 1) -> Tensor:
         """(B * copies,) sum over real answer tokens of log_softmax(logits)[answer], each sample's rows repeated

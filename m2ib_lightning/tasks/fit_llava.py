@@ -14,13 +14,13 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..data.questions import QUESTION_KINDS, ShapesVQA
 from ..data.world_dataset import ImageToTensor
 from ..models.shapes_llava import IMAGE, build_llava_processor, build_llava_tokenizer, build_shapes_llava, init_vision_from_clip, prompt_text
-from .common import fit_and_save, prepare_output, world_of, write_fit_summary
-from .fit_vqa import AnswerFit, accuracy_per_kind
+from .common import prepare_output, world_of
+from .fit_vqa import AnswerFit, fit_on_questions
 
 IGNORE = -100  # the label of a position the loss skips (transformers' convention)
 
@@ -111,14 +111,4 @@ def run(cfg: DictConfig) -> Path | None:
     heldout = LlavaQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor,
                              image_tokens)
     collate = partial(collate_llava, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-    train_loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                              num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-    val_loader = DataLoader(heldout, batch_size=128, collate_fn=collate)
-    fitted = fit_and_save(cfg, out, LlavaTraining(model, **cfg.optim), train_loader, val_loader, processor)
-    if fitted is None:  # not global rank 0, which alone saves and reports
-        return None
-    save_to, steps, metrics, wall = fitted
-    summary = write_fit_summary(cfg, out, fitted, {"heldout_accuracy": accuracy_per_kind(metrics)})
-    print(f"saved the model to {save_to} after {steps} steps, {wall / 60:.1f} min; "
-          f"held-out accuracy per kind: {summary['heldout_accuracy']}")
-    return save_to
+    return fit_on_questions(cfg, out, LlavaTraining(model, **cfg.optim), train, heldout, collate, processor)

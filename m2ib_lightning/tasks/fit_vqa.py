@@ -131,11 +131,17 @@ def run(cfg: DictConfig) -> Path | None:
     train = VQAQuestions(ShapesVQA(world_of(cfg, cfg.world.seed), tuple(cfg.data.kinds)), cfg.data.train_samples, tokenizer, to_tensor)
     heldout = VQAQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor)
     collate = partial(collate_questions, pad_id=tokenizer.pad_token_id)
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return fit_on_questions(cfg, out, VQATraining(model, **cfg.optim), train, heldout, collate, processor)
+
+
+def fit_on_questions(cfg: DictConfig, out: Path, module: AnswerFit, train: Dataset, heldout: Dataset, collate: Any,
+                     processor: Any) -> Path | None:
+    """Fit on the training questions, validate on the held-out ones, save and report (rank 0): every VQA fit."""
     train_loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                               num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     val_loader = DataLoader(heldout, batch_size=128, collate_fn=collate)
-    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    fitted = fit_and_save(cfg, out, VQATraining(model, **cfg.optim), train_loader, val_loader, processor)
+    fitted = fit_and_save(cfg, out, module, train_loader, val_loader, processor)
     if fitted is None:  # not global rank 0, which alone saves and reports
         return None
     save_to, steps, metrics, wall = fitted
