@@ -17,17 +17,18 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones.base import Modality
+from .backbones.base import ImageLayout, Modality
 from .bottleneck import INITIAL_ALPHA, capacity, masked_moments, sample
-from .engine import M2IBConfig, Seeds, _as_seeds, draw_noise, eval_mode, generators_for, image_maps_from_capacity, minmax
+from .engine import M2IBConfig, Seeds, _as_seeds, draw_noise, eval_mode, generators_for, minmax
 
 
 @dataclass
 class AnswerAttribution:
-    """Maps explaining answers: ``image_capacity`` (B, vision tokens, CLS first where there is one),
-    ``image_maps`` (B, H, W), ``text_capacity`` / ``text_maps`` (B, L) aligned with ``input_ids`` (zero at padding
+    """Maps explaining answers: ``image_capacity`` (B, vision tokens, CLS first where there is one; in the tower's
+    own token order), ``image_maps`` (B, H, W) on the pictures as the model saw them, ``text_capacity`` / ``text_maps`` (B, L) aligned with ``input_ids`` (zero at padding
     and at image-token positions), and each fit's log p(answer) at its last pass."""
 
     image_capacity: Tensor
@@ -38,6 +39,26 @@ class AnswerAttribution:
     text_fit: Tensor
     answer_ids: Tensor  # the answers explained, (B, A), with answer_mask
     answer_mask: Tensor
+    image_sizes: Tensor  # (B, 2): each map's (height, width); a batch of pictures of several sizes pads to the largest
+
+    def image_map(self, index: int) -> Tensor:
+        """Sample ``index``'s image map at its picture's own size, padding cut away."""
+        height, width = self.image_sizes[index].tolist()
+        return self.image_maps[index, :height, :width]
+
+
+def image_maps_on_pictures(capacity: Tensor, layout: ImageLayout) -> Tensor:
+    """Each sample's patch capacities on its patch grid, upsampled bilinearly to its picture's size and min-maxed,
+    in one (B, max height, max width) tensor, zero outside a smaller picture."""
+    height, width = (int(v) for v in layout.sizes.amax(0))
+    maps = capacity.new_zeros(len(capacity), height, width)
+    for b, ((rows, cols), (h, w)) in enumerate(zip(layout.grids.tolist(), layout.sizes.tolist())):
+        patches = layout.cells[b] >= 0
+        grid = capacity.new_zeros(rows * cols)
+        grid[layout.cells[b][patches]] = capacity[b][patches]
+        upsampled = F.interpolate(grid.view(1, 1, rows, cols), size=(h, w), mode="bilinear", align_corners=False)
+        maps[b, :h, :w] = minmax(upsampled[:, 0])[0]
+    return maps
 
 
 @contextlib.contextmanager
@@ -70,7 +91,7 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
     captured: list[Tensor] = []
     with torch.no_grad(), replaced_output(block, capture=captured):
         model.answer_log_likelihood(batch, 1)
-    hidden = captured[0].detach()
+    hidden = model.bottleneck_tokens(modality, batch, captured[0].detach())
     batch_size, tokens, dim = hidden.shape
     positions = batch.positions[modality]
     if positions.shape != (batch_size, tokens):
@@ -86,7 +107,7 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
         mu, var = masked_moments(hidden, alpha)
         nats = capacity(mu, var) * element_mask
         noisy = torch.where(real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
-        with replaced_output(block, noisy.reshape(batch_size * copies, tokens, dim)):
+        with replaced_output(block, model.bottleneck_output(modality, batch, noisy)):
             fit = model.answer_log_likelihood(batch, copies).view(batch_size, copies).mean(1)
         if step == config.steps - 1:
             break  # the map is read from this pass
@@ -106,20 +127,21 @@ def attribute_answers(
     *,
     config: M2IBConfig = M2IBConfig(),
     seed: Seeds = 0,
+    **model_inputs: Tensor,
 ) -> AnswerAttribution:
     """Image and text maps of why ``model`` (an answer adapter, e.g. ``HFLlavaAnswerer``) gives ``answer_ids``.
 
-    ``answer_mask`` marks real answer tokens (real first); ``seed``: one per sample or one for the batch. The
-    model is left as it was: parameters, gradients, train flags and hooks.
+    ``answer_mask`` marks real answer tokens (real first); ``seed``: one per sample or one for the batch;
+    ``model_inputs``: what the family needs besides (Qwen2-VL's ``image_grid_thw``). The model is left as it
+    was: parameters, gradients, train flags and hooks.
     """
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     answer_mask = torch.ones_like(answer_ids) if answer_mask is None else answer_mask
     for name, tensor, like in (("attention_mask", attention_mask, input_ids), ("answer_mask", answer_mask, answer_ids)):
         if tensor.shape != like.shape:
             raise ValueError(f"{name} must have the shape of its ids {tuple(like.shape)}, got {tuple(tensor.shape)}")
-    if not (len(pixel_values) == len(input_ids) == len(answer_ids)):
-        raise ValueError(f"pixel_values, input_ids and answer_ids must hold one row per sample, got "
-                         f"{len(pixel_values)}, {len(input_ids)} and {len(answer_ids)}")
+    if len(input_ids) != len(answer_ids):
+        raise ValueError(f"input_ids and answer_ids must hold one row per sample, got {len(input_ids)} and {len(answer_ids)}")
     layers = {"image": model.resolve_layer("image", config.vision_layer, "vision_layer"),
               "text": model.resolve_layer("text", config.text_layer, "text_layer")}
     seeds = _as_seeds(seed, len(input_ids))
@@ -128,7 +150,7 @@ def attribute_answers(
     try:
         module.requires_grad_(False)  # gradients flow to alpha only; the weights' flags come back below
         with eval_mode(module), torch.enable_grad():
-            batch = model.answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask)
+            batch = model.answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask, **model_inputs)
             fits = {m: fit_answer_bottleneck(model, batch, m, layers[m], seeds, config) for m in ("image", "text")}
     finally:
         for p, flag in grads.items():
@@ -140,10 +162,10 @@ def attribute_answers(
     for b, (columns, sequence) in enumerate(zip(batch.input_columns, batch.prompt_columns)):
         text_capacity[b, columns] = positions[b, sequence]
         text_real[b, columns] = batch.positions["text"][b, sequence]
-    grid = model.patch_grid(pixel_values)
     return AnswerAttribution(
         image_capacity=image_capacity,
-        image_maps=image_maps_from_capacity(image_capacity, grid, tuple(pixel_values.shape[-2:])),
+        image_maps=image_maps_on_pictures(image_capacity, batch.image),
+        image_sizes=batch.image.sizes,
         text_capacity=text_capacity,
         text_maps=minmax(text_capacity, text_real),
         image_fit=image_fit,

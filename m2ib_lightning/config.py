@@ -102,7 +102,8 @@ class FitLlavaModel:
     layers: int = 4
     heads: int = 4
     vision_feature_layer: int = -2  # the vision block whose output the language model reads (LLaVA-1.5: -2)
-    freeze_vision: bool = False  # keep the vision tower as vision_from has it (LLaVA-1.5 does); trains 1.75x faster
+    freeze_vision: bool = False  # keep the vision tower as vision_from has it (LLaVA-1.5 does); trains 1.4x faster
+    vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to optim.lr, when it trains
 
 
 @dataclass

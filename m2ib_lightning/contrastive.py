@@ -59,12 +59,20 @@ class ContrastiveCLIP(L.LightningModule):
                                         int(self.trainer.estimated_stepping_batches))
 
 
-def adamw_with_warmup_cosine(model: nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int) -> dict:
-    """AdamW (no decay on biases, norms and embeddings), linear warm-up, cosine decay to 0: the recipe of every fit."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+def adamw_with_warmup_cosine(model: nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                             lr_scales: dict[str, float] | None = None) -> dict:
+    """AdamW (no decay on biases, norms and embeddings), linear warm-up, cosine decay to 0: the recipe of every fit.
+
+    ``lr_scales``: {parameter-name prefix: factor} for parts that learn slower (a pretrained vision tower)."""
+    scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        decays = p.ndim >= 2 and "embedding" not in name
+        scale = next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((decays, scale), []).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+        [{"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+         for (decays, scale), ps in groups.items()], lr=lr
     )
     total = max(total_steps, 1)
     warmup = min(warmup_steps, total)

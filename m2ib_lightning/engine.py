@@ -434,6 +434,7 @@ def attribute(
     answer_ids: Tensor | None = None,
     answer_mask: Tensor | None = None,
     max_new_tokens: int = 16,
+    **model_inputs: Tensor,
 ) -> Any:
     """M2IB image and text maps for a batch of pairs; see :class:`M2IB`.
 
@@ -446,7 +447,8 @@ def attribute(
     For a VLM that answers questions (``transformers.LlavaForConditionalGeneration``, or an adapter with the
     ``answers`` capability) the fit term is log p(answer): ``answer_ids`` (with ``answer_mask``) are the answers
     to explain; without them, the model's own greedy answers (up to ``max_new_tokens``), kept in the result's
-    ``answer_ids``. Returns an :class:`~m2ib_lightning.answers.AnswerAttribution` then.
+    ``answer_ids``. Returns an :class:`~m2ib_lightning.answers.AnswerAttribution` then. ``model_inputs``: what such a
+    family needs besides, by keyword (Qwen2-VL: ``image_grid_thw``, with ``pixel_values`` as its processor packs them).
     """
     config = M2IBConfig(
         vision_layer=vision_layer, text_layer=text_layer, beta=beta, steps=steps, lr=lr, num_noise=num_noise,
@@ -458,9 +460,13 @@ def attribute(
 
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if answer_ids is None:
-            answer_ids, answer_mask = adapter.generate_answers(pixel_values, input_ids, mask, max_new_tokens)
-        return attribute_answers(adapter, pixel_values, input_ids, mask, answer_ids, answer_mask, config=config, seed=seed)
+            answer_ids, answer_mask = adapter.generate_answers(pixel_values, input_ids, mask, max_new_tokens, **model_inputs)
+        return attribute_answers(adapter, pixel_values, input_ids, mask, answer_ids, answer_mask, config=config, seed=seed,
+                                 **model_inputs)
     if answer_ids is not None:
         raise ValueError(f"answer_ids: {type(adapter).__name__} does not answer questions (a dual encoder); "
                          "pass answer_ids only for a VLM with the answers capability")
+    if model_inputs:
+        raise TypeError(f"{', '.join(model_inputs)}: a dual encoder ({type(adapter).__name__}) takes no inputs besides "
+                        "pixel_values, input_ids and attention_mask")
     return M2IB(adapter, config).attribute(pixel_values, input_ids, attention_mask, seed=seed)

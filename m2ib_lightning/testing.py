@@ -357,7 +357,8 @@ def _check_attention(backbone: Any, inputs: dict[str, dict[str, Tensor]]) -> Non
 
 # ------------------------------------------------------------------------------------------- answers
 def naive_answer_m2ib(model: Any, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
-                      answer_mask: Tensor, *, modality: str, layer: int, config: M2IBConfig, seed: int) -> Tensor:
+                      answer_mask: Tensor, *, modality: str, layer: int, config: M2IBConfig, seed: int,
+                      **model_inputs: Tensor) -> Tensor:
     """M2IB for answers on one sample, the K noise copies one at a time through the whole model: the reference.
 
     Returns the per-position capacity (T,) at block ``layer``'s output, zero where no noise goes.
@@ -365,12 +366,12 @@ def naive_answer_m2ib(model: Any, pixel_values: Tensor, input_ids: Tensor, atten
     from .answers import replaced_output
     from .bottleneck import capacity, masked_moments
 
-    batch = model.answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask)
+    batch = model.answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask, **model_inputs)
     block = model.blocks(modality)[layer]
     captured: list[Tensor] = []
     with torch.no_grad(), replaced_output(block, capture=captured):
         model.answer_log_likelihood(batch)
-    hidden, where = captured[0][0], batch.positions[modality][0]
+    hidden, where = model.bottleneck_tokens(modality, batch, captured[0])[0], batch.positions[modality][0]
     alpha = torch.full_like(hidden, 5.0, requires_grad=True)
     optimizer = torch.optim.Adam([alpha], lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
@@ -381,7 +382,7 @@ def naive_answer_m2ib(model: Any, pixel_values: Tensor, input_ids: Tensor, atten
         for k in range(config.num_noise):
             z = hidden.clone()
             z[where] = mu[where] + var[where].sqrt() * noise[k]
-            with replaced_output(block, z[None]):
+            with replaced_output(block, model.bottleneck_output(modality, batch, z[None, None])):
                 fits.append(model.answer_log_likelihood(batch)[0])
         if step == config.steps - 1:
             break
@@ -398,7 +399,8 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
     :class:`BackboneCheckError` naming the first that fails.
 
     ``example_inputs``: ``pixel_values``, ``input_ids``, ``attention_mask``, ``answer_ids`` and ``answer_mask`` of at
-    least two samples, best with different question and answer lengths. The properties: ``no cross-talk`` (one
+    least two samples, best with different question and answer lengths, and what the family needs besides (Qwen2-VL's
+    ``image_grid_thw``). The properties: ``no cross-talk`` (one
     sample's log p(answer) has exactly zero gradient w.r.t. every other sample's block outputs), ``batch
     invariance`` (each sample alone gives its row's maps), ``model untouched`` (also after an error inside the fit)
     and ``naive reference`` (the engine equals :func:`naive_answer_m2ib` at ``naive_layers``, both fits).
@@ -406,12 +408,15 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
     from .answers import attribute_answers, replaced_output
 
     model = as_backbone(model)
-    args = [example_inputs[k] for k in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")]
-    if args[0].shape[0] < 2:
+    example = dict(example_inputs)
+    args = [example.pop(k) for k in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")]
+    extra = example  # what the family needs besides (Qwen2-VL's image_grid_thw)
+    samples = len(args[1])
+    if samples < 2:
         raise ValueError("example_inputs must hold at least two samples")
     module, passed = model.module, []
     tol = {"atol": 1e-10, "rtol": 0} if args[0].dtype == torch.float64 else {"atol": 5e-3, "rtol": 0}
-    batch = model.answer_batch(*args)
+    batch = model.answer_batch(*args, **extra)
     with eval_mode(module):
         for m in MODALITIES:
             block = model.blocks(m)[model.num_layers(m) // 2]
@@ -421,21 +426,28 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
             hidden = captured[0].detach().requires_grad_(True)
             with replaced_output(block, hidden):
                 (grad,) = torch.autograd.grad(model.answer_log_likelihood(batch)[0], [hidden])
-            if bool(grad[1:].ne(0).any()):
+            if bool(model.bottleneck_tokens(m, batch, grad)[1:].ne(0).any()):
                 raise BackboneCheckError("no cross-talk", f"sample 0's log p(answer) depends on other samples' {m} block outputs")
     passed.append("no cross-talk")
 
+    def alone(b: int) -> tuple[list[Tensor], dict[str, Tensor]]:
+        names = ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")
+        one = model.sample_inputs({**dict(zip(names, args)), **extra}, b)
+        return [one.pop(k) for k in names], one
+
     config = M2IBConfig(vision_layer=naive_layers[0], text_layer=naive_layers[0], steps=m2ib_steps, num_noise=m2ib_noise)
-    seeds = list(range(3, 3 + len(args[1])))
-    both = attribute_answers(model, *args, config=config, seed=seeds)
-    for b in range(len(args[1])):
-        alone = attribute_answers(model, *(a[b:b + 1] for a in args), config=config, seed=seeds[b])
+    seeds = list(range(3, 3 + samples))
+    both = attribute_answers(model, *args, config=config, seed=seeds, **extra)
+    for b in range(samples):
+        one, one_extra = alone(b)
+        solo = attribute_answers(model, *one, config=config, seed=seeds[b], **one_extra)
         for name in ("image_capacity", "text_capacity"):
-            _close("batch invariance", getattr(alone, name)[0], getattr(both, name)[b], f"{name} of sample {b}", **tol)
+            got = getattr(solo, name)[0]
+            _close("batch invariance", got, getattr(both, name)[b, :len(got)], f"{name} of sample {b}", **tol)
     passed.append("batch invariance")
 
     before = _snapshot(module)
-    attribute_answers(model, *args, config=config)
+    attribute_answers(model, *args, config=config, **extra)
     _check_untouched("model untouched", before, module, "by a fit")
     calls = {"n": 0}
     original = model.answer_log_likelihood
@@ -448,7 +460,7 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
 
     model.answer_log_likelihood = failing
     try:
-        attribute_answers(model, *args, config=config)
+        attribute_answers(model, *args, config=config, **extra)
     except _InjectedError:
         pass
     else:
@@ -460,11 +472,12 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
 
     for layer in naive_layers:
         config = replace(config, vision_layer=layer, text_layer=layer)
-        result = attribute_answers(model, *(a[:1] for a in args), config=config, seed=3)
-        columns = args[2][0].bool().nonzero()[:, 0]
+        one, one_extra = alone(0)
+        result = attribute_answers(model, *one, config=config, seed=3, **one_extra)
+        columns = one[2][0].bool().nonzero()[:, 0]
         for m, name in (("image", "image_capacity"), ("text", "text_capacity")):
             index = model.resolve_layer(m, layer, "vision_layer" if m == "image" else "text_layer")
-            naive = naive_answer_m2ib(model, *(a[:1] for a in args), modality=m, layer=index, config=config, seed=3)
+            naive = naive_answer_m2ib(model, *one, modality=m, layer=index, config=config, seed=3, **one_extra)
             got = result.image_capacity[0] if m == "image" else result.text_capacity[0, columns]
             _close("naive reference", got, naive[: len(got)], f"{name} at layer {layer}", **tol)
     passed.append("naive reference")

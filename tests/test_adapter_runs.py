@@ -88,7 +88,7 @@ def test_a_users_own_adapter_by_dotted_path(tmp_path):
 def test_unknown_adapter_exits_2_listing_the_registered_ones(tmp_path, tiny_bundle):
     proc = _train(*_run_args(tmp_path / "never", _manifest(tmp_path, 1), tiny_bundle, "model.adapter=hf_nope"))
     assert proc.returncode == 2
-    assert "model.adapter='hf_nope'" in proc.stderr and "hf_blip_itc, hf_blip_vqa, hf_clip, hf_llava, hf_siglip" in proc.stderr
+    assert "model.adapter='hf_nope'" in proc.stderr and "hf_blip_itc, hf_blip_vqa, hf_clip, hf_llava, hf_qwen2_vl, hf_siglip" in proc.stderr
     assert not (tmp_path / "never").exists()
 
 

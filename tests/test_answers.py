@@ -42,8 +42,61 @@ def blip_inputs(seed: int = 0):
     return torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64), ids, mask, answers, answer_mask
 
 
-#: every registered adapter of a VLM that answers: a tiny model built from its config, and example inputs
-ANSWER_FAMILIES = {"hf_llava": (tiny_llava, lambda: inputs()), "hf_blip_vqa": (tiny_blip_vqa, blip_inputs)}
+QWEN_IMAGE, QWEN_START, QWEN_END = 5, 3, 4
+
+
+def tiny_qwen2_vl(seed: int = 0):
+    """A Qwen2-VL built from its config: a 2-block vision transformer (patch 4, 2x2 merger), a 2-layer language model
+    with 3-D rotary positions, ids 0-6 its special tokens."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from m2ib_lightning.backbones.hf_qwen2_vl import HFQwen2VLAnswerer
+
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0}),
+        image_token_id=QWEN_IMAGE, video_token_id=6, vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
+    torch.manual_seed(seed)
+    return HFQwen2VLAnswerer(Qwen2VLForConditionalGeneration(config).double().eval())
+
+
+def qwen_patches(image: torch.Tensor, patch: int = 4, merge: int = 2, temporal: int = 2) -> torch.Tensor:
+    """A (3, H, W) image as Qwen2-VL's processor packs it: (patches, 3 * temporal * patch * patch), window by window."""
+    c, h, w = image.shape
+    frames = image[None].expand(temporal, -1, -1, -1)  # one picture fills the temporal patch twice
+    x = frames.reshape(temporal, c, h // patch // merge, merge, patch, w // patch // merge, merge, patch)
+    return x.permute(2, 5, 3, 6, 1, 0, 4, 7).reshape(-1, c * temporal * patch * patch)
+
+
+def qwen_inputs(seed: int = 0) -> dict:
+    """Two non-square images of different sizes (16 x 24 and 8 x 16 px: 6 and 2 language-model tokens), prompts of
+    different lengths (the shorter left-padded), answers of 2 and 1 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(7, 64, (n,), generator=g).tolist()  # noqa: E731
+    images = [torch.randn(3, 16, 24, generator=g, dtype=torch.float64), torch.randn(3, 8, 16, generator=g, dtype=torch.float64)]
+    grids = torch.tensor([[1, 4, 6], [1, 2, 4]])
+    prompts = [[1, *words(2), QWEN_START, *[QWEN_IMAGE] * 6, QWEN_END, *words(3)], [1, QWEN_START, *[QWEN_IMAGE] * 2, QWEN_END, *words(1)]]
+    width = max(map(len, prompts))
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+    return {"pixel_values": torch.cat([qwen_patches(i) for i in images]), "input_ids": ids, "attention_mask": mask,
+            "answer_ids": torch.tensor([words(2), [words(1)[0], 0]]), "answer_mask": torch.tensor([[1, 1], [1, 0]]),
+            "image_grid_thw": grids}
+
+
+NAMES = ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")
+
+#: every registered adapter of a VLM that answers: a tiny model built from its config, and example inputs (a dict)
+ANSWER_FAMILIES = {
+    "hf_llava": (tiny_llava, lambda: dict(zip(NAMES, inputs()))),
+    "hf_blip_vqa": (tiny_blip_vqa, lambda: dict(zip(NAMES, blip_inputs()))),
+    "hf_qwen2_vl": (tiny_qwen2_vl, qwen_inputs),
+}
 
 
 def test_every_registered_answer_adapter_is_covered():
@@ -200,8 +253,7 @@ def test_the_front_door_explains_given_answers_or_the_models_own_greedy_ones():
 def test_check_backbone_passes_every_answer_adapter_and_names_a_broken_property(family):
     build, example_inputs = ANSWER_FAMILIES[family]
     model = build()
-    names = ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")
-    example = dict(zip(names, example_inputs()))
+    example = example_inputs()
     assert check_backbone(model, example) == ["no cross-talk", "batch invariance", "model untouched", "naive reference"]
 
     class Leaky(type(model)):  # the batch's mean log p leaks into every sample's score
@@ -236,3 +288,88 @@ def test_on_the_shipped_blip_vqa_m2ib_points_at_the_object_a_question_is_about()
     error = hits.std() / len(hits) ** 0.5
     print(f"\npointing game of M2IB on answers, shipped BLIP VQA: {hits.mean():.3f} +- {error:.3f}; random {chance.mean():.3f}")
     assert hits.mean() - chance.mean() > 2 * error and hits.mean() >= 0.6
+
+
+def test_qwen2_vl_inputs_here_are_packed_as_its_processor_packs_them():
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=4096,
+                                         do_normalize=False, do_rescale=False)
+    picture = np.random.RandomState(0).randint(0, 255, (16, 24, 3)).astype(np.uint8)
+    out = processor(images=Image.fromarray(picture), return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 4, 6]]  # not resized to a square
+    torch.testing.assert_close(out["pixel_values"].double(), qwen_patches(torch.tensor(picture).permute(2, 0, 1).double()),
+                               atol=0, rtol=0)
+
+
+def test_qwen2_vl_fit_term_at_lambda_one_is_its_own_log_p_and_maps_keep_each_images_aspect_ratio():
+    model = tiny_qwen2_vl()
+    example = qwen_inputs()
+    batch = model.answer_batch(**example)
+    with torch.no_grad():
+        expected = []
+        for b in range(2):  # the model's own forward on one sample, positions computed by the model itself
+            one = model.sample_inputs(example, b)
+            prompt, answer = one["input_ids"][0][one["attention_mask"][0].bool()], one["answer_ids"][0][one["answer_mask"][0].bool()]
+            sequence = torch.cat([prompt, answer])[None]
+            logits = model.module(input_ids=sequence, pixel_values=one["pixel_values"], image_grid_thw=one["image_grid_thw"],
+                                  mm_token_type_ids=(sequence == QWEN_IMAGE).int()).logits[0]
+            logp = torch.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(answer)], dim=-1)
+            expected.append(logp.gather(1, answer[:, None]).sum())
+        torch.testing.assert_close(model.answer_log_likelihood(batch), torch.stack(expected), atol=1e-10, rtol=0)
+    config = M2IBConfig(vision_layer=0, text_layer=1, steps=2, num_noise=2)
+    result = attribute_answers(model, **example, config=config, seed=[1, 2])
+    assert result.image_sizes.tolist() == [[16, 24], [8, 16]] and result.image_maps.shape == (2, 16, 24)
+    assert result.image_map(0).shape == (16, 24) and result.image_map(1).shape == (8, 16)
+    assert bool((result.image_maps[1, 8:] == 0).all()) and bool((result.image_maps[1, :, 16:] == 0).all())
+    assert result.image_capacity.shape == (2, 24) and bool((result.image_capacity[1, 8:] == 0).all())
+    ids = example["input_ids"]
+    assert bool((result.text_capacity[ids == QWEN_IMAGE] == 0).all()) and bool((result.text_capacity[example["attention_mask"] == 0] == 0).all())
+    assert bool((result.text_capacity[(example["attention_mask"] == 1) & (ids != QWEN_IMAGE)] > 0).all())
+
+
+@pytest.mark.parametrize("cell", [(0, 5), (3, 1)])
+def test_qwen2_vl_a_patch_moved_in_the_input_moves_the_map(cell):
+    """One patch far brighter than the rest: its vision-block output is the outlier, so it holds the most capacity,
+    and the map peaks on it wherever it is put (the packed window order undone)."""
+    from m2ib_lightning import attribute
+
+    model = tiny_qwen2_vl()
+    example = qwen_inputs()
+    picture = torch.zeros(3, 16, 24, dtype=torch.float64)
+    row, col = cell
+    picture[:, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4] = 8.0
+    one = model.sample_inputs(example, 0)
+    one["pixel_values"] = qwen_patches(picture)
+    answer = {"answer_ids": one.pop("answer_ids"), "answer_mask": one.pop("answer_mask")}
+    result = attribute(model.module, **one, **answer, vision_layer=0, text_layer=0, steps=1, num_noise=1, seed=0)
+    capacity = result.image_capacity[0]
+    cells = torch.arange(24).view(2, 2, 3, 2).permute(0, 2, 1, 3).flatten()  # packed position -> raster cell
+    assert int(cells[capacity.argmax()]) == row * 6 + col
+    peak = divmod(int(result.image_map(0).argmax()), 24)
+    assert peak[0] // 4 == row and peak[1] // 4 == col
+
+
+def test_qwen2_vl_refuses_inputs_that_do_not_fit_and_explains_its_greedy_answer():
+    from m2ib_lightning import attribute
+
+    model = tiny_qwen2_vl()
+    example = qwen_inputs()
+    settings = dict(vision_layer=-1, text_layer=0, steps=1, num_noise=1)
+    without = {k: v for k, v in example.items() if k != "image_grid_thw"}
+    with pytest.raises(ValueError, match="image_grid_thw is needed"):
+        attribute(model.module, **without, **settings)
+    with pytest.raises(ValueError, match="one .t, rows, cols. row per question"):
+        attribute(model.module, **{**example, "image_grid_thw": example["image_grid_thw"][:1]}, **settings)
+    with pytest.raises(ValueError, match="pixel_values holds 31 patches"):
+        attribute(model.module, **{**example, "pixel_values": example["pixel_values"][1:]}, **settings)
+    own = attribute(model.module, **{k: v for k, v in example.items() if not k.startswith("answer")}, max_new_tokens=2, **settings)
+    for b in range(2):
+        one = model.sample_inputs(example, b)
+        prompt = one["input_ids"][0][one["attention_mask"][0].bool()][None]
+        logits = model.module(input_ids=prompt, pixel_values=one["pixel_values"], image_grid_thw=one["image_grid_thw"],
+                              mm_token_type_ids=(prompt == QWEN_IMAGE).int()).logits[0, -1]
+        if int(logits.argmax()) != 2:  # not EOS: the first answer token is the argmax
+            assert own.answer_ids[b, 0] == logits.argmax() and own.answer_mask[b, 0] == 1

@@ -126,7 +126,7 @@ def test_a_registered_name_and_a_dotted_path_name_adapters():
 
 
 def test_unknown_adapters_and_models_list_the_registered_ones():
-    with pytest.raises(UnknownAdapterError, match="registered adapters: hf_blip_itc, hf_blip_vqa, hf_clip, hf_llava, hf_siglip"):
+    with pytest.raises(UnknownAdapterError, match="registered adapters: hf_blip_itc, hf_blip_vqa, hf_clip, hf_llava, hf_qwen2_vl, hf_siglip"):
         as_backbone(tiny_clip(), "nope")
     with pytest.raises(UnknownAdapterError, match="no registered backbone adapter accepts a PlainDualEncoder; registered adapters"):
         as_backbone(tiny_plain())
@@ -140,6 +140,8 @@ def test_unknown_adapters_and_models_list_the_registered_ones():
         ({"model_type": "clip"}, "hf_clip"),
         ({"model_type": "siglip", "architectures": ["SiglipModel"]}, "hf_siglip"),
         ({"model_type": "blip", "architectures": ["BlipForImageTextRetrieval"]}, "hf_blip_itc"),
+        ({"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]}, "hf_qwen2_vl"),
+        ({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}, "hf_llava"),
     ],
 )
 def test_auto_picks_the_adapter_from_config_json(config, expected):
@@ -148,8 +150,8 @@ def test_auto_picks_the_adapter_from_config_json(config, expected):
 
 def test_auto_refuses_a_checkpoint_no_adapter_serves():
     assert adapter_for_config({"model_type": "blip", "architectures": ["BlipForQuestionAnswering"]}) == "hf_blip_vqa"
-    with pytest.raises(UnknownAdapterError, match="no registered backbone adapter for model_type='qwen2_vl'"):
-        adapter_for_config({"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]})
+    with pytest.raises(UnknownAdapterError, match="no registered backbone adapter for model_type='qwen2_5_vl'"):
+        adapter_for_config({"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
 
 
 @pytest.mark.parametrize("bundle,expected", [("tiny_bundle", HFCLIPBackbone), ("siglip_bundle", HFSiglipBackbone), ("blip_itc_bundle", HFBlipITCBackbone)])

@@ -64,10 +64,29 @@ class TextEncoding:
 
 
 @dataclass(frozen=True)
+class ImageLayout:
+    """Where each image-bottleneck position lies on its sample's picture: ``cells`` (B, T) its index in the
+    row-major (rows, cols) patch grid, -1 for a token that is no patch (CLS, padding); ``grids`` (B, 2) each
+    sample's (rows, cols); ``sizes`` (B, 2) the (height, width) in pixels of the image as the model saw it."""
+
+    cells: Tensor
+    grids: Tensor
+    sizes: Tensor
+
+    @classmethod
+    def uniform(cls, batch: int, prefix: int, grid: tuple[int, int], size: tuple[int, int], device: Any = None) -> "ImageLayout":
+        """Every sample the same grid, its tokens ``prefix`` non-patch tokens (CLS) then the patches in raster order."""
+        rows, cols = grid
+        cells = torch.cat([torch.full((prefix,), -1), torch.arange(rows * cols)]).to(device).expand(batch, -1)
+        return cls(cells, torch.tensor([grid] * batch, device=device), torch.tensor([size] * batch, device=device))
+
+
+@dataclass(frozen=True)
 class AnswerBatch:
     """Model inputs for (prompt, answer) pairs and where the fit reads and writes.
 
-    ``positions[modality]`` (B, T) marks the bottlenecked positions of that tower's block outputs;
+    ``positions[modality]`` (B, T) marks the bottlenecked positions of that tower's block outputs, as
+    ``bottleneck_tokens`` lays them out; ``image`` places the image positions on the picture;
     ``prompt_columns[b]`` are the positions, in the text block's output, of sample b's real prompt tokens, in
     ``input_ids`` order, and ``input_columns[b]`` their columns in ``input_ids``; ``targets`` / ``score_mask``
     (B, A) are the answer tokens to score, and ``score_index`` (B, A), where the adapter needs it, the positions
@@ -76,6 +95,7 @@ class AnswerBatch:
 
     inputs: dict[str, Tensor]
     positions: dict[str, Tensor]
+    image: ImageLayout
     input_columns: list[Tensor]
     prompt_columns: list[Tensor]
     targets: Tensor
@@ -86,6 +106,17 @@ class AnswerBatch:
     def batch_size(self) -> int:
         return self.targets.shape[0]
 
+
+def square_patch_grid(config: Any, pixel_values: Tensor) -> tuple[int, int]:
+    """(rows, cols) of a ViT's patches on (B, C, H, W) pixel values: the vision config's patch size."""
+    patch = config.vision_config.patch_size
+    return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+
+def one_image_per_sample(pixel_values: Tensor, batch: int) -> None:
+    """ValueError unless ``pixel_values`` holds one image per question."""
+    if len(pixel_values) != batch:
+        raise ValueError(f"pixel_values must hold one image per question: {batch} questions, {len(pixel_values)} images")
 
 
 def real_tokens(ids: Tensor, mask: Tensor, name: str) -> list[Tensor]:
@@ -337,9 +368,17 @@ class HFAnswerLayout:
     def num_layers(self, modality: Modality) -> int:
         return len(self.blocks(modality))
 
-    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
-        patch = self.config.vision_config.patch_size
-        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    def bottleneck_tokens(self, modality: Modality, batch: AnswerBatch, output: Tensor) -> Tensor:
+        """A block's output as (B, T, D) token rows: already so for towers that keep a batch dimension."""
+        return output
+
+    def bottleneck_output(self, modality: Modality, batch: AnswerBatch, tokens: Tensor) -> Tensor:
+        """(B, K, T, D) bottlenecked tokens as the block's output for the batch repeated K times per sample."""
+        return tokens.flatten(0, 1)
+
+    def sample_inputs(self, inputs: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+        """Sample ``index``'s inputs alone (``pixel_values``, ``input_ids``, ..., as the front door takes them)."""
+        return {name: value[index:index + 1] for name, value in inputs.items()}
 
 
 def clean_token(token: str) -> str:

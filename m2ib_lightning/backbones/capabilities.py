@@ -70,21 +70,29 @@ class Answers(Protocol):
     def num_layers(self, modality: Modality) -> int:
         """Number of those blocks."""
 
-    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
-        """(rows, cols) of the image's patch tokens."""
-
     def resolve_layer(self, modality: Modality, layer: int, name: str) -> int:
         """A block index (negative from the end); ValueError naming ``name`` where the bottleneck cannot go."""
 
     def answer_batch(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
-                     answer_mask: Tensor) -> Any:
-        """Model inputs for (question, answer) pairs, with each tower's bottlenecked positions."""
+                     answer_mask: Tensor, **model_inputs: Tensor) -> Any:
+        """Model inputs for (question, answer) pairs (an :class:`~m2ib_lightning.backbones.base.AnswerBatch`), with
+        each tower's bottlenecked positions and where the image's lie on the picture; ``model_inputs``: what the
+        family needs besides (Qwen2-VL's ``image_grid_thw``)."""
+
+    def bottleneck_tokens(self, modality: Modality, batch: Any, output: Tensor) -> Tensor:
+        """A block's output as (B, T, D) rows of tokens, T as in ``batch.positions[modality]``."""
+
+    def bottleneck_output(self, modality: Modality, batch: Any, tokens: Tensor) -> Tensor:
+        """(B, K, T, D) tokens back as the block's output for the batch with each sample repeated K times."""
+
+    def sample_inputs(self, inputs: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+        """The front door's inputs (``pixel_values``, ``input_ids``, ...) of sample ``index`` alone."""
 
     def answer_log_likelihood(self, batch: Any, copies: int = 1) -> Tensor:
         """(B * copies,) log p(answer) under teacher forcing, each sample's rows repeated ``copies`` times."""
 
     def generate_answers(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                         max_new_tokens: int) -> tuple[Tensor, Tensor]:
+                         max_new_tokens: int, **model_inputs: Tensor) -> tuple[Tensor, Tensor]:
         """The model's own greedy answers as (answer_ids, answer_mask)."""
 
 

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.world_dataset import pad_token_ids
-from .base import AnswerBatch, HFAnswerLayout, Modality, real_tokens, resolve_layer
+from .base import (
+    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, one_image_per_sample, real_tokens, resolve_layer, square_patch_grid,
+)
 
 
 def is_hf_blip_vqa(model: Any) -> bool:
@@ -79,10 +81,12 @@ class HFBlipVQAAnswerer(HFAnswerLayout):
         for b, (question, answer) in enumerate(zip(questions, answers)):
             ids[b, :len(question)], mask[b, :len(question)] = question, 1
             targets[b, :len(answer)], score_mask[b, :len(answer)] = answer, True
-        rows, cols = self.patch_grid(pixel_values)
+        one_image_per_sample(pixel_values, batch)
+        rows, cols = square_patch_grid(self.config, pixel_values)
         return AnswerBatch(
             inputs={"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask},
             positions={"image": torch.ones(batch, 1 + rows * cols, dtype=torch.bool, device=ids.device), "text": mask.bool()},
+            image=ImageLayout.uniform(batch, 1, (rows, cols), tuple(pixel_values.shape[-2:]), ids.device),
             input_columns=[keep.bool().nonzero()[:, 0] for keep in attention_mask],
             prompt_columns=[torch.arange(len(q), device=ids.device) for q in questions],
             targets=targets, score_mask=score_mask,

@@ -24,6 +24,7 @@ from .hf_blip import HFBlipITCBackbone
 from .hf_blip_vqa import HFBlipVQAAnswerer
 from .hf_clip import HFCLIPBackbone
 from .hf_llava import HFLlavaAnswerer
+from .hf_qwen2_vl import HFQwen2VLAnswerer
 from .hf_siglip import HFSiglipBackbone
 from .loading import HubOptions, read_model_config
 
@@ -36,6 +37,7 @@ BACKBONES.register("hf_siglip", HFSiglipBackbone)
 BACKBONES.register("hf_blip_itc", HFBlipITCBackbone)
 BACKBONES.register("hf_blip_vqa", HFBlipVQAAnswerer)
 BACKBONES.register("hf_llava", HFLlavaAnswerer)
+BACKBONES.register("hf_qwen2_vl", HFQwen2VLAnswerer)
 
 
 class UnknownAdapterError(ValueError):

@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> Path | None:
     tokenizer = build_llava_tokenizer()
     processor = build_llava_processor(tokenizer, cfg.world.image_size, vision["patch_size"])
     settings = dict(cfg.model)
-    freeze_vision = settings.pop("freeze_vision")
+    freeze_vision, vision_lr_scale = settings.pop("freeze_vision"), settings.pop("vision_lr_scale")
     model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **settings)
     init_vision_from_clip(model, clip)
     model.model.vision_tower.requires_grad_(not freeze_vision)
@@ -111,4 +111,5 @@ def run(cfg: DictConfig) -> Path | None:
     heldout = LlavaQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor,
                              image_tokens)
     collate = partial(collate_llava, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-    return fit_on_questions(cfg, out, LlavaTraining(model, **cfg.optim), train, heldout, collate, processor)
+    module = LlavaTraining(model, **cfg.optim, lr_scales={"model.vision_tower.": vision_lr_scale})
+    return fit_on_questions(cfg, out, module, train, heldout, collate, processor)

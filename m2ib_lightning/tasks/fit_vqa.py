@@ -70,7 +70,8 @@ class AnswerFit(L.LightningModule):
     """What the VQA fits share: an injected model, AdamW with warm-up and cosine decay, and held-out accuracy per
     question kind (the first answer token's argmax over the whole vocabulary, as the model answers)."""
 
-    def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200):
+    def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200,
+                 lr_scales: dict[str, float] | None = None):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -90,7 +91,7 @@ class AnswerFit(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
-                                        int(self.trainer.estimated_stepping_batches))
+                                        int(self.trainer.estimated_stepping_batches), self.hparams.lr_scales)
 
 
 class VQATraining(AnswerFit):

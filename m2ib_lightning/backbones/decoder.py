@@ -1,0 +1,107 @@
+"""What the adapters of VLMs whose language model reads the image inside its prompt share (LLaVA, Qwen2-VL).
+
+The sequence the language model reads is the processor's prompt (the image
+placeholder expanded to one id per image feature) followed by the answer; the
+logits at position P - 1 + t predict answer token t. Each sample's real prompt
+tokens (left or right padding removed) and real answer tokens are laid out from
+position 0, as in its solo run, and the batch is right-padded after them, so
+padding never reaches a real token. The text bottleneck sits on a
+language-model layer at the prompt's real, non-image positions; where the image
+bottleneck sits, and how a family's images travel with its samples, each
+family's adapter says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.world_dataset import pad_token_ids
+from .base import AnswerBatch, HFAnswerLayout, ImageLayout, real_tokens
+
+
+class HFDecoderAnswerer(HFAnswerLayout):
+    """Prompt-then-answer layout, teacher-forced log p(answer) and greedy answers for a decoder VLM."""
+
+    module: Any
+
+    def image_layout(self, pixel_values: Tensor, batch: int, **model_inputs: Tensor) -> tuple[Tensor, ImageLayout]:
+        """(B, T) image-bottleneck positions and where they lie on the pictures."""
+        raise NotImplementedError
+
+    def sequence_inputs(self, ids: Tensor, mask: Tensor, pixel_values: Tensor, **model_inputs: Tensor) -> dict[str, Tensor]:
+        """The forward's inputs for laid-out ``ids`` (positions counted from each sample's first real token)."""
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
+                "position_ids": torch.arange(ids.shape[1], device=ids.device).expand_as(ids)}
+
+    def repeat_inputs(self, inputs: dict[str, Tensor], copies: int) -> dict[str, Tensor]:
+        """The forward's inputs with each sample repeated ``copies`` times in a row."""
+        return {k: v.repeat_interleave(copies, dim=0) for k, v in inputs.items()}
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    # ------------------------------------------------------------------ inputs
+    def answer_batch(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+                     answer_mask: Tensor, **model_inputs: Tensor) -> AnswerBatch:
+        """Each sample's real prompt then its real answer from position 0, the batch right-padded after them."""
+        pad = self.config.text_config.pad_token_id or 0
+        prompts, answers = real_tokens(input_ids, attention_mask, "input_ids"), real_tokens(answer_ids, answer_mask, "answer_ids")
+        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        batch, longest = len(prompts), max(len(a) for a in answers)
+        ids = input_ids.new_full((batch, width), pad)
+        mask = torch.zeros_like(ids)
+        score_index = torch.zeros(batch, longest, dtype=torch.long, device=ids.device)
+        targets = torch.zeros_like(score_index)
+        score_mask = torch.zeros(batch, longest, dtype=torch.bool, device=ids.device)
+        text = torch.zeros_like(mask, dtype=torch.bool)
+        for b, (prompt, answer) in enumerate(zip(prompts, answers)):
+            p, a = len(prompt), len(answer)
+            ids[b, :p], ids[b, p:p + a], mask[b, :p + a] = prompt, answer, 1
+            score_index[b, :a] = torch.arange(p - 1, p - 1 + a, device=ids.device)
+            targets[b, :a], score_mask[b, :a] = answer, True
+            text[b, :p] = prompt != self.image_token_id
+        image_positions, layout = self.image_layout(pixel_values, batch, **model_inputs)
+        return AnswerBatch(
+            inputs=self.sequence_inputs(ids, mask, pixel_values, **model_inputs),
+            positions={"image": image_positions, "text": text},
+            image=layout,
+            input_columns=[keep.bool().nonzero()[:, 0] for keep in attention_mask],
+            prompt_columns=[torch.arange(len(p), device=ids.device) for p in prompts],
+            score_index=score_index, targets=targets, score_mask=score_mask,
+        )
+
+    @torch.no_grad()
+    def generate_answers(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                         max_new_tokens: int = 16, **model_inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sample's greedy answer (its real prompt alone, so padding plays no part), up to EOS (not included)."""
+        eos = self.config.text_config.eos_token_id
+        stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, **model_inputs}
+        answers = []
+        for b in range(len(input_ids)):
+            one = self.sample_inputs(inputs, b)
+            prompt = one.pop("input_ids")[one.pop("attention_mask").bool()][None]
+            ids, mask = prompt, torch.ones_like(prompt)
+            extra = self.sequence_inputs(ids, mask, **one)
+            extra.pop("position_ids")  # generate counts positions itself
+            out = self.module.generate(**extra, max_new_tokens=max_new_tokens, do_sample=False)[0, prompt.shape[1]:]
+            stop = [i for i, token in enumerate(out.tolist()) if token in stops]
+            answers.append(out[: stop[0] if stop else len(out)])
+        ids, mask = pad_token_ids([list(map(int, answer)) for answer in answers], 0)
+        return ids.to(input_ids.device), mask.to(input_ids.device)
+
+    def answer_log_likelihood(self, batch: AnswerBatch, copies: int = 1) -> Tensor:
+        """(B * copies,) sum over real answer tokens of log_softmax(logits)[answer], each sample's rows repeated
+        ``copies`` times (the K noise copies); only the positions that predict answer tokens reach the vocabulary."""
+        inputs = self.repeat_inputs(batch.inputs, copies)
+        keep = torch.unique(batch.score_index[batch.score_mask])
+        logits = self.module(**inputs, logits_to_keep=keep).logits  # (B * copies, len(keep), V)
+        column = torch.searchsorted(keep, batch.score_index).repeat_interleave(copies, dim=0)
+        picked = logits.gather(1, column[..., None].expand(-1, -1, logits.shape[-1]))
+        scores = F.log_softmax(picked, dim=-1).gather(-1, batch.targets.repeat_interleave(copies, dim=0)[..., None])[..., 0]
+        return (scores * batch.score_mask.repeat_interleave(copies, dim=0)).sum(1)

@@ -1,0 +1,146 @@
+"""Adapter for Hugging Face ``transformers.Qwen2VLForConditionalGeneration``: M2IB explains the answer.
+
+The prompt-then-answer layout is :mod:`~m2ib_lightning.backbones.decoder`'s. What is Qwen2-VL's own:
+- its processor does not resize to a square: ``pixel_values`` are the flattened patches of every image of
+  the batch, one after the other, and ``image_grid_thw`` (images, 3) each image's (1, rows, cols) grid;
+- the vision transformer runs on that packed sequence (each image attends to itself only), its patches in
+  2x2 merge windows (block-major), and a merger folds each window into one language-model token;
+- the language model places text and image tokens with 3-D rotary positions (``get_rope_index``), computed
+  once from the laid-out sequence and reused by every pass.
+The image bottleneck sits on a vision block's output at every patch of that sample (the other samples' packed
+rows untouched); the map goes back from the window order to the image's own (rows, cols) grid.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import AnswerBatch, ImageLayout, Modality, resolve_layer
+from .decoder import HFDecoderAnswerer
+
+
+def is_hf_qwen2_vl(model: Any) -> bool:
+    inner = getattr(model, "model", None)
+    return (getattr(getattr(model, "config", None), "model_type", None) == "qwen2_vl" and hasattr(model, "lm_head")
+            and (hasattr(inner, "visual") or hasattr(model, "visual")))
+
+
+def window_cells(rows: int, cols: int, merge: int) -> Tensor:
+    """Each packed patch's raster cell on the (rows, cols) grid: the processor lays patches out merge window by
+    merge window (``merge`` x ``merge`` neighbours in a row), windows in raster order."""
+    grid = torch.arange(rows * cols).view(rows // merge, merge, cols // merge, merge)
+    return grid.permute(0, 2, 1, 3).flatten()
+
+
+class HFQwen2VLAnswerer(HFDecoderAnswerer):
+    """Runs a ``Qwen2VLForConditionalGeneration`` on prompts and answers, with bottlenecks placed by the M2IB fit."""
+
+    model_types = ("qwen2_vl",)
+    model_class = "Qwen2VLForConditionalGeneration"
+
+    def __init__(self, model: nn.Module, processor: Any = None):
+        if not is_hf_qwen2_vl(model):
+            raise TypeError(f"HFQwen2VLAnswerer wraps a transformers Qwen2VLForConditionalGeneration, got {type(model).__name__}")
+        self.module, self.processor, self.config = model, processor, model.config
+        self.merge = self.config.vision_config.spatial_merge_size
+        self.patch = self.config.vision_config.patch_size
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return is_hf_qwen2_vl(model)
+
+    # ------------------------------------------------------------------ layout
+    def _parts(self) -> tuple[nn.Module, nn.Module]:
+        """(vision transformer, language model): 5.x keeps both in ``model.model``, 4.4x the tower on the top model."""
+        inner = self.module.model
+        visual = getattr(inner, "visual", None) or self.module.visual
+        return visual, getattr(inner, "language_model", inner)
+
+    def blocks(self, modality: Modality) -> Sequence[nn.Module]:
+        visual, language = self._parts()
+        return visual.blocks if modality == "image" else language.layers
+
+    def resolve_layer(self, modality: Modality, layer: int, name: str) -> int:
+        """Any vision block (the merger reads the last one's output) or language-model layer."""
+        tower = "the vision transformer" if modality == "image" else "the language model"
+        return resolve_layer(layer, self.num_layers(modality), name, tower)
+
+    @staticmethod
+    def _grids(image_grid_thw: Tensor | None, batch: int) -> Tensor:
+        if image_grid_thw is None:
+            raise ValueError("image_grid_thw is needed for Qwen2-VL (its processor returns it beside pixel_values)")
+        if image_grid_thw.shape != (batch, 3):
+            raise ValueError(f"image_grid_thw must hold one (t, rows, cols) row per question: {batch} questions, "
+                             f"got shape {tuple(image_grid_thw.shape)}")
+        if bool((image_grid_thw[:, 0] != 1).any()):
+            raise ValueError("image_grid_thw: every sample must be one image (t = 1); videos are not explained")
+        return image_grid_thw
+
+    def _patch_counts(self, image_grid_thw: Tensor) -> list[int]:
+        return image_grid_thw.prod(-1).tolist()
+
+    def image_layout(self, pixel_values: Tensor, batch: int, image_grid_thw: Tensor | None = None) -> tuple[Tensor, ImageLayout]:
+        """Every patch of the sample's image, in the packed (window) order; padded to the batch's largest image."""
+        grids = self._grids(image_grid_thw, batch)
+        counts = self._patch_counts(grids)
+        if len(pixel_values) != sum(counts):
+            raise ValueError(f"pixel_values holds {len(pixel_values)} patches, image_grid_thw says {sum(counts)}")
+        device = pixel_values.device
+        positions = torch.zeros(batch, max(counts), dtype=torch.bool, device=device)
+        cells = torch.full((batch, max(counts)), -1, dtype=torch.long, device=device)
+        for b, (_, rows, cols) in enumerate(grids.tolist()):
+            positions[b, :rows * cols] = True
+            cells[b, :rows * cols] = window_cells(rows, cols, self.merge).to(device)
+        return positions, ImageLayout(cells, grids[:, 1:].clone(), grids[:, 1:] * self.patch)
+
+    def sequence_inputs(self, ids: Tensor, mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor | None = None) -> dict[str, Tensor]:
+        """The model's inputs with the 3-D rotary positions of each sample's real tokens (``get_rope_index``)."""
+        grids = self._grids(image_grid_thw, len(ids))
+        token_types = (ids == self.image_token_id).int()
+        inner = self.module.model
+        rope_index = getattr(inner, "get_rope_index", None) or self.module.get_rope_index
+        typed = "mm_token_type_ids" in inspect.signature(rope_index).parameters  # 5.x needs the modality of each token
+        kwargs = {"mm_token_type_ids": token_types} if typed else {}
+        position_ids, _ = rope_index(input_ids=ids, image_grid_thw=grids, attention_mask=mask, **kwargs)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grids,
+                "position_ids": position_ids, **kwargs}
+
+    def repeat_inputs(self, inputs: dict[str, Tensor], copies: int) -> dict[str, Tensor]:
+        """Each sample ``copies`` times in a row: its patch rows, grid row, tokens and positions (dim 1 of the 3-D)."""
+        if copies == 1:
+            return dict(inputs)
+        rows = torch.split(inputs["pixel_values"], self._patch_counts(inputs["image_grid_thw"]))
+        repeated = {k: v.repeat_interleave(copies, dim=0) for k, v in inputs.items() if k not in ("pixel_values", "position_ids")}
+        repeated["pixel_values"] = torch.cat([r for r in rows for _ in range(copies)])
+        repeated["position_ids"] = inputs["position_ids"].repeat_interleave(copies, dim=1)
+        return repeated
+
+    def sample_inputs(self, inputs: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+        """Sample ``index``'s patch rows and grid row with its tokens."""
+        counts = self._patch_counts(self._grids(inputs.get("image_grid_thw"), len(inputs["input_ids"])))
+        start = sum(counts[:index])
+        one = {k: v[index:index + 1] for k, v in inputs.items() if k != "pixel_values"}
+        one["pixel_values"] = inputs["pixel_values"][start:start + counts[index]]
+        return one
+
+    # ------------------------------------------------------------------ packed vision tokens
+    def bottleneck_tokens(self, modality: Modality, batch: AnswerBatch, output: Tensor) -> Tensor:
+        """The vision block's packed (patches, D) output as (B, most patches, D), zero-padded."""
+        if modality == "text":
+            return output
+        counts = batch.positions["image"].sum(1).tolist()
+        tokens = output.new_zeros(len(counts), max(counts), output.shape[-1])
+        for b, part in enumerate(torch.split(output, counts)):
+            tokens[b, :len(part)] = part
+        return tokens
+
+    def bottleneck_output(self, modality: Modality, batch: AnswerBatch, tokens: Tensor) -> Tensor:
+        """(B, K, T, D) back to the packed rows of the batch repeated K times per sample (sample-major)."""
+        if modality == "text":
+            return tokens.flatten(0, 1)
+        counts = batch.positions["image"].sum(1).tolist()
+        return torch.cat([tokens[b, k, :count] for b, count in enumerate(counts) for k in range(tokens.shape[1])])
