@@ -101,7 +101,7 @@ class RollingShardWriter(BasePredictionWriter):
 
 
 class AttributionWriter(RollingShardWriter):
-    """M2IB's maps of an attribution run; the first ``overlays`` samples of each rank also get a PNG overlay in
+    """M2IB's maps of an attribution run (of pairs, or of questions and their answers); the first ``overlays`` samples of each rank also get a PNG overlay in
     ``overlays/rankR/``, drawn with ``display_image`` (the adapter's: pixel values back to a picture)."""
 
     def __init__(
@@ -135,6 +135,8 @@ class AttributionWriter(RollingShardWriter):
                 "image_fit": float(prediction["image_fit"][row]),
                 "text_fit": float(prediction["text_fit"][row]),
             }
+            if "answer" in prediction:  # a VQA run: the answer explained, and whether it was given or the model's own
+                entry["answer"], entry["answer_source"] = prediction["answer"][row], prediction["answer_source"][row]
             tensors = {
                 "image_capacity": capacity,
                 "image_map_grid": minmax(capacity[None])[0],

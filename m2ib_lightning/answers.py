@@ -40,6 +40,7 @@ class AnswerAttribution:
     answer_ids: Tensor  # the answers explained, (B, A), with answer_mask
     answer_mask: Tensor
     image_sizes: Tensor  # (B, 2): each map's (height, width); a batch of pictures of several sizes pads to the largest
+    image_patch_capacity: Tensor  # (B, rows, cols): the capacity of each patch on its picture's grid, zero-padded
 
     def image_map(self, index: int) -> Tensor:
         """Sample ``index``'s image map at its picture's own size, padding cut away."""
@@ -47,17 +48,26 @@ class AnswerAttribution:
         return self.image_maps[index, :height, :width]
 
 
-def image_maps_on_pictures(capacity: Tensor, layout: ImageLayout) -> Tensor:
-    """Each sample's patch capacities on its patch grid, upsampled bilinearly to its picture's size and min-maxed,
-    in one (B, max height, max width) tensor, zero outside a smaller picture."""
-    height, width = (int(v) for v in layout.sizes.amax(0))
-    maps = capacity.new_zeros(len(capacity), height, width)
-    for b, ((rows, cols), (h, w)) in enumerate(zip(layout.grids.tolist(), layout.sizes.tolist())):
+def patch_capacity_on_grids(capacity: Tensor, layout: ImageLayout) -> Tensor:
+    """(B, rows, cols) raster grids of the patch capacities, zero past a smaller grid; prefix tokens dropped."""
+    rows, cols = (int(v) for v in layout.grids.amax(0))
+    grids = capacity.new_zeros(len(capacity), rows, cols)
+    for b, (r, c) in enumerate(layout.grids.tolist()):
         patches = layout.cells[b] >= 0
-        grid = capacity.new_zeros(rows * cols)
-        grid[layout.cells[b][patches]] = capacity[b][patches]
-        upsampled = F.interpolate(grid.view(1, 1, rows, cols), size=(h, w), mode="bilinear", align_corners=False)
-        maps[b, :h, :w] = minmax(upsampled[:, 0])[0]
+        flat = capacity.new_zeros(r * c)
+        flat[layout.cells[b][patches]] = capacity[b][patches]
+        grids[b, :r, :c] = flat.view(r, c)
+    return grids
+
+
+def image_maps_on_pictures(patch_capacity: Tensor, layout: ImageLayout) -> Tensor:
+    """Each sample's (rows, cols) patch capacities upsampled bilinearly to its picture's size and min-maxed, in one
+    (B, max height, max width) tensor, zero outside a smaller picture."""
+    height, width = (int(v) for v in layout.sizes.amax(0))
+    maps = patch_capacity.new_zeros(len(patch_capacity), height, width)
+    for b, ((rows, cols), (h, w)) in enumerate(zip(layout.grids.tolist(), layout.sizes.tolist())):
+        grid = patch_capacity[b, :rows, :cols][None, None]
+        maps[b, :h, :w] = minmax(F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[:, 0])[0]
     return maps
 
 
@@ -162,10 +172,12 @@ def attribute_answers(
     for b, (columns, sequence) in enumerate(zip(batch.input_columns, batch.prompt_columns)):
         text_capacity[b, columns] = positions[b, sequence]
         text_real[b, columns] = batch.positions["text"][b, sequence]
+    patch_capacity = patch_capacity_on_grids(image_capacity, batch.image)
     return AnswerAttribution(
         image_capacity=image_capacity,
-        image_maps=image_maps_on_pictures(image_capacity, batch.image),
+        image_maps=image_maps_on_pictures(patch_capacity, batch.image),
         image_sizes=batch.image.sizes,
+        image_patch_capacity=patch_capacity,
         text_capacity=text_capacity,
         text_maps=minmax(text_capacity, text_real),
         image_fit=image_fit,

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .backbones.loading import DTYPES
+from .data.questions import QUESTION_KINDS
 from .engine import M2IBConfig
 from .metrics.settings import MetricSettings
 
@@ -164,6 +165,27 @@ class AttributeConfig:
 
 
 @dataclass
+class AttributeVQAData(AttributeData):
+    manifest: Optional[str] = None  # JSONL/CSV: id, image, question, answer (optional), mask or boxes (optional), class
+    num_samples: int = 64  # without a manifest: this many held-out questions of the shapes world (each names an object)
+    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "what_colour", "what_shape", "what_size"])
+
+
+@dataclass
+class AnswerSettings:
+    source: str = "given"  # given: the data's answers (the world's; a manifest's where it has one, else generate); generate: the model's own
+    max_new_tokens: int = 16  # the longest greedy answer
+
+
+@dataclass
+class AttributeVQAConfig(AttributeConfig):
+    task: str = "attribute_vqa"
+    output_dir: str = "runs/attribute_shapes_vqa"
+    data: AttributeVQAData = field(default_factory=AttributeVQAData)
+    answers: AnswerSettings = field(default_factory=AnswerSettings)
+
+
+@dataclass
 class ProbeData:
     num_pairs: int = 12  # minimal pairs of the held-out world, cycling through the attributes
     attributes: List[str] = field(default_factory=lambda: ["colour", "shape", "position"])
@@ -261,7 +283,7 @@ class EvaluateConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-SCHEMAS = {"attribute": AttributeConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "fit_llava": FitLlavaConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig}
+SCHEMAS = {"attribute": AttributeConfig, "attribute_vqa": AttributeVQAConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "fit_llava": FitLlavaConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig}
 
 
 _ABSENT = object()  # an override not given at all; `key=null` is given, as None
@@ -315,6 +337,8 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "metrics.confidence_drop": _one_of("absolute", "relative"), "metrics.pointing_ties": _one_of("share", "any"),
     "metrics.pointing_tolerance": _at_least(0),
     "model.dtype": (lambda v: v is None or v in DTYPES, f"one of {list(DTYPES)}"),
+    "answers.source": _one_of("given", "generate"), "answers.max_new_tokens": _at_least(1),
+    "data.kinds": _subset_of(*QUESTION_KINDS),
     "threads": _at_least(1),
 }
 

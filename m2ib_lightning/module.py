@@ -1,4 +1,4 @@
-"""The Lightning shell around the engine: one M2IB fit per predict batch.
+"""The Lightning shell around the engines: one M2IB fit per predict batch, of pairs or of questions.
 
 Use with ``Trainer(inference_mode=False)``: ``predict_step`` needs gradients.
 Predict does not wrap the module in DistributedDataParallel, so per-sample
@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from .answers import attribute_answers
 from .engine import M2IB, M2IBConfig
 
 
@@ -72,6 +73,86 @@ class M2IBModule(L.LightningModule):
             "image_fit": cpu(result.image_fit),
             "text_fit": cpu(result.text_fit),
             "curves": {k: cpu(v) for k, v in result.curves.items()},
+        }
+        if "target_mask" in batch:
+            prediction["target_mask"] = cpu(batch["target_mask"][rows])
+            prediction["has_target"] = cpu(batch["has_target"][rows.cpu()])
+        return prediction
+
+
+class AnswerM2IBModule(L.LightningModule):
+    """Fits M2IB for answers for every question of a batch; the answer adapter is injected and its model frozen.
+
+    A question without an answer gets the model's own greedy one (up to ``max_new_tokens``), recorded with
+    ``answer_source: generate``. A sample with non-finite pixels, or whose greedy answer is empty, is reported in
+    ``failures`` and the rest of its batch is attributed. The prediction has the keys of
+    :class:`M2IBModule`'s (so the writer, the summary and TensorBoard serve both) plus the answers.
+    """
+
+    def __init__(self, backbone: Any, m2ib: M2IBConfig | None = None, *, max_new_tokens: int = 16):
+        super().__init__()
+        self.backbone = backbone
+        self.model = backbone.module  # registered, so that Lightning moves it to the device
+        self.config = m2ib or M2IBConfig()
+        self.max_new_tokens = max_new_tokens
+        self.save_hyperparameters({"m2ib": vars(self.config), "max_new_tokens": max_new_tokens})
+        self.last_batch_seconds = 0.0
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        failures = list(batch["failures"])
+        if not batch["id"]:
+            return {"id": [], "failures": failures}
+        backbone, images = self.backbone, batch["image_inputs"]
+        pixels = [backbone.sample_image(images, b) for b in range(len(batch["id"]))]
+        answers, answer_mask = batch["answer_ids"].clone(), batch["answer_mask"].clone()
+        asked = (~batch["answer_given"]).nonzero()[:, 0].tolist()
+        if asked:  # the model's own answers, for the questions that came without one
+            generated, generated_mask = backbone.generate_answers(
+                images["pixel_values"][asked], batch["input_ids"][asked], batch["attention_mask"][asked], self.max_new_tokens)
+            width = max(answers.shape[1], generated.shape[1])
+            answers = torch.nn.functional.pad(answers, (0, width - answers.shape[1]))
+            answer_mask = torch.nn.functional.pad(answer_mask, (0, width - answer_mask.shape[1]))
+            answers[asked], answer_mask[asked] = 0, 0
+            answers[asked, :generated.shape[1]], answer_mask[asked, :generated.shape[1]] = generated, generated_mask
+        reasons = ["non-finite pixel values" if not bool(torch.isfinite(p).all()) else
+                   "the model's own answer is empty (it stopped at once)" if not bool(answer_mask[b].any()) else None
+                   for b, p in enumerate(pixels)]
+        failures += [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
+        keep = [b for b, r in enumerate(reasons) if r is None]
+        if not keep:
+            return {"id": [], "failures": failures}
+        rows = torch.tensor(keep, device=batch["input_ids"].device)
+        mask = batch["attention_mask"][rows]
+        width = int(mask.sum(1).max())
+        answers, answer_mask = answers[rows], answer_mask[rows]
+        answers, answer_mask = answers[:, :int(answer_mask.sum(1).max())], answer_mask[:, :int(answer_mask.sum(1).max())]
+        start = time.perf_counter()
+        with torch.enable_grad():
+            result = attribute_answers(backbone, images["pixel_values"][rows], batch["input_ids"][rows, :width], mask[:, :width],
+                                       answers, answer_mask, config=self.config, seed=batch["seed"][rows.cpu()])
+        self.last_batch_seconds = time.perf_counter() - start
+        cpu = lambda t: t.detach().cpu()  # noqa: E731
+        pick = lambda key: [batch[key][b] for b in keep]  # noqa: E731
+        prediction = {
+            "failures": failures,
+            "id": pick("id"),
+            "text": pick("text"),
+            "answer": [backbone.answer_text(a[m.bool()].tolist()) for a, m in zip(answers, answer_mask)],
+            "answer_source": ["given" if bool(batch["answer_given"][b]) else "generate" for b in keep],
+            "tokens": pick("tokens"),
+            "special": pick("special"),
+            "geometry": pick("geometry"),
+            "pixel_values": cpu(torch.stack([pixels[b] for b in keep])),
+            "image_size": tuple(int(v) for v in result.image_sizes[0]),
+            "patch_grid": tuple(result.image_patch_capacity.shape[-2:]),
+            "image_capacity": cpu(result.image_patch_capacity),
+            "image_token_capacity": cpu(result.image_capacity),
+            "text_capacity": cpu(result.text_capacity),
+            "text_maps": cpu(result.text_maps),
+            "lengths": cpu(mask.sum(1)),
+            "image_fit": cpu(result.image_fit),
+            "text_fit": cpu(result.text_fit),
+            "curves": {},
         }
         if "target_mask" in batch:
             prediction["target_mask"] = cpu(batch["target_mask"][rows])

@@ -51,17 +51,23 @@ def text_strip(tokens: list[str], weights: list[float], width: int) -> Image.Ima
     return strip
 
 
-def pair_figure(image: np.ndarray, heat: np.ndarray, tokens: list[str], weights: list[float], scale: int = 3) -> Image.Image:
-    """Image, its overlay side by side, and the coloured caption below."""
+def pair_figure(image: np.ndarray, heat: np.ndarray, tokens: list[str], weights: list[float], scale: int = 3,
+                footer: str | None = None) -> Image.Image:
+    """Image, its overlay side by side, the coloured caption (or question) below, and ``footer`` (the answer) last."""
+    from PIL import ImageDraw
+
     h, w = image.shape[:2]
     size = (w * scale, h * scale)
     left = Image.fromarray(image, "RGB").resize(size, Image.NEAREST)
     right = overlay(image, heat).resize(size, Image.NEAREST)
     strip = text_strip(tokens, weights, 2 * size[0])
-    figure = Image.new("RGB", (2 * size[0], size[1] + strip.height), "white")
+    footer_height = 16 if footer else 0
+    figure = Image.new("RGB", (2 * size[0], size[1] + strip.height + footer_height), "white")
     figure.paste(left, (0, 0))
     figure.paste(right, (size[0], 0))
     figure.paste(strip, (0, size[1]))
+    if footer:
+        ImageDraw.Draw(figure).text((4, size[1] + strip.height + 2), footer, fill="black")
     return figure
 
 
@@ -76,14 +82,17 @@ def display_text(tokens: list[str], special: list[bool], weights: Tensor) -> tup
 
 
 def prediction_figure(prediction: dict, row: int, display_image: Callable[[Tensor], np.ndarray]) -> Image.Image:
-    """The pair figure of one row of an ``M2IBModule.predict_step`` output; ``display_image`` is the adapter's."""
+    """The pair figure of one row of an ``M2IBModule`` (or ``AnswerM2IBModule``) ``predict_step`` output, with the
+    answer printed for a question; ``display_image`` is the adapter's."""
     capacity, length = prediction["image_capacity"][row], int(prediction["lengths"][row])
     heat = image_maps_from_capacity(capacity.flatten()[None], tuple(capacity.shape), prediction["image_size"])[0]
     image = display_image(prediction["pixel_values"][row])
     tokens, weights = display_text(
         prediction["tokens"][row][:length], prediction["special"][row][:length], prediction["text_maps"][row, :length]
     )
-    return pair_figure(image, heat.numpy(), tokens, weights)
+    answer = prediction["answer"][row] if "answer" in prediction else None
+    footer = None if answer is None else f"answer ({prediction['answer_source'][row]}): {answer}"
+    return pair_figure(image, heat.numpy(), tokens, weights, footer=footer)
 
 
 def grid(figures: list[Image.Image], columns: int = 4) -> Image.Image:

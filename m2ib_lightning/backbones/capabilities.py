@@ -4,7 +4,8 @@ has every member of each (naming the missing ones, before any work), and each co
 - ``towers``: what the M2IB engine needs (:class:`~m2ib_lightning.backbones.base.VisionLanguageBackbone`);
 - ``preprocessing``: what dataset runs need to turn an image and a caption into inputs and to display them;
 - ``attention``: what the attention methods (rollout, Chefer) need to read attention probabilities;
-- ``answers``: what M2IB for answers needs from a VLM that answers questions (BLIP VQA, LLaVA, ...).
+- ``answers``: what M2IB for answers needs from a VLM that answers questions (BLIP VQA, LLaVA, ...);
+- ``questions``: what VQA attribution runs need besides (pictures and questions to inputs, answers to ids).
 
 An adapter without a ``capabilities`` attribute is taken to offer the capabilities whose members it has all of
 (``towers`` if none): a half-written preprocessing is then refused by the run that needs it, with the names.
@@ -96,8 +97,38 @@ class Answers(Protocol):
         """The model's own greedy answers as (answer_ids, answer_mask)."""
 
 
+@runtime_checkable
+class Questions(Protocol):
+    """What VQA attribution runs need besides ``answers``: a picture and a question to model inputs, answers to ids
+    and back, batches of image inputs, and the picture and the question's words back for displays."""
+
+    pad_token_id: int
+
+    def question_inputs(self, image: Any, question: str) -> Any:
+        """A :class:`~m2ib_lightning.backbones.questions.QuestionInputs`: image inputs, prompt ids, visible words."""
+
+    def answer_inputs(self, answer: str) -> list[int]:
+        """An answer's ids as the model writes it."""
+
+    def answer_text(self, ids: Sequence[int]) -> str:
+        """Answer ids back to text."""
+
+    def join_inputs(self, images: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Several samples' image inputs as one batch's."""
+
+    def sample_image(self, inputs: dict[str, Tensor], index: int) -> Tensor:
+        """One sample's pixel values from a batch's image inputs, as ``display_image`` takes them."""
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The tokenizer's pieces of ``ids``, for exports."""
+
+    def display_image(self, pixel_values: Tensor) -> np.ndarray:
+        """One sample's pixel values -> (H, W, 3) uint8 picture."""
+
+
 CAPABILITIES: dict[str, type] = {
     "towers": VisionLanguageBackbone, "preprocessing": Preprocessing, "attention": Attention, "answers": Answers,
+    "questions": Questions,
 }
 
 
@@ -166,6 +197,6 @@ def require(adapter: Any, capability: str, consumer: str) -> None:
     if capability not in claimed(adapter):
         raise MissingCapabilityError(
             f"{consumer} needs the adapter's {capability} capability, which this {type(adapter).__name__} does not offer"
-            + (" (built without a processor: load it with from_pretrained)" if capability == "preprocessing" else "")
+            + (" (built without a processor: load it with from_pretrained)" if capability in ("preprocessing", "questions") else "")
         )
 

@@ -23,6 +23,7 @@ from ..data.world_dataset import pad_token_ids
 from .base import (
     AnswerBatch, HFAnswerLayout, ImageLayout, Modality, one_image_per_sample, real_tokens, resolve_layer, square_patch_grid,
 )
+from .questions import HFQuestions
 
 
 def is_hf_blip_vqa(model: Any) -> bool:
@@ -45,7 +46,7 @@ def first_step_logits(
     return out.logits[:, -1]
 
 
-class HFBlipVQAAnswerer(HFAnswerLayout):
+class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
     """Runs a ``BlipForQuestionAnswering`` on questions and answers, with bottlenecks placed by the M2IB fit."""
 
     model_types = ("blip",)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .base import ImageLayout, Modality, one_image_per_sample, resolve_layer, square_patch_grid
 from .decoder import HFDecoderAnswerer
+from .questions import HFQuestions
 
 
 def is_hf_llava(model: Any) -> bool:
@@ -21,7 +22,7 @@ def is_hf_llava(model: Any) -> bool:
     return all(hasattr(inner, name) for name in ("vision_tower", "multi_modal_projector", "language_model")) and hasattr(model, "lm_head")
 
 
-class HFLlavaAnswerer(HFDecoderAnswerer):
+class HFLlavaAnswerer(HFQuestions, HFDecoderAnswerer):
     """Runs a ``LlavaForConditionalGeneration`` on prompts and answers, with bottlenecks placed by the M2IB fit."""
 
     model_types = ("llava",)

@@ -64,6 +64,29 @@ class WorldSource:
                              target_class=self.world.scene(index).objects[referred[0]].shape)
 
 
+class QuestionWorldSource:
+    """The first ``count`` questions of a (held-out) shapes world: each names one object, whose mask is the ground
+    truth and whose shape the class; the world's answer is the one explained unless ``own_answers``."""
+
+    def __init__(self, vqa: Any, count: int, own_answers: bool = False):
+        self.vqa, self.count, self.own_answers = vqa, count, own_answers
+
+    def size_hint(self) -> int:
+        return self.count
+
+    def split(self, slot: int, slots: int, skip: set[str] | frozenset = frozenset()) -> Iterator[PairRecord]:
+        for index in range(slot, self.count, slots):
+            sample_id = f"vqa-{self.vqa.world.seed}-{index}"
+            if sample_id in skip:
+                continue
+            scene_index, question = self.vqa.question(index)
+            drawn = _WorldDrawing(self.vqa.world, scene_index)
+            target = question.target
+            yield PairRecord(sample_id, question.text, drawn.image, load_mask=lambda d=drawn, t=target: d.sample.object_masks[t],
+                             target_class=self.vqa.world.scene(scene_index).objects[target].shape,
+                             answer=None if self.own_answers else question.answer)
+
+
 class _WorldDrawing:
     """One world sample, drawn once (in the loader worker) for both its image and its ground truth."""
 
@@ -121,35 +144,73 @@ class PairStream(IterableDataset):
             "special": self.backbone.special_mask(text.ids),
             "seed": sample_seed(self.run_seed, record.id),
         }
-        geometry = self.backbone.image_geometry(image) if hasattr(self.backbone, "image_geometry") else None
-        if geometry is not None:
-            item["geometry"] = dataclasses.asdict(geometry)
-        if record.load_mask is not None:
-            try:
-                mask = torch.as_tensor(record.load_mask(), dtype=torch.bool)
-                if tuple(mask.shape) != tuple(pixels.shape[-2:]):  # given on the original image
-                    if geometry is None:
-                        raise ValueError(f"mask is {tuple(mask.shape)}, the model input {tuple(pixels.shape[-2:])}")
-                    mask = geometry.to_model(mask)
-            except (BadImage, ValueError) as err:
-                return {"id": record.id, "failure": Failure(record.id, f"ground truth: {err}")}
-            if not mask.any():
-                return {"id": record.id, "failure": Failure(record.id, "ground truth: the mask is empty inside the model's crop")}
-            item["target_mask"] = mask
-            item["target_class"] = record.target_class
+        failure = self.add_ground_truth(item, record, image, tuple(pixels.shape[-2:]))
+        if failure is not None:
+            return {"id": record.id, "failure": failure}
         if text.truncated:
             reason = f"caption truncated from {text.full_length} to {len(text.ids)} tokens (the model's limit)"
             item["warning"] = Failure(record.id, reason, "warning")
         return item
 
+    def add_ground_truth(self, item: dict[str, Any], record: PairRecord, image: Any, size: tuple[int, int]) -> Failure | None:
+        """The record's mask in the model input's (``size``) coordinates, its class and the image geometry, into
+        ``item``; a :class:`Failure` for ground truth that cannot be used."""
+        geometry = self.backbone.image_geometry(image) if hasattr(self.backbone, "image_geometry") else None
+        if geometry is not None:
+            item["geometry"] = dataclasses.asdict(geometry)
+        if record.load_mask is None:
+            return None
+        try:
+            mask = torch.as_tensor(record.load_mask(), dtype=torch.bool)
+            if tuple(mask.shape) != size:  # given on the original image
+                if geometry is None:
+                    raise ValueError(f"mask is {tuple(mask.shape)}, the model input {size}")
+                mask = geometry.to_model(mask)
+        except (BadImage, ValueError) as err:
+            return Failure(record.id, f"ground truth: {err}")
+        if not mask.any():
+            return Failure(record.id, "ground truth: the mask is empty inside the model's crop")
+        item["target_mask"] = mask
+        item["target_class"] = record.target_class
+        return None
 
-def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Batch the good samples; failed ones (and warnings) travel along in ``failures``."""
+
+class QuestionStream(PairStream):
+    """A source's questions minus those already done, as model inputs made by an answer adapter (``questions``)."""
+
+    def item(self, record: PairRecord) -> dict[str, Any]:
+        try:
+            image = record.load_image()
+        except BadImage as err:
+            return {"id": record.id, "failure": Failure(record.id, str(err))}
+        question = self.backbone.question_inputs(image, record.text)
+        item = {
+            "id": record.id,
+            "text": record.text,
+            "image_inputs": question.image,
+            "pixel_values": question.image["pixel_values"],
+            "input_ids": question.ids,
+            "tokens": self.backbone.token_strings(question.ids),
+            "special": [not shown for shown in question.visible],  # displays show the question's own words
+            "seed": sample_seed(self.run_seed, record.id),
+        }
+        if record.answer is not None:
+            try:
+                item["answer_ids"] = self.backbone.answer_inputs(record.answer)
+            except ValueError as err:
+                return {"id": record.id, "failure": Failure(record.id, str(err))}
+        failure = self.add_ground_truth(item, record, image, tuple(question.image["pixel_values"].shape[-2:]))
+        return item if failure is None else {"id": record.id, "failure": failure}
+
+
+def _batch_of(items: list[dict[str, Any]], pad_id: int) -> tuple[list[dict], dict[str, Any]]:
+    """What pair and question batches share: failure reports, the good items, their ids, tokens, prompts,
+    seeds and ground truth."""
     reports = [item.get("failure") or item.get("warning") for item in items]
     failures = [report.to_json() for report in reports if report is not None]
     items = [item for item in items if "failure" not in item]
     if not items:
-        return {"id": [], "failures": failures}
+        return items, {"id": [], "failures": failures}
     ids, mask = pad_token_ids([item["input_ids"] for item in items], pad_id)
     batch = {
         "failures": failures,
@@ -158,22 +219,42 @@ def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, A
         "tokens": [item["tokens"] for item in items],
         "special": [item["special"] for item in items],
         "geometry": [item.get("geometry") for item in items],
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "input_ids": ids,
         "attention_mask": mask,
         "seed": torch.tensor([item["seed"] for item in items], dtype=torch.long),
     }
     if any("target_mask" in item for item in items):  # ground truth where the data has it; has_target says where
-        size = batch["pixel_values"].shape[-2:]
+        size = items[0]["pixel_values"].shape[-2:]
         empty = torch.zeros(size, dtype=torch.bool)
         batch["target_mask"] = torch.stack([item.get("target_mask", empty) for item in items])
         batch["has_target"] = torch.tensor(["target_mask" in item for item in items])
         batch["target_class"] = [item.get("target_class") for item in items]
+    return items, batch
+
+
+def collate_attribution(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Batch the good samples; failed ones (and warnings) travel along in ``failures``."""
+    items, batch = _batch_of(items, pad_id)
+    if items:
+        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+    return batch
+
+
+def collate_questions(items: list[dict[str, Any]], pad_id: int, backbone: Any) -> dict[str, Any]:
+    """Batch the good questions: image inputs joined by the adapter, answers where given (``answer_given``)."""
+    items, batch = _batch_of(items, pad_id)
+    if not items:
+        return batch
+    batch["image_inputs"] = backbone.join_inputs([item["image_inputs"] for item in items])
+    answers, answer_mask = pad_token_ids([item.get("answer_ids", [pad_id]) for item in items], pad_id)
+    batch["answer_ids"], batch["answer_mask"] = answers, answer_mask
+    batch["answer_given"] = torch.tensor(["answer_ids" in item for item in items])
     return batch
 
 
 class PairDataModule(L.LightningDataModule):
-    """Predict-only data module streaming a source; each rank takes its share at ``setup``.
+    """Predict-only data module streaming a source of pairs (or, with ``questions``, of questions for an answer
+    adapter); each rank takes its share at ``setup``.
 
     ``skip_ids``: the ids already done, or a function giving them when the loader is made.
     """
@@ -187,13 +268,17 @@ class PairDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         skip_ids: set[str] | frozenset | Callable[[], set[str]] = frozenset(),
+        questions: bool = False,
     ):
         super().__init__()
-        require(backbone, "preprocessing", "a PairDataModule")  # here, not inside a loader worker
-        self.dataset = PairStream(source, backbone, run_seed)
+        capability = "questions" if questions else "preprocessing"
+        require(backbone, capability, "a PairDataModule" + (" of questions" if questions else ""))  # not in a worker
+        self.dataset = (QuestionStream if questions else PairStream)(source, backbone, run_seed)
         self.skip_ids = skip_ids
         self.pad_id = backbone.pad_token_id
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.collate = partial(collate_questions, pad_id=self.pad_id, backbone=backbone) if questions else partial(
+            collate_attribution, pad_id=self.pad_id)
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
@@ -206,5 +291,5 @@ class PairDataModule(L.LightningDataModule):
             self.dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=partial(collate_attribution, pad_id=self.pad_id),
+            collate_fn=self.collate,
         )

@@ -161,7 +161,9 @@ class ManifestSource:
     and checks for duplicates only its own share of the ids.
     """
 
-    def __init__(self, source: str | Path, root: str | Path | None = None):
+    def __init__(self, source: str | Path, root: str | Path | None = None, *, questions: bool = False):
+        self.questions = questions  # records are (id, image, question, answer?) instead of (id, image, text)
+        self.text_field = "question" if questions else "text"
         self.path = Path(source)
         if not self.path.exists():
             raise FileNotFoundError(f"data.manifest={str(self.path)!r} does not exist")
@@ -172,14 +174,16 @@ class ManifestSource:
         if root is not None and not self.root.is_dir():
             raise FileNotFoundError(f"data.root={str(root)!r} is not a directory")
         suffix = self.path.suffix.lower()
+        if questions and (self.path.is_dir() or suffix not in (".jsonl", ".csv")):
+            raise ValueError(f"questions come from a .jsonl or .csv manifest (id, image, question, answer?), got {self.path}")
         if self.path.is_dir():
             if not (self.path / CAPTIONS_FILE).is_file():
                 raise ValueError(f"folder {self.path} has no {CAPTIONS_FILE} (one 'FILE_NAME<TAB>CAPTION' per line)")
         elif suffix == ".csv":
             with open(self.path, newline="", encoding="utf-8-sig", errors="replace") as handle:
-                missing = {"id", "image", "text"} - set(csv.DictReader(handle).fieldnames or ())
+                missing = {"id", "image", self.text_field} - set(csv.DictReader(handle).fieldnames or ())
             if missing:
-                raise ValueError(f"manifest {self.path} lacks the columns {sorted(missing)} (needs id, image, text)")
+                raise ValueError(f"manifest {self.path} lacks the columns {sorted(missing)} (needs id, image, {self.text_field})")
         elif suffix == ".json":
             try:
                 coco = json.loads(self.path.read_text(encoding="utf-8-sig"))
@@ -245,9 +249,13 @@ class ManifestSource:
             yield self._record(sample_id, where, row)
 
     def _record(self, sample_id: str, where: str, row: dict) -> PairRecord | Failure:
-        image, text = row.get("image"), row.get("text")
+        image, text = row.get("image"), row.get(self.text_field)
         if not isinstance(text, str) or not text.strip():
-            return Failure(sample_id, f"{where}: empty caption")
+            return Failure(sample_id, f"{where}: empty {'question' if self.questions else 'caption'}")
+        answer = row.get("answer") if self.questions else None
+        answer = None if answer == "" else answer  # an empty CSV cell: the model's own answer
+        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+            return Failure(sample_id, f"{where}: answer must be a non-empty string, got {answer!r}")
         if not isinstance(image, str) or not image.strip():
             return Failure(sample_id, f"{where}: missing image path")
         image_path = self.inside_root(image)
@@ -261,7 +269,8 @@ class ManifestSource:
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip()):
             return Failure(sample_id, f"{where}: class must be a non-empty string, got {label!r}")
         return PairRecord(sample_id, text.strip(), partial(load_rgb, image_path), load_mask=truth,
-                          target_class=None if label is None else str(label).strip())
+                          target_class=None if label is None else str(label).strip(),
+                          answer=None if answer is None else answer.strip())
 
 
 def _ground_truth(row: dict, source: ManifestSource, image: str) -> Callable[[], np.ndarray] | None | str:

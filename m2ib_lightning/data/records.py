@@ -11,13 +11,15 @@ from PIL import Image
 
 @dataclass
 class PairRecord:
-    """One pair to attribute; ``load_image`` is called in the data loader's worker."""
+    """One pair to attribute (a caption, or a question and perhaps its answer); ``load_image`` is called in the data
+    loader's worker."""
 
     id: str
-    text: str
+    text: str  # the caption, or the question
     load_image: Callable[[], Image.Image]
     load_mask: Callable[[], "np.ndarray"] | None = None  # ground truth for localisation, where it exists
     target_class: str | None = None  # what the ground truth shows, for the per-class pointing game
+    answer: str | None = None  # a question's answer to explain; None: the model's own
 
 
 class BadImage(ValueError):

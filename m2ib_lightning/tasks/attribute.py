@@ -17,9 +17,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import AttributionWriter, RunSummary, TensorBoardAttributionLogger
-from ..data.attribution import PairDataModule, WorldSource
+from ..data.attribution import PairDataModule, QuestionWorldSource, WorldSource
 from ..engine import M2IBConfig
-from ..module import M2IBModule
+from ..module import AnswerM2IBModule, M2IBModule
 from ..results import FAILURES_FILE, atomic_write, merged_failures
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
@@ -29,15 +29,17 @@ WORLD_OVERLAYS = 64  # export.overlays unset: overlays of the first 64 world sam
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """An attribution run of pairs (``task: attribute``) or of questions and their answers (``task: attribute_vqa``)."""
     entered = time.perf_counter()
-    backbone = backbone_of(cfg)
+    questions = cfg.task == "attribute_vqa"
+    backbone = backbone_of(cfg, "questions" if questions else "preprocessing")
     check_layers(cfg, backbone)  # before anything is written
-    source = source_of(cfg)
-    world_run = isinstance(source, WorldSource)
+    source = source_of(cfg, questions=questions)
+    world_run = isinstance(source, (WorldSource, QuestionWorldSource))
     out = Path(cfg.output_dir)
     display_image = getattr(backbone, "display_image", None)
     overlays = cfg.export.overlays if cfg.export.overlays is not None else (WORLD_OVERLAYS if world_run else 0)
-    owner = output_owner(cfg, RESULT_KEYS, backbone.module, source=source)
+    owner = output_owner(cfg, RESULT_KEYS + (("answers", "data.kinds") if questions else ()), backbone.module, source=source)
     writer = AttributionWriter(out, samples_per_shard=cfg.export.samples_per_shard, overlays=overlays, display_image=display_image)
     summary_callback = RunSummary(cfg.seed)
     callbacks = [
@@ -48,9 +50,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = owned_trainer(cfg, owner, callbacks, source, {"default_hp_metric": False})
     datamodule = PairDataModule(
         source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done,
+        num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done, questions=questions,
     )
-    module = M2IBModule(backbone, M2IBConfig(**cfg.m2ib))
+    if questions:
+        module = AnswerM2IBModule(backbone, M2IBConfig(**cfg.m2ib), max_new_tokens=cfg.answers.max_new_tokens)
+    else:
+        module = M2IBModule(backbone, M2IBConfig(**cfg.m2ib))
     try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         if trainer.global_rank != 0:

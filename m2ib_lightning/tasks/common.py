@@ -22,24 +22,33 @@ def world_of(cfg: DictConfig, seed: int | None = None) -> ShapesWorld:
     return ShapesWorld(seed=seed, image_size=cfg.world.image_size, max_objects=cfg.world.max_objects, noise=cfg.world.noise)
 
 
-def source_of(cfg: DictConfig):
-    """The pairs a run's config names: WebDataset shards, a manifest, or the held-out shapes world."""
-    from ..data.attribution import WorldSource
+def source_of(cfg: DictConfig, questions: bool = False):
+    """The pairs (or, with ``questions``, the questions) a run's config names: WebDataset shards, a manifest, or the
+    held-out shapes world."""
+    from ..data.attribution import QuestionWorldSource, WorldSource
     from ..data.manifest import ManifestSource
 
     webdataset = cfg.data.get("webdataset")
     if cfg.data.manifest and webdataset:
         raise ConfigError("data.manifest and data.webdataset are both set: choose one source")
+    if questions and webdataset:
+        raise ConfigError("data.webdataset: VQA runs read questions from a manifest or the shapes world; WebDataset "
+                          "questions are not supported yet")
     try:
         if webdataset:
             from ..data.webdataset import WebDatasetSource
 
             return WebDatasetSource(webdataset, bare_keys=cfg.data.get("webdataset_bare_keys", False))
         if cfg.data.manifest:
-            return ManifestSource(cfg.data.manifest, root=cfg.data.get("root"))
+            return ManifestSource(cfg.data.manifest, root=cfg.data.get("root"), questions=questions)
     except (OSError, ValueError) as err:
         key = "data.webdataset" if webdataset else "data.root" if "data.root" in str(err) else "data.manifest"
         raise ConfigError(f"{key}: {err}") from err
+    if questions:
+        from ..data.questions import ShapesVQA
+
+        vqa = ShapesVQA(world_of(cfg), tuple(cfg.data.kinds))
+        return QuestionWorldSource(vqa, cfg.data.num_samples, own_answers=cfg.answers.source == "generate")
     return WorldSource(world_of(cfg), cfg.data.num_samples)
 
 
@@ -64,11 +73,12 @@ def hub_options(cfg: DictConfig) -> HubOptions | None:
     return None if options == HubOptions() else options
 
 
-def backbone_of(cfg: DictConfig):
-    """The adapter ``model.name_or_path`` / ``model.adapter`` name, loaded with its processor (see :func:`loading`)."""
+def backbone_of(cfg: DictConfig, capability: str = "preprocessing"):
+    """The adapter ``model.name_or_path`` / ``model.adapter`` name, loaded with its processor (see :func:`loading`),
+    with the ``capability`` the run needs (``questions`` for a VQA run)."""
     with loading(cfg):
         backbone = load_backbone(cfg.model.name_or_path, cfg.model.adapter, hub=hub_options(cfg))
-        require(backbone, "preprocessing", "a train.py run")
+        require(backbone, capability, f"a train.py {cfg.task} run")
         return backbone
 
 
@@ -93,7 +103,11 @@ def check_layers(cfg: DictConfig, backbone) -> None:
     for modality in MODALITIES:
         key = "vision_layer" if modality == "image" else "text_layer"
         try:
-            resolve_layer(cfg.m2ib[key], backbone.num_layers(modality), f"m2ib.{key}", f"the {modality} tower of {cfg.model.name_or_path}")
+            if hasattr(backbone, "resolve_layer"):  # an answer adapter: it knows where a bottleneck cannot go
+                backbone.resolve_layer(modality, cfg.m2ib[key], f"m2ib.{key}")
+            else:
+                resolve_layer(cfg.m2ib[key], backbone.num_layers(modality), f"m2ib.{key}",
+                              f"the {modality} tower of {cfg.model.name_or_path}")
         except ValueError as err:
             raise ConfigError(str(err)) from err
 
@@ -103,8 +117,8 @@ def output_owner(cfg: DictConfig, result_keys: tuple[str, ...], model=None, on_o
     ``result_keys`` name, and the loaded model's revision (a hub commit, where there is one)."""
     from ..callbacks import OutputOwner
 
-    settings = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-                for key in result_keys}
+    values = {key: OmegaConf.select(cfg, key) for key in result_keys}  # dotted keys name one setting of a group
+    settings = {key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for key, v in values.items()}
     identity = run_identity(cfg.task, settings, getattr(getattr(model, "config", None), "_commit_hash", None))
     share = None
     if source is not None and hasattr(source, "rank_share"):  # the done ids a rank's readers can meet, no more
