@@ -257,6 +257,8 @@ class AttributionRecord:
     text_capacity: Tensor  # (length,) raw nats
     image_fit: float
     text_fit: float
+    answer: str | None = None  # a VQA run's: the answer explained
+    answer_source: str | None = None  # "given" (the data's) or "generate" (the model's own greedy answer)
 
 
 def shard_names(output_dir: str | Path) -> list[str]:
@@ -304,6 +306,8 @@ def read_attributions(
             text_capacity=tensors["text_capacity"][row, :length],
             image_fit=entry["image_fit"],
             text_fit=entry["text_fit"],
+            answer=entry.get("answer"),
+            answer_source=entry.get("answer_source"),
         )
 
 

@@ -188,3 +188,20 @@ def test_a_fit_on_two_ddp_processes_saves_one_loadable_model_and_one_summary(tmp
     assert summary["steps"] == 2 and 0.0 <= summary["retrieval_acc@8"] <= 1.0
     assert CLIPModel.from_pretrained(out / "model").config.vision_config.num_hidden_layers == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "fit_summary.json", "model", "tensorboard"]
+
+
+def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path):
+    from test_vqa_runs import SIZE, _save_blip_vqa
+
+    checkpoint = _save_blip_vqa(tmp_path / "blip-vqa")
+    args = (f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
+            "m2ib.steps=2", "m2ib.num_noise=2", "data.num_samples=6", "data.batch_size=2", "export.overlays=0",
+            "trainer.enable_progress_bar=false")
+    config = ("train.py", "configs/attribute_shapes_vqa.yaml")
+    _train(sys.executable, *config, f"output_dir={tmp_path / 'one'}", *args)
+    _train(sys.executable, *config, f"output_dir={tmp_path / 'two'}", *args, *_ddp(2))
+    one, two = _maps(tmp_path / "one"), _maps(tmp_path / "two")
+    assert len(one) == 6 and sorted(_ids(tmp_path / "two")) == sorted(one)
+    _assert_same_maps(one, two, atol=1e-5)  # the same samples, fitted in other batches
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert summaries[0]["localisation_pairs"] == summaries[1]["localisation_pairs"] == 6

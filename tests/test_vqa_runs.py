@@ -1,0 +1,149 @@
+"""VQA attribution runs through train.py (task attribute_vqa) on tiny LLaVA and BLIP VQA checkpoints saved here:
+the written maps are the front door's on the same question and seed, a rerun resumes, the model's own answers are
+explained when asked, and a manifest's bad records are skipped with their reasons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from m2ib_lightning import attribute
+from m2ib_lightning.backbones import load_backbone
+from m2ib_lightning.data.attribution import sample_seed
+from m2ib_lightning.results import index_entries, read_attributions
+from test_edges_runs import _main
+
+SIZE = 32  # the world's and the tiny models' image size (patch 8: a 4 x 4 grid)
+
+
+def _save_llava(path: Path) -> Path:
+    from m2ib_lightning.models.shapes_llava import build_llava_processor, build_llava_tokenizer, build_shapes_llava
+
+    tokenizer = build_llava_tokenizer()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
+                  patch_size=8, hidden_act="quick_gelu")
+    build_shapes_llava(tokenizer, vision, width=32, layers=2, heads=2, vision_feature_layer=-1).save_pretrained(path)
+    build_llava_processor(tokenizer, SIZE, 8).save_pretrained(path)
+    return path
+
+
+def _save_blip_vqa(path: Path) -> Path:
+    from transformers import BlipProcessor
+
+    from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_image_processor, build_vqa_tokenizer
+
+    tokenizer = build_vqa_tokenizer()
+    build_shapes_blip_vqa(tokenizer, image_size=SIZE, patch_size=8, width=32, vision_layers=2, text_layers=2, heads=2).save_pretrained(path)
+    BlipProcessor(image_processor=build_vqa_image_processor(SIZE), tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+FAMILIES = {"hf_llava": _save_llava, "hf_blip_vqa": _save_blip_vqa}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory) -> Path:
+    return FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
+
+
+def _args(out: Path, checkpoint: Path, *extra: str) -> list[str]:
+    return ["configs/attribute_shapes_vqa.yaml", f"output_dir={out}", f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
+            "m2ib.vision_layer=0", "m2ib.text_layer=1", "m2ib.steps=2", "m2ib.num_noise=2", "data.batch_size=3",
+            "export.overlays=2", "trainer.enable_progress_bar=false", *extra]
+
+
+def _front_door(model, image: Image.Image, question: str, answer: str | None, seed: int, **settings):
+    """The maps of one question by ``m2ib_lightning.attribute``, its inputs made by the adapter."""
+    inputs = model.question_inputs(image, question)
+    ids = torch.tensor([inputs.ids])
+    given = {} if answer is None else {"answer_ids": torch.tensor([model.answer_inputs(answer)])}
+    return attribute(model, inputs.image["pixel_values"][None], ids, torch.ones_like(ids), seed=seed, **given, **settings)
+
+
+def test_a_world_vqa_run_writes_the_front_doors_maps_and_resumes(tmp_path, capsys, checkpoint):
+    from m2ib_lightning.data.questions import ShapesVQA
+    from m2ib_lightning.data.world import ShapesWorld
+
+    out = tmp_path / "run"
+    assert _main(capsys, *_args(out, checkpoint, "data.num_samples=4")).returncode == 0
+    first = {r.id: r for r in read_attributions(out)}
+    assert len(first) == 4 and {r.answer_source for r in first.values()} == {"given"}
+    assert len(list((out / "overlays" / "rank0").glob("*.png"))) == 2
+
+    entries = {e["id"]: e for e in index_entries(out)}
+    model = load_backbone(str(checkpoint))
+    vqa = ShapesVQA(ShapesWorld(seed=2, image_size=SIZE, max_objects=3, noise=0.03),
+                    ("colour", "shape", "size", "what_colour", "what_shape", "what_size"))
+    for index in (0, 3):
+        sample = vqa.sample(index)
+        record = first[sample.id]
+        assert record.text == sample.question.text and record.answer == sample.question.answer
+        expected = _front_door(model, sample.sample.image, sample.question.text, sample.question.answer,
+                               sample_seed(0, sample.id), vision_layer=0, text_layer=1, steps=2, num_noise=2)
+        torch.testing.assert_close(record.image_capacity, expected.image_patch_capacity[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(record.text_capacity, expected.text_capacity[0], atol=1e-5, rtol=1e-5)
+        shown = [t for t, hidden in zip(record.tokens, entries[sample.id]["special"]) if not hidden]
+        assert " ".join(shown).replace(" ?", "?") == sample.question.text  # chat template and special tokens hidden
+
+    assert _main(capsys, *_args(out, checkpoint, "data.num_samples=6")).returncode == 0  # resumes: 2 more
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 2 and summary["skipped"] == 4 and summary["localisation_pairs"] == 2
+    again = {r.id: r for r in read_attributions(out)}
+    assert len(again) == 6 and len(list(index_entries(out))) == 6
+    for key, record in first.items():  # what was written is kept as it was
+        assert torch.equal(again[key].image_capacity, record.image_capacity)
+
+
+def test_the_models_own_answers_are_explained_when_asked(tmp_path, capsys, checkpoint):
+    out = tmp_path / "own"
+    assert _main(capsys, *_args(out, checkpoint, "data.num_samples=3", "answers.source=generate",
+                                "answers.max_new_tokens=2")).returncode == 0
+    model = load_backbone(str(checkpoint))
+    records = list(read_attributions(out))
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert len(records) + len(failures) == 3
+    assert all("own answer is empty" in f["reason"] for f in failures)
+    for record in records:
+        assert record.answer_source == "generate"
+        entry = next(e for e in index_entries(out) if e["id"] == record.id)
+        ids = torch.tensor([model.question_inputs(Image.new("RGB", (SIZE, SIZE)), record.text).ids])
+        assert entry["answer"] == record.answer and isinstance(record.answer, str) and len(ids[0]) == len(record.tokens)
+
+
+def test_a_question_manifest_skips_bad_records_with_their_reasons(tmp_path, capsys, checkpoint):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (SIZE, SIZE), "red").save(folder / "red.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    lines = [
+        {"id": "a", "image": "red.png", "question": "what colour is the circle?", "answer": "red", "boxes": [[0, 0, 16, 16]]},
+        {"id": "b", "image": "red.png", "question": "what shape is the red object?"},  # no answer: the model's own
+        {"id": "c", "image": "red.png", "question": ""},
+        {"id": "d", "image": "red.png", "question": "what colour?", "answer": 3},
+        {"id": "e", "image": "broken.png", "question": "what colour is the circle?", "answer": "red"},
+        {"id": "f", "image": "../outside.png", "question": "what colour is the circle?", "answer": "red"},
+    ]
+    (folder / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "manifest"
+    result = _main(capsys, *_args(out, checkpoint, f"data.manifest={folder / 'questions.jsonl'}", "answers.max_new_tokens=2"))
+    assert result.returncode == 0
+    reasons = {f["id"]: f["reason"] for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert "empty question" in reasons["c"] and "answer must be a non-empty string" in reasons["d"]
+    assert "e" in reasons and "outside data.root" in reasons["f"]
+    records = {r.id: r for r in read_attributions(out)}
+    assert records["a"].answer == "red" and records["a"].answer_source == "given"
+    assert "b" in records or "own answer is empty" in reasons["b"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["localisation_pairs"] == 1  # a's boxes
+
+
+def test_a_vqa_run_refuses_a_dual_encoder_and_webdataset_questions(tmp_path, capsys):
+    result = _main(capsys, *_args(tmp_path / "clip", Path("builtin:shapes-clip"), "world.image_size=64"))
+    assert result.returncode == 2 and "questions capability" in result.stderr
+    result = _main(capsys, *_args(tmp_path / "wds", Path("builtin:shapes-blip-vqa"), "world.image_size=64",
+                                  "data.webdataset=/tmp/none-{0..1}.tar"))
+    assert result.returncode == 2 and "WebDataset questions are not supported yet" in result.stderr
