@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         from m2ib_lightning.tasks.probe_vqa import run
     elif cfg.task == "probe":
         from m2ib_lightning.tasks.probe import run
-    elif cfg.task == "evaluate":
+    elif cfg.task in ("evaluate", "evaluate_vqa"):
         from m2ib_lightning.tasks.evaluate import run
     else:
         from m2ib_lightning.tasks.attribute import run

@@ -185,3 +185,27 @@ def attribute_answers(
         answer_ids=answer_ids,
         answer_mask=answer_mask,
     )
+
+
+def complete_answers(model: Any, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+                     answer_mask: Tensor, given: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """The batch's answers: the given ones, and the model's own greedy answer where ``given`` is False."""
+    asked = (~given).nonzero()[:, 0].tolist()
+    if not asked:
+        return answer_ids, answer_mask
+    generated, generated_mask = model.generate_answers(pixel_values[asked], input_ids[asked], attention_mask[asked],
+                                                       max_new_tokens)
+    width = max(answer_ids.shape[1], generated.shape[1])
+    answers = F.pad(answer_ids, (0, width - answer_ids.shape[1]))
+    mask = F.pad(answer_mask, (0, width - answer_mask.shape[1]))
+    answers[asked], mask[asked] = 0, 0
+    answers[asked, :generated.shape[1]], mask[asked, :generated.shape[1]] = generated.to(answers), generated_mask.to(mask)
+    return answers, mask
+
+
+def unanswerable(pixel_values: list[Tensor] | Tensor, answer_mask: Tensor) -> list[str | None]:
+    """Why each sample cannot be explained (None: it can): non-finite pixels, or an empty answer."""
+    return ["non-finite pixel values" if not bool(torch.isfinite(p).all()) else
+            "the model's own answer is empty (it stopped at once)" if not bool(m.any()) else None
+            for p, m in zip(pixel_values, answer_mask)]
+

@@ -1,7 +1,8 @@
 """Attribution methods to compare M2IB with, through the backbone adapter protocol (any shipped backbone).
 
 Every method explains the same score, the cosine similarity between the image's and
-the caption's embeddings (``backbone.embed``), and returns :class:`Maps` of M2IB's
+the caption's embeddings (``backbone.embed``), or, for a VLM that answers questions,
+log p(answer) under teacher forcing (:class:`AnswerScorer`), and returns :class:`Maps` of M2IB's
 shapes: an image map (B, H, W) and, where the method has one, a text map (B, L), each
 min-maxed to [0, 1] (text over the caption's real tokens, 0 at padding). One class per
 method with one ``attribute`` call, as in Captum; Captum does the gradient methods where
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from .backbones import as_backbone
 from .backbones.base import block_output, resolve_layer, tower_inputs
-from .backbones.capabilities import require
+from .backbones.capabilities import claimed, require
 from .engine import M2IB, M2IBConfig, eval_mode, image_maps_from_capacity, minmax
 from .registry import Registry
 
@@ -122,22 +123,124 @@ class PairScorer:
         return score
 
 
-class AttributionMethod(PairScorer):
-    """A method's common frame: the adapter, the scores, and eval mode with gradients on during ``attribute``."""
+    @contextlib.contextmanager
+    def only(self, row: int) -> Iterator[None]:
+        """Scores of sample ``row`` alone (nothing to narrow for pairs: the caption is the argument)."""
+        yield
+
+    @staticmethod
+    def confidence(scores: Tensor) -> Tensor:
+        """What the confidence metrics and RISE read: the cosine itself."""
+        return scores
+
+    @staticmethod
+    def text_columns(values: Tensor, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Per-position values of the text tower's blocks as (B, L) aligned with ``input_ids``: already so."""
+        return values
+
+
+class AnswerScorer:
+    """The score every method explains for a VLM that answers questions: log p(answer) under teacher forcing (the
+    adapter's ``answer_log_likelihood``), the question or the picture perturbed and the other clean. The batch's
+    answers are bound (``bind``) before a method or a metric runs; k perturbed copies come grouped by sample."""
+
+    def __init__(self, backbone: Any):
+        self.backbone = as_backbone(backbone)
+        self.answers: tuple[Tensor, Tensor] | None = None
+
+    def bind(self, answer_ids: Tensor, answer_mask: Tensor) -> None:
+        self.answers = (answer_ids, answer_mask)
+
+    @contextlib.contextmanager
+    def only(self, row: int) -> Iterator[None]:
+        """Scores of sample ``row`` alone: its answer."""
+        saved = self._bound()
+        self.answers = tuple(t[row:row + 1] for t in saved)
+        try:
+            yield
+        finally:
+            self.answers = saved
+
+    @staticmethod
+    def confidence(scores: Tensor) -> Tensor:
+        """What the confidence metrics and RISE read: the answer's probability."""
+        return scores.exp()
+
+    def text_columns(self, values: Tensor, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Per-position values of the text blocks (the prompt laid out without padding, then the answer) as (B, L)
+        aligned with ``input_ids``: the question's and the template's tokens; 0 at image tokens and padding."""
+        batch = self.backbone.answer_batch(pixel_values, input_ids, attention_mask, *self._bound())
+        out = values.new_zeros(input_ids.shape)
+        for b, (columns, positions) in enumerate(zip(batch.input_columns, batch.prompt_columns)):
+            out[b, columns] = values[b, positions] * batch.positions["text"][b, positions]
+        return out
+
+    def _bound(self) -> tuple[Tensor, Tensor]:
+        if self.answers is None:
+            raise RuntimeError("no answers bound: call bind(answer_ids, answer_mask) first (or pass answers=...)")
+        return self.answers
+
+    def log_p(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(rows,) log p(bound answer), the answers repeated to the rows of ``input_ids``."""
+        ids, mask = self._bound()
+        copies = input_ids.shape[0] // ids.shape[0]
+        batch = self.backbone.answer_batch(pixel_values, input_ids, attention_mask, ids.repeat_interleave(copies, 0),
+                                           mask.repeat_interleave(copies, 0))
+        return self.backbone.answer_log_likelihood(batch)
+
+    def clean(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.log_p(pixel_values, input_ids, attention_mask)
+
+    def image_score(self, input_ids: Tensor, attention_mask: Tensor) -> Callable[[Tensor], Tensor]:
+        def score(pixel_values: Tensor) -> Tensor:
+            copies = pixel_values.shape[0] // input_ids.shape[0]
+            return self.log_p(pixel_values, input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0))
+
+        return score
+
+    def text_score(self, pixel_values: Tensor, attention_mask: Tensor) -> Callable[[Tensor], Tensor]:
+        def score(input_ids: Tensor) -> Tensor:
+            copies = input_ids.shape[0] // pixel_values.shape[0]
+            return self.log_p(pixel_values.repeat_interleave(copies, 0), input_ids, attention_mask.repeat_interleave(copies, 0))
+
+        return score
+
+
+def scorer_of(backbone: Any) -> PairScorer | AnswerScorer:
+    """The score a backbone's methods explain: log p(answer) for a VLM that answers, else the pair's cosine."""
+    adapter = as_backbone(backbone)
+    return AnswerScorer(adapter) if "answers" in claimed(adapter) else PairScorer(adapter)
+
+
+class AttributionMethod:
+    """A method's common frame: the adapter, the score (:func:`scorer_of`), and eval mode with gradients on during
+    ``attribute``."""
 
     name: ClassVar[str] = "method"
     has_text_map: ClassVar[bool] = False
 
     def __init__(self, backbone: Any, **settings: Any):
-        super().__init__(backbone)
+        self.scorer = scorer_of(backbone)
+        self.backbone = self.scorer.backbone
         if settings:
             raise TypeError(f"method {self.name!r} takes no settings {sorted(settings)}")
 
+    def image_score(self, input_ids: Tensor, attention_mask: Tensor) -> Callable[[Tensor], Tensor]:
+        return self.scorer.image_score(input_ids, attention_mask)
+
+    def text_score(self, pixel_values: Tensor, attention_mask: Tensor) -> Callable[[Tensor], Tensor]:
+        return self.scorer.text_score(pixel_values, attention_mask)
+
     def attribute(
-        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None,
+        answers: tuple[Tensor, Tensor] | None = None,
     ) -> Maps:
         """Maps for a batch. ``seeds`` (B,) seed the methods that draw random numbers, per sample; ``special``
-        (B, L) marks BOS/EOS/CLS/SEP/padding (default: the adapter's ``special_mask``)."""
+        (B, L) marks BOS/EOS/CLS/SEP/padding (default: the adapter's ``special_mask``; for a question, every token
+        that is not one of its words); ``answers`` (answer_ids, answer_mask), for a VLM that answers."""
+        if answers is not None:
+            self.scorer.bind(*answers)
         if special is None:
             special = special_tokens(self.backbone, input_ids)
         self.words = attention_mask.bool() & ~special.to(attention_mask.device)
@@ -163,12 +266,22 @@ class M2IBMethod(AttributionMethod):
     has_text_map = True
 
     def __init__(self, backbone: Any, **settings: Any):
-        PairScorer.__init__(self, backbone)
-        self.explainer = M2IB(self.backbone, M2IBConfig(**settings))
+        AttributionMethod.__init__(self, backbone)
+        self.config = M2IBConfig(**settings)
+        self.explainer = None if isinstance(self.scorer, AnswerScorer) else M2IB(self.backbone, self.config)
 
     def attribute(
-        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None,
+        answers: tuple[Tensor, Tensor] | None = None,
     ) -> Maps:
+        if self.explainer is None:  # a VLM that answers: the fit term is log p(answer)
+            from .answers import attribute_answers
+
+            if answers is not None:
+                self.scorer.bind(*answers)
+            result = attribute_answers(self.backbone, pixel_values, input_ids, attention_mask, *self.scorer._bound(),
+                                       config=self.config, seed=seeds)
+            return Maps(result.image_maps, result.text_maps)
         result = self.explainer.attribute(pixel_values, input_ids, attention_mask, seed=seeds)
         return Maps(result.image_maps, result.text_maps)
 
@@ -233,7 +346,7 @@ class IntegratedGradientsMethod(AttributionMethod):
             scores = score(input_ids.repeat_interleave(self.steps, dim=0))
         (grads,) = torch.autograd.grad(scores.sum(), [path])
         attribution = ((end - start) * grads.view(*end.shape[:1], self.steps, *end.shape[1:]).mean(1)).sum(-1).abs()
-        return minmax(attribution, attention_mask.bool())
+        return minmax(self.scorer.text_columns(attribution, pixel_values, input_ids, attention_mask), attention_mask.bool())
 
 
 def replacement_token(backbone: Any, configured: int | None = None) -> int:
@@ -292,7 +405,8 @@ class GradXActivation(AttributionMethod):
             scores = score(input_ids)
         hidden = captured["hidden"]
         (grads,) = torch.autograd.grad(scores.sum(), [hidden])
-        return minmax((grads * hidden).sum(-1).abs(), attention_mask.bool())
+        attribution = (grads * hidden).sum(-1).abs()
+        return minmax(self.scorer.text_columns(attribution, pixel_values, input_ids, attention_mask), attention_mask.bool())
 
 
 @register_method
@@ -352,10 +466,10 @@ class RISE(AttributionMethod):
             score = self.image_score(input_ids[b: b + 1], attention_mask[b: b + 1])
             masks = self.random_masks(int(seeds[b]), height, width, pixel_values.device)
             total = torch.zeros(height, width, device=pixel_values.device)
-            with torch.no_grad():
+            with torch.no_grad(), self.scorer.only(b):
                 for start in range(0, self.masks, self.chunk):
                     chunk = masks[start: start + self.chunk]
-                    scores = score(pixel_values[b: b + 1] * chunk[:, None].to(pixel_values.dtype))
+                    scores = self.scorer.confidence(score(pixel_values[b: b + 1] * chunk[:, None].to(pixel_values.dtype)))
                     total += (scores[:, None, None].float() * chunk).sum(0)
             out.append(total / (self.masks * self.keep))
         return Maps(minmax(torch.stack(out)))

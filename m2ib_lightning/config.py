@@ -283,7 +283,26 @@ class EvaluateConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-SCHEMAS = {"attribute": AttributeConfig, "attribute_vqa": AttributeVQAConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "fit_llava": FitLlavaConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig}
+def _answer_methods() -> List[str]:
+    return ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "random"]
+
+
+@dataclass
+class EvaluateVQAData(EvaluateData):
+    manifest: Optional[str] = None  # JSONL/CSV: id, image, question, answer (optional), mask or boxes (optional), class
+    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "what_colour", "what_shape", "what_size"])
+
+
+@dataclass
+class EvaluateVQAConfig(EvaluateConfig):
+    task: str = "evaluate_vqa"
+    output_dir: str = "runs/evaluate_shapes_vqa"
+    data: EvaluateVQAData = field(default_factory=EvaluateVQAData)
+    methods: List[str] = field(default_factory=_answer_methods)  # rollout and chefer need attention, which answer adapters do not offer
+    answers: AnswerSettings = field(default_factory=AnswerSettings)
+
+
+SCHEMAS = {"attribute": AttributeConfig, "attribute_vqa": AttributeVQAConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "fit_llava": FitLlavaConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig, "evaluate_vqa": EvaluateVQAConfig}
 
 
 _ABSENT = object()  # an override not given at all; `key=null` is given, as None

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
-from .baselines import AttributionMethod, Maps, PairScorer, replacement_token
+from .answers import complete_answers, unanswerable
+from .baselines import AnswerScorer, AttributionMethod, Maps, replacement_token, scorer_of
 from .engine import screen
 from .metrics import (
     METRICS, ConfidenceDrop, PointingGame, TopKIoU, confidence_drop, confidence_increase, curve_auc, keep_image, keep_text,
@@ -59,7 +60,7 @@ class Evaluator:
     """Per-sample metric values of a method's maps for a batch (no state; torchmetrics classes aggregate them)."""
 
     def __init__(self, backbone: Any, settings: MetricSettings = MetricSettings()):
-        self.scorer = PairScorer(backbone)
+        self.scorer = scorer_of(backbone)
         self.settings = settings
         self.replacement: int | None = None  # known once a batch has text maps (an adapter may serve no tokenizer)
 
@@ -72,7 +73,9 @@ class Evaluator:
         px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         s = self.settings
         unit = s.unit or px.shape[-2] // self.scorer.backbone.patch_grid(px)[0]
-        image_score = self.scorer.image_score(ids, mask)
+        confidence = self.scorer.confidence  # the cosine, or the answer's probability
+        image_score = _composed(confidence, self.scorer.image_score(ids, mask))
+        clean = confidence(clean)
         with torch.no_grad():
             kept = image_score(keep_image(px, maps.image))
         relative = s.confidence_drop == "relative"
@@ -92,7 +95,7 @@ class Evaluator:
                                 ("top_k_iou", top_k_iou(image, target, s.top_k_fraction))):
                 out[name] = torch.full((len(rows),), float("nan"), device=px.device).masked_scatter(rows, value.float())
         if maps.text is not None:
-            text_score = self.scorer.text_score(px, mask)
+            text_score = _composed(confidence, self.scorer.text_score(px, mask))
             replacement = self.replacement_id()
             with torch.no_grad():
                 kept = text_score(keep_text(ids, maps.text, words, replacement))
@@ -111,8 +114,10 @@ class EvaluationModule(L.LightningModule):
     metric per (method, metric) plus seconds and sample counts per method, synced at the end.
     """
 
-    def __init__(self, backbone: Any, methods: dict[str, AttributionMethod], settings: MetricSettings = MetricSettings()):
+    def __init__(self, backbone: Any, methods: dict[str, AttributionMethod], settings: MetricSettings = MetricSettings(),
+                 max_new_tokens: int = 16):
         super().__init__()
+        self.max_new_tokens = max_new_tokens  # questions without an answer: the model's own, up to this long
         self.methods, self.evaluator = methods, Evaluator(backbone, settings)
         self.model = self.evaluator.scorer.backbone.module  # registered, so that Lightning moves it to the device
         self.metrics = nn.ModuleDict({method: nn.ModuleDict({name: metric_of(name, settings) for name in METRICS})
@@ -123,12 +128,18 @@ class EvaluationModule(L.LightningModule):
         self.table: dict[str, dict[str, Any]] = {}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        scorer = self.evaluator.scorer
         if batch["id"]:  # samples the model refuses are reported, the rest of the batch is scored
-            reasons = screen(self.evaluator.scorer.backbone, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            batch = self._answered(batch) if isinstance(scorer, AnswerScorer) else batch
+            reasons = self._screen(batch)
             failures = [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
             batch = _rows(batch, [b for b, r in enumerate(reasons) if r is None], batch["failures"] + failures)
         if not batch["id"]:
             return {"id": [], "failures": batch["failures"]}
+        answers = (batch["answer_ids"], batch["answer_mask"]) if isinstance(scorer, AnswerScorer) else None
+        if answers is not None:
+            answers = tuple(a[:, :int(batch["answer_mask"].sum(1).max())] for a in answers)
+            scorer.bind(*answers)
         batch = self._classes(batch)
         px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         width = int(mask.sum(1).max())
@@ -140,7 +151,8 @@ class EvaluationModule(L.LightningModule):
         for name, method in self.methods.items():
             start = time.perf_counter()
             with torch.enable_grad():
-                maps[name] = method.attribute(px, batch["input_ids"], batch["attention_mask"], batch["seed"], special)
+                maps[name] = method.attribute(px, batch["input_ids"], batch["attention_mask"], batch["seed"], special,
+                                              **({} if answers is None else {"answers": answers}))
             seconds[name] = time.perf_counter() - start
             values[name] = self.evaluator.values(maps[name], batch, clean, words)
             for metric, per_sample in values[name].items():  # localisation only where there is ground truth;
@@ -152,7 +164,12 @@ class EvaluationModule(L.LightningModule):
                 self.metrics[name][metric].update_scores(per_sample[applies], **extra)
             self.seconds[name].update(seconds[name])
             self.samples[name].update(len(batch["id"]))
+        extra = {} if answers is None else {
+            "answer": [scorer.backbone.answer_text(a[m.bool()].tolist()) for a, m in zip(*answers)],
+            "answer_source": ["given" if bool(g) else "generate" for g in batch["answer_given"]],
+        }
         return {
+            **extra,
             "id": batch["id"], "failures": batch["failures"], "text": batch["text"], "tokens": batch["tokens"],
             "special": batch["special"], "lengths": batch["attention_mask"].sum(1).cpu(), "pixel_values": px.cpu(),
             "target_class": batch.get("target_class", [None] * len(batch["id"])),
@@ -160,6 +177,21 @@ class EvaluationModule(L.LightningModule):
             "values": {n: {k: v.cpu() for k, v in vals.items()} for n, vals in values.items()},
             "seconds": seconds,
         }
+
+    def _answered(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A question batch with every answer: the given ones, the model's own for the others."""
+        answers, mask = complete_answers(self.evaluator.scorer.backbone, batch["pixel_values"], batch["input_ids"],
+                                         batch["attention_mask"], batch["answer_ids"], batch["answer_mask"],
+                                         batch["answer_given"], self.max_new_tokens)
+        batch = {k: v for k, v in batch.items() if k != "image_inputs"}  # pixel_values says it all for these families
+        return {**batch, "answer_ids": answers, "answer_mask": mask}
+
+    def _screen(self, batch: dict[str, Any]) -> list[str | None]:
+        """Why each sample cannot be scored (None: it can): the engine's refusals, or, for questions, non-finite
+        pixels and empty answers."""
+        if not isinstance(self.evaluator.scorer, AnswerScorer):
+            return screen(self.evaluator.scorer.backbone, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        return unanswerable(batch["pixel_values"], batch["answer_mask"])
 
     def _classes(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``class_index`` per sample; a class outside ``metrics.classes`` is reported and left out of the class mean."""
@@ -197,6 +229,10 @@ class EvaluationModule(L.LightningModule):
             row["samples_per_s"] = samples / seconds if seconds > 0 else None
             table[method] = row
         return table
+
+
+def _composed(outer: Any, inner: Any) -> Any:
+    return lambda x: outer(inner(x))
 
 
 def _pair(mean: Tensor, error: Tensor) -> tuple[float | None, float | None]:

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from .answers import attribute_answers
+from .answers import attribute_answers, complete_answers, unanswerable
 from .engine import M2IB, M2IBConfig
 
 
@@ -104,19 +104,10 @@ class AnswerM2IBModule(L.LightningModule):
             return {"id": [], "failures": failures}
         backbone, images = self.backbone, batch["image_inputs"]
         pixels = [backbone.sample_image(images, b) for b in range(len(batch["id"]))]
-        answers, answer_mask = batch["answer_ids"].clone(), batch["answer_mask"].clone()
-        asked = (~batch["answer_given"]).nonzero()[:, 0].tolist()
-        if asked:  # the model's own answers, for the questions that came without one
-            generated, generated_mask = backbone.generate_answers(
-                images["pixel_values"][asked], batch["input_ids"][asked], batch["attention_mask"][asked], self.max_new_tokens)
-            width = max(answers.shape[1], generated.shape[1])
-            answers = torch.nn.functional.pad(answers, (0, width - answers.shape[1]))
-            answer_mask = torch.nn.functional.pad(answer_mask, (0, width - answer_mask.shape[1]))
-            answers[asked], answer_mask[asked] = 0, 0
-            answers[asked, :generated.shape[1]], answer_mask[asked, :generated.shape[1]] = generated, generated_mask
-        reasons = ["non-finite pixel values" if not bool(torch.isfinite(p).all()) else
-                   "the model's own answer is empty (it stopped at once)" if not bool(answer_mask[b].any()) else None
-                   for b, p in enumerate(pixels)]
+        answers, answer_mask = complete_answers(backbone, images["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                                batch["answer_ids"], batch["answer_mask"], batch["answer_given"],
+                                                self.max_new_tokens)
+        reasons = unanswerable(pixels, answer_mask)
         failures += [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
         keep = [b for b, r in enumerate(reasons) if r is None]
         if not keep:

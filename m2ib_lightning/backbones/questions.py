@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .base import HFPreprocessing
+from .base import HFPreprocessing, square_patch_grid
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,10 @@ class HFQuestions(HFPreprocessing):
                        for i, (a, b) in zip(ids, encoded["offset_mapping"][0].tolist())]
         pixels = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask", "offset_mapping", "token_type_ids")}
         return QuestionInputs({k: v[0] if k == "pixel_values" else v for k, v in pixels.items()}, ids, visible)
+
+    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        """(rows, cols) of the square ViT's patches (CLS first: ``num_prefix_tokens``), for the baselines' maps."""
+        return square_patch_grid(self.config, pixel_values)
 
     def answer_inputs(self, answer: str) -> list[int]:
         """An answer's ids as the model writes it (no special tokens)."""

@@ -246,6 +246,7 @@ def collate_questions(items: list[dict[str, Any]], pad_id: int, backbone: Any) -
     if not items:
         return batch
     batch["image_inputs"] = backbone.join_inputs([item["image_inputs"] for item in items])
+    batch["pixel_values"] = batch["image_inputs"]["pixel_values"]
     answers, answer_mask = pad_token_ids([item.get("answer_ids", [pad_id]) for item in items], pad_id)
     batch["answer_ids"], batch["answer_mask"] = answers, answer_mask
     batch["answer_given"] = torch.tensor(["answer_ids" in item for item in items])

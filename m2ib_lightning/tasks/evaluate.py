@@ -50,15 +50,18 @@ def build_methods(cfg: DictConfig, backbone: Any) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    backbone = backbone_of(cfg)
+    """A comparison of methods on pairs (``task: evaluate``) or on questions and their answers (``evaluate_vqa``)."""
+    questions = cfg.task == "evaluate_vqa"
+    backbone = backbone_of(cfg, "questions" if questions else "preprocessing")
     check_layers(cfg, backbone)
     methods = build_methods(cfg, backbone)
-    source = source_of(cfg)
+    source = source_of(cfg, questions=questions)
     out = Path(cfg.output_dir)
     display_image = getattr(backbone, "display_image", None)
     writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, grid_samples=cfg.export.grid_samples,
                               display_image=display_image)
-    module = EvaluationModule(backbone, methods, metric_settings(cfg))
+    module = EvaluationModule(backbone, methods, metric_settings(cfg),
+                              **({"max_new_tokens": cfg.answers.max_new_tokens} if questions else {}))
     if any(getattr(method, "has_text_map", False) for method in methods.values()):
         try:  # text metrics replace words: with an id that keeps the caption's pooled position, checked up front
             module.evaluator.replacement_id()
@@ -69,10 +72,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.global_rank == 0:  # rank 0 alone: the sync sums them once
             earlier_samples(module, out)
 
-    owner = output_owner(cfg, RESULT_KEYS, backbone.module, on_owned=(add_earlier_samples,), source=source)
+    keys = RESULT_KEYS + (("answers", "data.kinds") if questions else ())
+    owner = output_owner(cfg, keys, backbone.module, on_owned=(add_earlier_samples,), source=source)
     trainer = owned_trainer(cfg, owner, [writer], source, {"default_hp_metric": False})
     datamodule = PairDataModule(source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
-                                num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done)
+                                num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done, questions=questions)
     try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         if trainer.global_rank != 0:
@@ -152,7 +156,8 @@ def _finish(cfg: DictConfig, trainer: L.Trainer, table: dict, writer: Evaluation
     md, csv_text, columns = tables(table)
     samples = max((row["samples"] for row in table.values()), default=0)
     data = cfg.data.manifest or cfg.data.webdataset or "the shapes world"
-    header = (f"{samples} pairs ({data}), "
+    what = "questions" if cfg.task == "evaluate_vqa" else "pairs"
+    header = (f"{samples} {what} ({data}), "
               f"model {cfg.model.name_or_path}; mean ± standard error; ↑ higher is better, ↓ lower is better\n\n")
     atomic_write(out / "results.md", header + md)
     atomic_write(out / "results.csv", csv_text)
@@ -173,5 +178,5 @@ def _finish(cfg: DictConfig, trainer: L.Trainer, table: dict, writer: Evaluation
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    print(f"\nattribution methods on {samples} pairs: {out}/results.md\n\n{header}{md}")
+    print(f"\nattribution methods on {samples} {what}: {out}/results.md\n\n{header}{md}")
     return summary
