@@ -1,0 +1,97 @@
+"""The baselines and the evaluation on answers: every method that applies explains log p(answer) on every answer
+adapter with question preprocessing, the attention methods are refused by name, and evaluate_vqa writes the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from m2ib_lightning.backbones.hf_blip_vqa import HFBlipVQAAnswerer
+from m2ib_lightning.backbones.hf_llava import HFLlavaAnswerer
+from m2ib_lightning.baselines import METHODS, AnswerScorer, make_method
+from m2ib_lightning.backbones.capabilities import MissingCapabilityError
+from test_answers import blip_inputs, inputs, tiny_blip_vqa, tiny_llava
+from test_edges_runs import _main
+from test_vqa_runs import SIZE, _save_blip_vqa
+
+ATTENTION_METHODS = {"rollout", "chefer"}
+SETTINGS = {"m2ib": {"steps": 2, "num_noise": 2, "vision_layer": 0, "text_layer": 0}, "rise": {"masks": 16, "chunk": 8},
+            "integrated_gradients": {"steps": 4}}
+
+
+def _with_processor(adapter):
+    """The tiny model with the processor its family ships (the text methods need its tokenizer)."""
+    if isinstance(adapter, HFLlavaAnswerer):
+        from m2ib_lightning.models.shapes_llava import build_llava_processor, build_llava_tokenizer
+
+        return HFLlavaAnswerer(adapter.module, build_llava_processor(build_llava_tokenizer(), 16, 8))
+    from transformers import BlipProcessor
+
+    from m2ib_lightning.models.shapes_blip_vqa import build_vqa_image_processor, build_vqa_tokenizer
+
+    return HFBlipVQAAnswerer(adapter.module, BlipProcessor(image_processor=build_vqa_image_processor(16),
+                                                           tokenizer=build_vqa_tokenizer()))
+
+
+FAMILIES = {"hf_llava": (tiny_llava, inputs), "hf_blip_vqa": (tiny_blip_vqa, blip_inputs)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouched(family):
+    build, example = FAMILIES[family]
+    model = _with_processor(build())
+    px, ids, mask, answers, answer_mask = example()
+    special = (mask == 0) | (ids == getattr(model.config, "image_token_id", -1))
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    for name in sorted(set(METHODS) - ATTENTION_METHODS):
+        method = make_method(name, model, **SETTINGS.get(name, {}))
+        assert isinstance(method.scorer, AnswerScorer)
+        maps = method.attribute(px, ids, mask, torch.tensor([1, 2]), special, answers=(answers, answer_mask))
+        assert maps.image.shape == (2, 16, 16) and bool(torch.isfinite(maps.image).all()), name
+        assert float(maps.image.amin()) >= 0 and float(maps.image.amax()) <= 1 and float(maps.image.std()) > 0, name
+        if maps.text is not None:
+            assert maps.text.shape == ids.shape and bool((maps.text[mask == 0] == 0).all()), name
+    assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
+    assert all(p.grad is None for p in model.module.parameters())
+    for name in ATTENTION_METHODS:
+        with pytest.raises(MissingCapabilityError, match="attention capability"):
+            make_method(name, model)
+
+
+def test_saliency_on_answers_is_the_gradient_of_log_p_of_the_answer():
+    model = _with_processor(tiny_blip_vqa())
+    px, ids, mask, answers, answer_mask = blip_inputs()
+    maps = make_method("saliency", model).attribute(px, ids, mask, torch.tensor([0, 0]), answers=(answers, answer_mask))
+    for b in range(2):  # by hand: |d log p(answer_b) / d pixels_b| summed over channels, min-maxed
+        pixels = px[b:b + 1].clone().requires_grad_(True)
+        batch = model.answer_batch(pixels, ids[b:b + 1], mask[b:b + 1], answers[b:b + 1], answer_mask[b:b + 1])
+        (grad,) = torch.autograd.grad(model.answer_log_likelihood(batch).sum(), [pixels])
+        expected = grad.abs().sum(1)[0]
+        expected = (expected - expected.min()) / (expected.max() - expected.min())
+        torch.testing.assert_close(maps.image[b], expected, atol=1e-10, rtol=0)
+
+
+def test_an_evaluation_on_answers_writes_the_table_of_every_method(tmp_path, capsys):
+    checkpoint = _save_blip_vqa(tmp_path / "blip-vqa")
+    out = tmp_path / "evaluation"
+    result = _main(capsys, "configs/evaluate_shapes_vqa.yaml", f"output_dir={out}", f"model.name_or_path={checkpoint}",
+                   f"world.image_size={SIZE}", "data.num_samples=4", "data.batch_size=2", "m2ib.steps=2", "m2ib.num_noise=2",
+                   "baselines.rise.masks=16", "baselines.rise.chunk=8", "baselines.integrated_gradients.steps=4",
+                   "metrics.steps=4", "export.grid_samples=2", "trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    methods = summary["methods"]
+    assert list(methods) == ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "random"]
+    for name, row in methods.items():
+        assert row["samples"] == 4
+        for column in ("image_deletion_auc", "image_insertion_auc", "pointing_game", "energy"):
+            mean = row[column][0]
+            assert mean is not None and 0 <= mean <= 1, (name, column)  # the answer's probability, not its log
+    assert methods["m2ib"]["text_deletion_auc"] is not None and methods["saliency"]["text_deletion_auc"] is None
+    assert "4 questions (the shapes world)" in (out / "results.md").read_text()
+    assert (out / "figures" / "methods_grid.png").exists()
+    result = _main(capsys, "configs/evaluate_shapes_vqa.yaml", f"output_dir={tmp_path / 'attention'}",
+                   f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}", "methods=[m2ib,rollout]")
+    assert result.returncode == 2 and "baselines.rollout" in result.stderr and "attention capability" in result.stderr
