@@ -11,7 +11,10 @@ the fit's achieved GFLOP/s next to this machine's matmul GFLOP/s in each
 precision, the largest map difference and the Spearman rank correlation of the
 maps; and, on the shapes world with the shipped CLIP, the pointing game of both.
 
-    python benchmarks/bench_engine.py [--pairs 1] [--families "CLIP ViT-B/32" ...] [--tables reference precision]
+A third table runs M2IB for answers on a LLaVA-1.5-shaped and a Qwen2-VL-shaped model scaled to CPU: engine vs
+the naive reference (K noise copies one at a time, the whole vocabulary), and where one pass's time goes.
+
+    python benchmarks/bench_engine.py [--pairs 1] [--families "CLIP ViT-B/32" ...] [--tables reference precision answers]
 """
 
 from __future__ import annotations
@@ -185,11 +188,127 @@ def shapes_world_fidelity(samples: int = 128) -> None:
           f"mean {sum(rhos) / len(rhos):.3f}, min {min(rhos):.3f}")
 
 
+def llava_1_5_scaled():
+    """LLaVA-1.5's design scaled to CPU: a CLIP ViT-B/16 tower at 224 px (vision_feature_layer -2, 196 image tokens),
+    LLaVA's two-layer projector, a 12-layer 1024-wide Llama over a 32000-word vocabulary."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12, image_size=224, patch_size=16),
+        text_config=dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=32000),
+        image_token_index=31999, image_seq_length=196, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def qwen2_vl_scaled():
+    """Qwen2-VL's design scaled to CPU: a 12-block 768-wide vision transformer (patch 14, 2x2 merger) at 224 px
+    (64 image tokens), a 12-layer 1024-wide Qwen2 language model over 32000 words."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=12, embed_dim=768, hidden_size=1024, num_heads=12, mlp_ratio=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+        image_token_id=31999, video_token_id=31998, vision_start_token_id=31997, vision_end_token_id=31996,
+    )
+    return Qwen2VLForConditionalGeneration(config)
+
+
+#: answer family -> builder; each pair: a 224 px picture, a prompt of 12 words around the image tokens, a 2-token answer
+ANSWER_FAMILIES = {"LLaVA-1.5 scaled": llava_1_5_scaled, "Qwen2-VL scaled": qwen2_vl_scaled}
+
+
+def answer_pair(family: str, model, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(3, 31000, (n,), generator=gen).tolist()  # noqa: E731
+    if family.startswith("Qwen"):
+        image = [model.config.vision_start_token_id, *[model.config.image_token_id] * 64, model.config.vision_end_token_id]
+        extra = {"pixel_values": torch.randn(256, 3 * 2 * 14 * 14, generator=gen), "image_grid_thw": torch.tensor([[1, 16, 16]])}
+    else:
+        image = [model.config.image_token_id] * 196
+        extra = {"pixel_values": torch.randn(1, 3, 224, 224, generator=gen)}
+    ids = torch.tensor([[1, *words(4), *image, *words(8)]])
+    return {**extra, "input_ids": ids, "attention_mask": torch.ones_like(ids), "answer_ids": torch.tensor([words(2)]),
+            "answer_mask": torch.ones(1, 2, dtype=torch.long)}
+
+
+def answer_cost_breakdown(model, adapter, pair: dict[str, torch.Tensor], copies: int) -> dict[str, float]:
+    """Seconds of one pass over ``copies`` noise copies, split into the vision tower, the language model's layers and
+    the vocabulary projection at the answer positions (forward hooks on each part)."""
+    parts = {"vision": adapter.blocks("image")[0], "language model": adapter.blocks("text")[0], "vocabulary": model.lm_head}
+    spent = dict.fromkeys(parts, 0.0)
+    ends = {"vision": adapter.blocks("image")[-1], "language model": adapter.blocks("text")[-1], "vocabulary": model.lm_head}
+    started: dict[str, float] = {}
+    handles = []
+    for name in parts:
+        handles.append(parts[name].register_forward_pre_hook(lambda m, a, n=name: started.__setitem__(n, time.perf_counter())))
+        handles.append(ends[name].register_forward_hook(
+            lambda m, a, o, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - started[n])))
+    try:
+        extra = {k: v for k, v in pair.items() if k not in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")}
+        batch = adapter.answer_batch(pair["pixel_values"], pair["input_ids"], pair["attention_mask"], pair["answer_ids"],
+                                     pair["answer_mask"], **extra)
+        start = time.perf_counter()
+        with torch.no_grad():
+            adapter.answer_log_likelihood(batch, copies)
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {**spent, "total": total}
+
+
+def answer_table(count: int) -> None:
+    """Engine vs the naive reference (m2ib_lightning.testing.naive_answer_m2ib: K copies one at a time, the whole
+    vocabulary at every position) on the answer models, and where one fit step's time goes."""
+    from m2ib_lightning.backbones import as_backbone
+    from m2ib_lightning.engine import M2IBConfig
+    from m2ib_lightning.testing import naive_answer_m2ib
+
+    config = M2IBConfig(vision_layer=3, text_layer=6, steps=10, num_noise=10)
+    print(f"\nM2IB for answers, engine vs the naive reference: random weights, CPU, {torch.get_num_threads()} threads, "
+          f"{count} pair(s), vision block 3, language-model layer 6, 10 steps, 10 noise copies")
+    print("| model | naive s / pair | engine s / pair | speed-up | max image / text capacity diff | one pass of 10 copies: "
+          "vision / language model / vocabulary / total s |")
+    print("|---|---|---|---|---|---|")
+    for family, build in ANSWER_FAMILIES.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        adapter = as_backbone(model)
+        pairs = [answer_pair(family, model, seed) for seed in range(count)]
+        seconds = {"engine": 0.0, "naive": 0.0}
+        diffs = {"image": 0.0, "text": 0.0}
+        for seed, pair in enumerate(pairs):
+            extra = {k: v for k, v in pair.items() if k not in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")}
+            args = [pair[k] for k in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")]
+            start = time.perf_counter()
+            result = m2ib_lightning.attribute(model, *args[:3], answer_ids=args[3], answer_mask=args[4], vision_layer=3,
+                                              text_layer=6, steps=10, num_noise=10, seed=seed, **extra)
+            seconds["engine"] += time.perf_counter() - start
+            start = time.perf_counter()
+            naive = {m: naive_answer_m2ib(adapter, *args, modality=m, layer=layer, config=config, seed=seed, **extra)
+                     for m, layer in (("image", 3), ("text", 6))}
+            seconds["naive"] += time.perf_counter() - start
+            diffs["image"] = max(diffs["image"], (result.image_capacity[0] - naive["image"]).abs().max().item())
+            columns = pair["attention_mask"][0].bool().nonzero()[:, 0]
+            diffs["text"] = max(diffs["text"], (result.text_capacity[0, columns] - naive["text"][: len(columns)]).abs().max().item())
+        cost = answer_cost_breakdown(model, adapter, pairs[0], 10)
+        naive_s, engine_s = seconds["naive"] / count, seconds["engine"] / count
+        print(f"| {family} | {naive_s:.1f} | {engine_s:.1f} | {naive_s / engine_s:.2f}x | {diffs['image']:.1e} / {diffs['text']:.1e} "
+              f"| {cost['vision']:.2f} / {cost['language model']:.2f} / {cost['vocabulary']:.3f} / {cost['total']:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=1, help="pairs timed for each method")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--tables", nargs="+", default=["reference", "precision"], choices=["reference", "precision"])
+    parser.add_argument("--tables", nargs="+", default=["reference", "precision", "answers"],
+                        choices=["reference", "precision", "answers"])
     parser.add_argument("--method", choices=["engine", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--family", choices=list(FAMILIES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -200,6 +319,8 @@ def main() -> None:
         reference_table(args)
     if "precision" in args.tables:
         precision_table(args.families, args.pairs)
+    if "answers" in args.tables:
+        answer_table(args.pairs)
 
 
 def reference_table(args: argparse.Namespace) -> None:
