@@ -6,8 +6,10 @@ the fit term and the places change: fit = mean over the K noise copies of sum_t 
 loss = beta * mean capacity - fit, the batch loss their sum. The bottlenecked block output replaces the
 block's own through a forward hook placed before every other hook (transformers records hidden states with
 hooks of its own: LLaVA reads ``hidden_states[vision_feature_layer]`` through them), removed after each pass,
-also on errors. This engine runs the whole model at each step (exact; the prefix cache and the answer-only
-vocabulary projection are where it can get faster).
+also on errors. What a fit cannot change is computed once (the adapter's ``fit_inputs``: the vision tower
+for the text fit), the vocabulary projection runs only where answer tokens are predicted, and the K copies
+go in one batch; the rest of the model runs at each step (a prefix cache of the language model is where it
+can get faster still).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
     """Fit one tower's bottleneck at block ``layer`` for a batch; returns (per-position capacity (B, T), zero where
     no noise goes, and the last pass's fit term (B,))."""
     block = model.blocks(modality)[layer]
+    batch = model.fit_inputs(modality, batch)  # e.g. the vision tower once for the text fit
     captured: list[Tensor] = []
     with torch.no_grad(), replaced_output(block, capture=captured):
         model.answer_log_likelihood(batch, 1)

@@ -368,6 +368,10 @@ class HFAnswerLayout:
     def num_layers(self, modality: Modality) -> int:
         return len(self.blocks(modality))
 
+    def fit_inputs(self, modality: Modality, batch: AnswerBatch) -> AnswerBatch:
+        """The batch for the passes of one fit, with what that fit cannot change computed once (nothing here)."""
+        return batch
+
     def bottleneck_tokens(self, modality: Modality, batch: AnswerBatch, output: Tensor) -> Tensor:
         """A block's output as (B, T, D) token rows: already so for towers that keep a batch dimension."""
         return output

@@ -80,6 +80,10 @@ class Answers(Protocol):
         each tower's bottlenecked positions and where the image's lie on the picture; ``model_inputs``: what the
         family needs besides (Qwen2-VL's ``image_grid_thw``)."""
 
+    def fit_inputs(self, modality: Modality, batch: Any) -> Any:
+        """The batch for one fit's passes, what the fit cannot change computed once (e.g. the vision tower, for the
+        text fit); the same numbers as ``batch``."""
+
     def bottleneck_tokens(self, modality: Modality, batch: Any, output: Tensor) -> Tensor:
         """A block's output as (B, T, D) rows of tokens, T as in ``batch.positions[modality]``."""
 

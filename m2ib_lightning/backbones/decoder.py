@@ -13,6 +13,7 @@ family's adapter says.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.world_dataset import pad_token_ids
-from .base import AnswerBatch, HFAnswerLayout, ImageLayout, real_tokens
+from .base import AnswerBatch, HFAnswerLayout, ImageLayout, Modality, real_tokens
 
 
 class HFDecoderAnswerer(HFAnswerLayout):
@@ -74,6 +75,31 @@ class HFDecoderAnswerer(HFAnswerLayout):
             prompt_columns=[torch.arange(len(p), device=ids.device) for p in prompts],
             score_index=score_index, targets=targets, score_mask=score_mask,
         )
+
+    @torch.no_grad()
+    def fit_inputs(self, modality: Modality, batch: AnswerBatch) -> AnswerBatch:
+        """For the text fit, the language model's input embeddings (the image features in place) once: the vision
+        tower and the projector do not run again at each step."""
+        if modality == "image":
+            return batch
+        captured: dict[str, Tensor] = {}
+
+        def keep(module: Any, args: Any, kwargs: dict) -> None:
+            captured["inputs_embeds"] = kwargs["inputs_embeds"]
+
+        language_model = self._language_model()
+        handle = language_model.register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            self.module(**batch.inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        inputs = {k: v for k, v in batch.inputs.items() if k not in ("input_ids", "pixel_values", "image_grid_thw")}
+        return dataclasses.replace(batch, inputs={**inputs, "inputs_embeds": captured["inputs_embeds"]})
+
+    def _language_model(self) -> Any:
+        """The decoder stack the prompt's embeddings enter (``model.language_model`` in 5.x, ``model`` in 4.x)."""
+        inner = self.module.model
+        return getattr(inner, "language_model", inner)
 
     @torch.no_grad()
     def generate_answers(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,

@@ -13,6 +13,7 @@ layer at the question's real tokens ([CLS] and [SEP] included).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -96,10 +97,20 @@ class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
     def _questions(self, batch: AnswerBatch, copies: int) -> Tensor:
         """The image-grounded question encodings (B * copies, L, D), each sample's rows ``copies`` times."""
         inputs = {k: v.repeat_interleave(copies, dim=0) for k, v in batch.inputs.items()}
-        image = self.module.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        image = inputs["image_embeds"] if "image_embeds" in inputs else self.module.vision_model(
+            pixel_values=inputs["pixel_values"]).last_hidden_state
         image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
         return self.module.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                         encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state
+
+    @torch.no_grad()
+    def fit_inputs(self, modality: Modality, batch: AnswerBatch) -> AnswerBatch:
+        """For the text fit, the vision tower's output once (nothing the text bottleneck changes reaches it)."""
+        if modality == "image":
+            return batch
+        image = self.module.vision_model(pixel_values=batch.inputs["pixel_values"]).last_hidden_state
+        inputs = {k: v for k, v in batch.inputs.items() if k != "pixel_values"}
+        return dataclasses.replace(batch, inputs={**inputs, "image_embeds": image})
 
     def _decode(self, question: Tensor, decoder_ids: Tensor) -> Tensor:
         mask = torch.ones(question.shape[:-1], dtype=torch.long, device=question.device)

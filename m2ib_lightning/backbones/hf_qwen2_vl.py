@@ -113,10 +113,11 @@ class HFQwen2VLAnswerer(HFDecoderAnswerer):
         """Each sample ``copies`` times in a row: its patch rows, grid row, tokens and positions (dim 1 of the 3-D)."""
         if copies == 1:
             return dict(inputs)
-        rows = torch.split(inputs["pixel_values"], self._patch_counts(inputs["image_grid_thw"]))
         repeated = {k: v.repeat_interleave(copies, dim=0) for k, v in inputs.items() if k not in ("pixel_values", "position_ids")}
-        repeated["pixel_values"] = torch.cat([r for r in rows for _ in range(copies)])
         repeated["position_ids"] = inputs["position_ids"].repeat_interleave(copies, dim=1)
+        if "pixel_values" in inputs:  # the text fit reads the input embeddings instead (fit_inputs)
+            rows = torch.split(inputs["pixel_values"], self._patch_counts(inputs["image_grid_thw"]))
+            repeated["pixel_values"] = torch.cat([r for r in rows for _ in range(copies)])
         return repeated
 
     def sample_inputs(self, inputs: dict[str, Tensor], index: int) -> dict[str, Tensor]:
