@@ -34,18 +34,24 @@ class RollingShardWriter(BasePredictionWriter):
     """Writes each rank's samples into rolling shards with an append-only index; see ``m2ib_lightning.results``.
 
     A shard is closed (written, renamed into place, then indexed) every
-    ``samples_per_shard`` samples, at the end of the run, and when the run stops on
-    an exception; a kill loses only the open shard, which the rerun redoes.
+    ``samples_per_shard`` samples, once its first sample is ``shard_seconds`` old (so a
+    kill loses minutes of work, not a shard's worth of hours), at the end of the run,
+    and when the run stops on an exception; a kill loses only the open shard, which
+    the rerun redoes.
     ``run_token`` names this run in shard names and failure reports (the same on every rank).
     Subclasses say what a prediction's samples are (:meth:`samples`).
     """
 
-    def __init__(self, output_dir: str | Path, *, samples_per_shard: int = 1024, run_token: str | None = None):
+    def __init__(self, output_dir: str | Path, *, samples_per_shard: int = 1024, shard_seconds: float = 300.0,
+                 run_token: str | None = None):
         super().__init__(write_interval="batch")
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if shard_seconds <= 0:
+            raise ValueError(f"shard_seconds must be > 0, got {shard_seconds}")
         self.output_dir = Path(output_dir)
-        self.samples_per_shard = samples_per_shard
+        self.samples_per_shard, self.shard_seconds = samples_per_shard, shard_seconds
+        self.opened_at = 0.0  # when the open shard got its first sample (monotonic clock)
         self.run_token = run_token or f"{time.time_ns():x}"
         self.rank, self.shards_written = 0, 0
         self.open: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
@@ -72,9 +78,13 @@ class RollingShardWriter(BasePredictionWriter):
             lines = [json.dumps({**f, "run": self.run_token}) + "\n" for f in prediction["failures"]]
             append_lines(failures_path(self.output_dir, self.rank), lines)
         for sample in self.samples(prediction):
+            if not self.open:
+                self.opened_at = time.monotonic()
             self.open.append(sample)
             if len(self.open) == self.samples_per_shard:
                 self.close_shard()
+        if self.open and time.monotonic() - self.opened_at >= self.shard_seconds:
+            self.close_shard()  # a slow run keeps its work: at most shard_seconds of it is open at any time
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.close_shard()
@@ -105,10 +115,10 @@ class AttributionWriter(RollingShardWriter):
     ``overlays/rankR/``, drawn with ``display_image`` (the adapter's: pixel values back to a picture)."""
 
     def __init__(
-        self, output_dir: str | Path, *, samples_per_shard: int = 1024, overlays: int = 0,
+        self, output_dir: str | Path, *, samples_per_shard: int = 1024, shard_seconds: float = 300.0, overlays: int = 0,
         display_image: Callable | None = None, run_token: str | None = None,
     ):
-        super().__init__(output_dir, samples_per_shard=samples_per_shard, run_token=run_token)
+        super().__init__(output_dir, samples_per_shard=samples_per_shard, shard_seconds=shard_seconds, run_token=run_token)
         self.overlays = overlays if display_image is not None else 0
         self.display_image = display_image
         self.overlays_written = 0

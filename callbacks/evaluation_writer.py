@@ -24,9 +24,9 @@ class EvaluationWriter(RollingShardWriter):
     id, text, tokens, the metric values of each method and its seconds per sample (so a resumed run's table
     counts the samples of earlier runs). Rank 0 keeps its first ``grid_samples`` images and maps for the grid."""
 
-    def __init__(self, output_dir: str | Path, *, samples_per_shard: int = 1024, grid_samples: int = 8,
-                 display_image: Callable | None = None, run_token: str | None = None):
-        super().__init__(output_dir, samples_per_shard=samples_per_shard, run_token=run_token)
+    def __init__(self, output_dir: str | Path, *, samples_per_shard: int = 1024, shard_seconds: float = 300.0,
+                 grid_samples: int = 8, display_image: Callable | None = None, run_token: str | None = None):
+        super().__init__(output_dir, samples_per_shard=samples_per_shard, shard_seconds=shard_seconds, run_token=run_token)
         self.grid_samples = grid_samples if display_image is not None else 0
         self.display_image = display_image
         self.grid_images: list[np.ndarray] = []

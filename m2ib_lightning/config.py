@@ -146,6 +146,7 @@ class ModelConfig:
 @dataclass
 class ExportConfig:
     samples_per_shard: int = 1024  # each rank closes a shard file every this many samples
+    shard_seconds: float = 300.0  # ... or once its first sample is this old: a kill loses minutes of work, not hours
     overlays: Optional[int] = None  # PNG overlays of the first N samples per rank; default 64 for the world, 0 otherwise
     tensorboard_every_n_batches: int = 2
 
@@ -259,6 +260,7 @@ class EvaluateData:
 @dataclass
 class EvaluateExport:
     samples_per_shard: int = 1024
+    shard_seconds: float = 300.0
     grid_samples: int = 8  # rows of the picture grid (image, then one map per method)
 
 
@@ -342,7 +344,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "data.batch_size": _at_least(1), "data.num_workers": _at_least(0), "data.num_pairs": _at_least(1),
     "data.noise_std": _at_least(0), "data.attributes": _subset_of("colour", "shape", "position"),
     "data.corruption": _subset_of("image", "text", "noise"),
-    "export.samples_per_shard": _at_least(1), "export.overlays": _at_least(0), "export.tensorboard_every_n_batches": _at_least(1),
+    "export.samples_per_shard": _at_least(1), "export.shard_seconds": _above(0), "export.overlays": _at_least(0), "export.tensorboard_every_n_batches": _at_least(1),
     "model.patch_size": _at_least(1), "model.width": _at_least(1), "model.layers": _at_least(1), "model.heads": _at_least(1),
     "model.projection_dim": _at_least(1), "model.vision_layers": _at_least(1), "model.text_layers": _at_least(1),
     "optim.lr": _above(0), "optim.weight_decay": _at_least(0), "optim.warmup_steps": _at_least(0),

@@ -46,6 +46,21 @@ def test_shards_roll_every_samples_per_shard_and_read_one_at_a_time(tmp_path, ti
     assert len(list((tmp_path / "run" / "overlays" / "rank0").glob("*.png"))) == 3
 
 
+def test_shards_also_close_on_a_time_budget(tmp_path, tiny_bundle, monkeypatch):
+    """With a slow model, a shard closes once its first sample is export.shard_seconds old, whatever its size."""
+    import m2ib_lightning.callbacks.attribution_writer as writer
+
+    clock = iter(range(0, 10_000, 100))  # each reading of the clock: 100 s later
+    monkeypatch.setattr(writer.time, "monotonic", lambda: float(next(clock)))
+    run(_config(tmp_path / "run", tiny_bundle, "export.shard_seconds=150"))
+    sizes = [len(list(read_attributions(tmp_path / "run", shard=n))) for n in shard_names(tmp_path / "run")]
+    # batches of 3: the clock reads 100 s later at each shard's first sample and at each batch's end, so a shard is
+    # 100 s old after its first batch and 200 s (> 150) after its second: two batches per shard, not 1024 samples
+    assert sizes == [6, 4]
+    with pytest.raises(Exception, match="export.shard_seconds=0"):
+        run(_config(tmp_path / "bad", tiny_bundle, "export.shard_seconds=0"))
+
+
 def test_the_end_of_a_run_never_reads_the_output_back(tmp_path, tiny_bundle, monkeypatch):
     run(_config(tmp_path / "run", tiny_bundle, "data.num_samples=4"))  # something to skip at start-up
 

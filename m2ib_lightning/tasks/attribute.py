@@ -40,7 +40,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     display_image = getattr(backbone, "display_image", None)
     overlays = cfg.export.overlays if cfg.export.overlays is not None else (WORLD_OVERLAYS if world_run else 0)
     owner = output_owner(cfg, RESULT_KEYS + (("answers", "data.kinds") if questions else ()), backbone.module, source=source)
-    writer = AttributionWriter(out, samples_per_shard=cfg.export.samples_per_shard, overlays=overlays, display_image=display_image)
+    writer = AttributionWriter(out, samples_per_shard=cfg.export.samples_per_shard, shard_seconds=cfg.export.shard_seconds,
+                                overlays=overlays, display_image=display_image)
     summary_callback = RunSummary(cfg.seed)
     callbacks = [
         writer, summary_callback,

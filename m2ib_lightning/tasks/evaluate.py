@@ -58,7 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = source_of(cfg, questions=questions)
     out = Path(cfg.output_dir)
     display_image = getattr(backbone, "display_image", None)
-    writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, grid_samples=cfg.export.grid_samples,
+    writer = EvaluationWriter(out, samples_per_shard=cfg.export.samples_per_shard, shard_seconds=cfg.export.shard_seconds,
+                              grid_samples=cfg.export.grid_samples,
                               display_image=display_image)
     module = EvaluationModule(backbone, methods, metric_settings(cfg),
                               **({"max_new_tokens": cfg.answers.max_new_tokens} if questions else {}))
