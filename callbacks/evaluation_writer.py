@@ -46,6 +46,8 @@ class EvaluationWriter(RollingShardWriter):
                 "values": {m: {k: _number(v[row]) for k, v in vals.items()} for m, vals in prediction["values"].items()},
                 "seconds": {m: s / count for m, s in prediction["seconds"].items()},
             }
+            if "answer" in prediction:  # an evaluation on answers: the answer every method explained
+                entry["answer"], entry["answer_source"] = prediction["answer"][row], prediction["answer_source"][row]
             if prediction["target_class"][row] is not None:  # a resumed table's class mean counts it again
                 entry["class"] = prediction["target_class"][row]
             tensors = {}

@@ -92,6 +92,15 @@ def test_an_evaluation_on_answers_writes_the_table_of_every_method(tmp_path, cap
     assert methods["m2ib"]["text_deletion_auc"] is not None and methods["saliency"]["text_deletion_auc"] is None
     assert "4 questions (the shapes world)" in (out / "results.md").read_text()
     assert (out / "figures" / "methods_grid.png").exists()
+    import pandas as pd
+
+    from m2ib_lightning.export import to_parquet
+
+    assert to_parquet(out, tmp_path / "table.parquet", maps=True) == 4  # an evaluation's rows: every method's values
+    table = pd.read_parquet(tmp_path / "table.parquet")
+    assert table["answer_source"].eq("given").all() and table["answer"].notna().all()
+    assert table["m2ib/pointing_game"].mean() == pytest.approx(methods["m2ib"]["pointing_game"][0])
+    assert len(table["m2ib/image"].iloc[0]) == SIZE * SIZE
     result = _main(capsys, "configs/evaluate_shapes_vqa.yaml", f"output_dir={tmp_path / 'attention'}",
                    f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}", "methods=[m2ib,rollout]")
     assert result.returncode == 2 and "baselines.rollout" in result.stderr and "attention capability" in result.stderr

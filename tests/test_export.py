@@ -1,0 +1,46 @@
+"""A run's results as Parquet: one row per sample, streamed shard by shard, and the README's pandas lines run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import ROOT
+from m2ib_lightning.export import main, to_parquet
+from m2ib_lightning.results import read_attributions
+from test_scale import _config
+
+
+def test_an_attribution_run_as_parquet_with_its_maps_and_the_readme_example(tmp_path, tiny_bundle, monkeypatch):
+    import pandas as pd
+
+    from m2ib_lightning.tasks.attribute import run
+
+    out = tmp_path / "run"
+    run(_config(out, tiny_bundle, "data.num_samples=5", "export.samples_per_shard=2"))  # 3 shards
+    assert main([str(out), str(tmp_path / "results.parquet"), "--maps"]) == 0
+    table = pd.read_parquet(tmp_path / "results.parquet")
+    records = {r.id: r for r in read_attributions(out)}
+    assert list(table["id"]) == list(records) and table["shard"].nunique() == 3
+    for _, row in table.iterrows():
+        record = records[row["id"]]
+        assert list(row["tokens"]) == record.tokens and row["image_fit"] == pytest.approx(record.image_fit)
+        grid = torch.tensor(list(row["image_map"])).view(*row["patch_grid"])
+        torch.testing.assert_close(grid, (record.image_capacity - record.image_capacity.min())
+                                   / (record.image_capacity.max() - record.image_capacity.min()), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(list(row["text_map"])), record.text_map, atol=1e-6, rtol=0)
+
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\nimport pandas as pd\n(.*?)```", readme, re.S).group(0).strip("`").removeprefix("python\n")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README example", "exec"), {})  # the README's lines, on this run's file
+
+
+def test_a_directory_without_a_run_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(ValueError, match="holds no indexed sample"):
+        to_parquet(tmp_path, tmp_path / "x.parquet")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), str(tmp_path / "x.parquet")])
+    assert exit_info.value.code == 2 and "holds no indexed sample" in capsys.readouterr().err
