@@ -80,13 +80,31 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
     plain = root / "plain-model"
     plain.mkdir()
     save_file(tiny_plain(seed=1).state_dict(), str(plain / "weights.safetensors"))
+    questions = [{"id": f"q{i}", "image": f"{i}.png", "question": "what colour is the circle?", "boxes": [[0, 0, 20, 20]],
+                  **({"answer": "red"} if i else {})} for i in range(3)]
+    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     return {"root": root, "manifest": root / "pairs.jsonl", "webdataset": root / "shards" / "{00000..00001}.tar",
-            "clip": clip, "plain": plain}
+            "clip": clip, "plain": plain, "questions": root / "questions.jsonl", "llava": _llava_12_layers(root / "llava")}
+
+
+def _llava_12_layers(path: Path) -> Path:
+    """A tiny LLaVA whose language model is as deep as the hub ones the docs name (12 layers), saved with its processor."""
+    from m2ib_lightning.models.shapes_llava import build_llava_processor, build_llava_tokenizer, build_shapes_llava
+
+    tokenizer = build_llava_tokenizer()
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                  patch_size=8, hidden_act="quick_gelu")
+    build_shapes_llava(tokenizer, vision, width=16, layers=12, heads=2, vision_feature_layer=-1).save_pretrained(path)
+    build_llava_processor(tokenizer, 32, 8).save_pretrained(path)
+    return path
 
 
 SMALL = {  # sizes appended to a command so that it ends in seconds; the command's own keys come first
     "attribute": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "export.overlays=1"],
     "evaluate": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "methods=[m2ib,saliency,random]", "metrics.steps=2"],
+    "attribute_vqa": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "export.overlays=1", "answers.max_new_tokens=2"],
+    "evaluate_vqa": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "methods=[m2ib,saliency,random]",
+                     "metrics.steps=2", "answers.max_new_tokens=2"],
     "probe": ["data.num_pairs=2"],
     "probe_vqa": ["data.num_pairs=2", "probe.sites=[resid,cross_head]"],
 }
@@ -95,13 +113,16 @@ SMALL = {  # sizes appended to a command so that it ends in seconds; the command
 def _small_data(args: list[str], data: dict[str, Path], out: Path) -> tuple[list[str], bool]:
     """The command's arguments with its paths pointed at small data here; whether the model is the plain example."""
     config = args[0] if args and args[0].endswith(".yaml") else None
+    questions = config is not None and "_vqa" in config and "probe" not in config  # a VQA run: questions, a VQA model
     replaced, plain = [], False
     for arg in args[1:] if config else args:
         key, _, value = arg.partition("=")
         if key == "output_dir" or key == "save_to":
             value = str(out / key)
         elif key == "data.manifest" and value != "null":
-            value = str(data["manifest"])
+            value = str(data["questions"] if questions else data["manifest"])
+        elif key == "model.name_or_path" and questions and not value.startswith("builtin:"):
+            value = str(data["llava"])
         elif key == "data.webdataset":
             value = str(data["webdataset"])
         elif key == "model.name_or_path" and not value.startswith("builtin:"):

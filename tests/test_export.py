@@ -44,3 +44,15 @@ def test_a_directory_without_a_run_is_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), str(tmp_path / "x.parquet")])
     assert exit_info.value.code == 2 and "holds no indexed sample" in capsys.readouterr().err
+
+
+def test_the_readme_runs_a_method_from_python():
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\nimport torch\nfrom m2ib_lightning.backbones import load_backbone\n"
+                        r"from m2ib_lightning.baselines import make_method\n(.*?)```", readme, re.S).group(0)
+    code = example.strip("`").removeprefix("python\n")
+    scope: dict = {}
+    exec(compile(code, "README example", "exec"), scope)
+    maps = scope["maps"]
+    assert maps.image.shape == (1, 64, 64) and maps.text.shape == scope["ids"].shape
+    assert float(maps.image.max()) == 1.0 and float(maps.text.max()) == 1.0
