@@ -19,6 +19,7 @@ from m2ib_lightning import read_attributions
 from m2ib_lightning.config import load_config
 from m2ib_lightning.data.manifest import read_pairs
 from m2ib_lightning.tasks.attribute import run
+from test_edges_runs import _main
 
 ENV_PATH = {"PYTHONPATH": str(ROOT / "tests")}
 
@@ -85,15 +86,15 @@ def test_a_users_own_adapter_by_dotted_path(tmp_path):
     assert records[0].tokens[0] == "<bos>" and records[0].tokens[-1] == "<eos>"
 
 
-def test_unknown_adapter_exits_2_listing_the_registered_ones(tmp_path, tiny_bundle):
-    proc = _train(*_run_args(tmp_path / "never", _manifest(tmp_path, 1), tiny_bundle, "model.adapter=hf_nope"))
+def test_unknown_adapter_exits_2_listing_the_registered_ones(tmp_path, tiny_bundle, capsys):
+    proc = _main(capsys, *_run_args(tmp_path / "never", _manifest(tmp_path, 1), tiny_bundle, "model.adapter=hf_nope"))
     assert proc.returncode == 2
     assert "model.adapter='hf_nope'" in proc.stderr and "hf_blip_itc, hf_blip_vqa, hf_clip, hf_llava, hf_qwen2_vl, hf_siglip" in proc.stderr
     assert not (tmp_path / "never").exists()
 
 
-def test_a_layer_out_of_range_exits_2_naming_the_key_and_range(tmp_path, tiny_bundle):
-    proc = _train(*_run_args(tmp_path / "never", _manifest(tmp_path, 1), tiny_bundle, "m2ib.vision_layer=7"))
+def test_a_layer_out_of_range_exits_2_naming_the_key_and_range(tmp_path, tiny_bundle, capsys):
+    proc = _main(capsys, *_run_args(tmp_path / "never", _manifest(tmp_path, 1), tiny_bundle, "m2ib.vision_layer=7"))
     assert proc.returncode == 2
     assert "m2ib.vision_layer=7 is out of range" in proc.stderr and "0..1 (or -2..-1" in proc.stderr
     assert not (tmp_path / "never").exists()

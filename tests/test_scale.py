@@ -27,6 +27,7 @@ from m2ib_lightning.data.webdataset import WebDatasetSource
 from m2ib_lightning.data.world import ShapesWorld
 from m2ib_lightning.results import done_ids, shard_names
 from m2ib_lightning.tasks.attribute import run
+from test_edges_runs import _main
 
 
 def _config(out: Path, bundle: Path, *overrides: str):
@@ -88,10 +89,9 @@ def test_files_get_the_permissions_of_the_umask(tmp_path, tiny_bundle):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
-def test_output_dir_that_is_a_file_exits_2(tmp_path):
+def test_output_dir_that_is_a_file_exits_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    proc = subprocess.run([sys.executable, "train.py", f"output_dir={tmp_path / 'file'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = _main(capsys, f"output_dir={tmp_path / 'file'}")
     assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr
 
 
@@ -102,9 +102,8 @@ def test_output_dir_that_is_a_file_exits_2(tmp_path):
     ("m2ib.noise_device=gpu", "noise_device must be 'cpu' or 'auto'"),
     ("m2ib.precision=16", "precision must be '32' or 'bf16'"),
 ])
-def test_out_of_range_values_exit_2_naming_the_key(tmp_path, override, message):
-    proc = subprocess.run([sys.executable, "train.py", f"output_dir={tmp_path / 'never'}", override], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+def test_out_of_range_values_exit_2_naming_the_key(tmp_path, capsys, override, message):
+    proc = _main(capsys, f"output_dir={tmp_path / 'never'}", override)  # train.py's main, in this process
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "never").exists()
 
