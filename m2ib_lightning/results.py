@@ -366,6 +366,13 @@ def run_identity(task: str, settings: dict[str, Any], model_revision: str | None
             "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)), "threads": None}
 
 
+def _differences(key: str, saved: Any, asked: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, asked value) of each leaf setting that differs, e.g. ``m2ib.beta``."""
+    if isinstance(saved, dict) and isinstance(asked, dict):
+        return [d for name in sorted(set(saved) | set(asked)) for d in _differences(f"{key}.{name}", saved.get(name), asked.get(name))]
+    return [] if saved == asked else [(key, saved, asked)]
+
+
 def claim_identity(output_dir: str | Path, identity: dict[str, Any], threads: int | None) -> dict[str, Any]:
     """The identity a run in ``output_dir`` must keep: written by the first run, checked by every later one.
 
@@ -387,8 +394,10 @@ def claim_identity(output_dir: str | Path, identity: dict[str, Any], threads: in
                                  "choose another output_dir")
         for key in sorted(set(saved["settings"]) | set(asked["settings"])):
             if saved["settings"].get(key) != asked["settings"].get(key):
-                raise OutputMismatch(f"output_dir={str(path.parent)!r} holds a run with other `{key}` settings ({saved['settings'].get(key)}; asked: "
-                                     f"{asked['settings'].get(key)}); resume it with the same settings or choose another output_dir")
+                changes = ", ".join(f"{name}={old!r} (asked: {new!r})"
+                                    for name, old, new in _differences(key, saved["settings"].get(key), asked["settings"].get(key)))
+                raise OutputMismatch(f"output_dir={str(path.parent)!r} holds a run with other `{key}` settings: {changes}; "
+                                     "resume it with the same settings or choose another output_dir")
         if saved.get("model_revision") != asked["model_revision"] and asked["model_revision"] is not None:
             raise OutputMismatch(f"{where} of model revision {saved.get('model_revision')}, this one loads "
                                  f"{asked['model_revision']}: pin model.revision or choose another output_dir")

@@ -69,7 +69,7 @@ def test_rerun_skips_done_ids_and_adds_the_rest_once(tmp_path, tiny_bundle):
 
 def test_rerun_with_other_settings_is_refused(tmp_path, tiny_bundle):
     run(_config(tmp_path, tiny_bundle, "data.num_samples=2"))
-    with pytest.raises(OutputMismatch, match="holds a run with other `m2ib` settings"):
+    with pytest.raises(OutputMismatch, match=r"holds a run with other `m2ib` settings: m2ib.beta=0.1 \(asked: 0.5\);"):
         run(_config(tmp_path, tiny_bundle, "data.num_samples=2", "m2ib.beta=0.5"))
 
 
