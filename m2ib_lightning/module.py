@@ -53,31 +53,19 @@ class M2IBModule(L.LightningModule):
                 batch["pixel_values"][rows], batch["input_ids"][rows, :width], mask[:, :width], seed=batch["seed"][rows.cpu()]
             )
         self.last_batch_seconds = time.perf_counter() - start
-        cpu = lambda t: t.detach().cpu()  # noqa: E731
-        pick = lambda key: [batch[key][b] for b in keep]  # noqa: E731
-        prediction = {
-            "failures": failures,
-            "id": pick("id"),
-            "text": pick("text"),
-            "tokens": pick("tokens"),
-            "special": pick("special"),
-            "geometry": pick("geometry"),
-            "pixel_values": cpu(batch["pixel_values"][rows]),
+        return prediction_of(batch, keep, failures, {
+            "pixel_values": batch["pixel_values"][rows],
             "image_size": tuple(batch["pixel_values"].shape[-2:]),
             "patch_grid": result.patch_grid,
-            "image_capacity": cpu(result.image_patch_capacity),
-            "image_token_capacity": cpu(result.image_capacity),
-            "text_capacity": cpu(result.text_capacity),
-            "text_maps": cpu(result.text_maps),
-            "lengths": cpu(mask.sum(1)),
-            "image_fit": cpu(result.image_fit),
-            "text_fit": cpu(result.text_fit),
-            "curves": {k: cpu(v) for k, v in result.curves.items()},
-        }
-        if "target_mask" in batch:
-            prediction["target_mask"] = cpu(batch["target_mask"][rows])
-            prediction["has_target"] = cpu(batch["has_target"][rows.cpu()])
-        return prediction
+            "image_capacity": result.image_patch_capacity,
+            "image_token_capacity": result.image_capacity,
+            "text_capacity": result.text_capacity,
+            "text_maps": result.text_maps,
+            "lengths": mask.sum(1),
+            "image_fit": result.image_fit,
+            "text_fit": result.text_fit,
+            "curves": {k: v.detach().cpu() for k, v in result.curves.items()},
+        })
 
 
 class AnswerM2IBModule(L.LightningModule):
@@ -122,30 +110,30 @@ class AnswerM2IBModule(L.LightningModule):
             result = attribute_answers(backbone, images["pixel_values"][rows], batch["input_ids"][rows, :width], mask[:, :width],
                                        answers, answer_mask, config=self.config, seed=batch["seed"][rows.cpu()])
         self.last_batch_seconds = time.perf_counter() - start
-        cpu = lambda t: t.detach().cpu()  # noqa: E731
-        pick = lambda key: [batch[key][b] for b in keep]  # noqa: E731
-        prediction = {
-            "failures": failures,
-            "id": pick("id"),
-            "text": pick("text"),
+        return prediction_of(batch, keep, failures, {
             "answer": [backbone.answer_text(a[m.bool()].tolist()) for a, m in zip(answers, answer_mask)],
             "answer_source": ["given" if bool(batch["answer_given"][b]) else "generate" for b in keep],
-            "tokens": pick("tokens"),
-            "special": pick("special"),
-            "geometry": pick("geometry"),
-            "pixel_values": cpu(torch.stack([pixels[b] for b in keep])),
+            "pixel_values": torch.stack([pixels[b] for b in keep]),
             "image_size": tuple(int(v) for v in result.image_sizes[0]),
             "patch_grid": tuple(result.image_patch_capacity.shape[-2:]),
-            "image_capacity": cpu(result.image_patch_capacity),
-            "image_token_capacity": cpu(result.image_capacity),
-            "text_capacity": cpu(result.text_capacity),
-            "text_maps": cpu(result.text_maps),
-            "lengths": cpu(mask.sum(1)),
-            "image_fit": cpu(result.image_fit),
-            "text_fit": cpu(result.text_fit),
+            "image_capacity": result.image_patch_capacity,
+            "image_token_capacity": result.image_capacity,
+            "text_capacity": result.text_capacity,
+            "text_maps": result.text_maps,
+            "lengths": mask.sum(1),
+            "image_fit": result.image_fit,
+            "text_fit": result.text_fit,
             "curves": {},
-        }
-        if "target_mask" in batch:
-            prediction["target_mask"] = cpu(batch["target_mask"][rows])
-            prediction["has_target"] = cpu(batch["has_target"][rows.cpu()])
-        return prediction
+        })
+
+
+def prediction_of(batch: dict[str, Any], keep: list[int], failures: list[dict], fields: dict[str, Any]) -> dict[str, Any]:
+    """What both modules return for the writer, the summary and TensorBoard: the kept samples' own fields from the
+    batch, ``fields`` (maps and fits, on the CPU) and their ground truth where the batch has it."""
+    prediction = {"failures": failures, **{key: [batch[key][b] for b in keep] for key in ("id", "text", "tokens", "special", "geometry")},
+                  **{k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}}
+    if "target_mask" in batch:
+        rows = torch.tensor(keep)
+        prediction["target_mask"] = batch["target_mask"][rows.to(batch["target_mask"].device)].cpu()
+        prediction["has_target"] = batch["has_target"][rows].cpu()
+    return prediction
