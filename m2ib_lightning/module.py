@@ -40,8 +40,7 @@ class M2IBModule(L.LightningModule):
         if not batch["id"]:  # every record of this batch failed to load
             return {"id": [], "failures": failures}
         reasons = self.explainer.screen(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        failures += [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
-        keep = [b for b, r in enumerate(reasons) if r is None]
+        keep = kept(batch, reasons, failures)
         if not keep:
             return {"id": [], "failures": failures}
         rows = torch.tensor(keep, device=batch["input_ids"].device)
@@ -57,13 +56,8 @@ class M2IBModule(L.LightningModule):
             "pixel_values": batch["pixel_values"][rows],
             "image_size": tuple(batch["pixel_values"].shape[-2:]),
             "patch_grid": result.patch_grid,
-            "image_capacity": result.image_patch_capacity,
-            "image_token_capacity": result.image_capacity,
-            "text_capacity": result.text_capacity,
-            "text_maps": result.text_maps,
+            **maps_of(result),
             "lengths": mask.sum(1),
-            "image_fit": result.image_fit,
-            "text_fit": result.text_fit,
             "curves": {k: v.detach().cpu() for k, v in result.curves.items()},
         })
 
@@ -96,8 +90,7 @@ class AnswerM2IBModule(L.LightningModule):
                                                 batch["answer_ids"], batch["answer_mask"], batch["answer_given"],
                                                 self.max_new_tokens)
         reasons = unanswerable(pixels, answer_mask)
-        failures += [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
-        keep = [b for b, r in enumerate(reasons) if r is None]
+        keep = kept(batch, reasons, failures)
         if not keep:
             return {"id": [], "failures": failures}
         rows = torch.tensor(keep, device=batch["input_ids"].device)
@@ -116,15 +109,23 @@ class AnswerM2IBModule(L.LightningModule):
             "pixel_values": torch.stack([pixels[b] for b in keep]),
             "image_size": tuple(int(v) for v in result.image_sizes[0]),
             "patch_grid": tuple(result.image_patch_capacity.shape[-2:]),
-            "image_capacity": result.image_patch_capacity,
-            "image_token_capacity": result.image_capacity,
-            "text_capacity": result.text_capacity,
-            "text_maps": result.text_maps,
+            **maps_of(result),
             "lengths": mask.sum(1),
-            "image_fit": result.image_fit,
-            "text_fit": result.text_fit,
             "curves": {},
         })
+
+
+def kept(batch: dict[str, Any], reasons: list[str | None], failures: list[dict]) -> list[int]:
+    """The rows without a reason to refuse them; each refused one is reported in ``failures``."""
+    failures += [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
+    return [b for b, r in enumerate(reasons) if r is None]
+
+
+def maps_of(result: Any) -> dict[str, Any]:
+    """The maps and fit values of an M2IB result (of pairs or of answers), under the prediction's names."""
+    return {"image_capacity": result.image_patch_capacity, "image_token_capacity": result.image_capacity,
+            "text_capacity": result.text_capacity, "text_maps": result.text_maps, "image_fit": result.image_fit,
+            "text_fit": result.text_fit}
 
 
 def prediction_of(batch: dict[str, Any], keep: list[int], failures: list[dict], fields: dict[str, Any]) -> dict[str, Any]:
