@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = to_parquet(args.output_dir, args.path, maps=args.maps)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"wrote {rows} rows to {args.path}")
     return 0

@@ -198,8 +198,12 @@ def _jsonl(output_dir: str | Path, pattern: str) -> Iterator[dict]:
 
 
 def index_entries(output_dir: str | Path) -> Iterator[dict]:
-    """Every index line of every rank, streamed."""
-    return _jsonl(output_dir, INDEX_PATTERN)
+    """Every index line of every rank, streamed; FileNotFoundError naming ``output_dir`` where it holds no run."""
+    path = Path(output_dir)
+    if not (path / IDENTITY_FILE).is_file() and not any(path.glob(INDEX_PATTERN)):
+        raise FileNotFoundError(f"{str(path)!r} holds no run (no {IDENTITY_FILE}, no index): pass the output_dir of a "
+                                "train.py run")
+    return _jsonl(path, INDEX_PATTERN)
 
 
 _ID_PREFIX = '{"id": '

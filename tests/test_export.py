@@ -39,11 +39,17 @@ def test_an_attribution_run_as_parquet_with_its_maps_and_the_readme_example(tmp_
 
 
 def test_a_directory_without_a_run_is_refused_by_name(tmp_path, capsys):
-    with pytest.raises(ValueError, match="holds no indexed sample"):
-        to_parquet(tmp_path, tmp_path / "x.parquet")
+    from m2ib_lightning.results import IDENTITY_FILE, read_attributions
+
+    with pytest.raises(FileNotFoundError, match="holds no run"):  # not a bare StopIteration from an empty stream
+        next(read_attributions(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), str(tmp_path / "x.parquet")])
-    assert exit_info.value.code == 2 and "holds no indexed sample" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds no run" in capsys.readouterr().err
+    (tmp_path / IDENTITY_FILE).write_text("{}")  # a run that has written nothing yet
+    with pytest.raises(ValueError, match="holds no indexed sample"):
+        to_parquet(tmp_path, tmp_path / "x.parquet")
+    assert list(read_attributions(tmp_path)) == []
 
 
 def test_the_readme_runs_a_method_from_python():

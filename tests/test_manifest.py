@@ -56,6 +56,7 @@ def messy_manifest(tmp_path) -> tuple[Path, set[str], dict[str, str]]:
     Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50).save(images / "deep.png")  # mode I;16
     add("mode-I16", "images/deep.png", "a green cross")
     add("long-caption", "images/RGB.png", " ".join(["a large red circle left of a small blue square"] * 3))
+    add("unknown-words", "images/RGB.png", "zebra giraffe")  # attributed, with a warning: no word is in the vocabulary
 
     add("missing", "images/nowhere.png", "a red circle", "image not found")
     (images / "text.png").write_text("this is not an image")
@@ -84,15 +85,16 @@ def test_bad_records_are_reported_and_good_ones_all_attributed(tmp_path, tiny_bu
     ])
     summary = run(cfg)
     assert {r.id for r in read_attributions(tmp_path / "run")} == good
-    assert summary["done"] == len(good) and summary["failed"] == len(bad) and summary["warnings"] == 1
+    assert summary["done"] == len(good) and summary["failed"] == len(bad) and summary["warnings"] == 2
     assert summary["localisation"] is None
     reports = [json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
     errors = {r["id"]: r["reason"] for r in reports if r["severity"] == "error"}
     assert set(errors) == set(bad)
     for sample_id, expected in bad.items():
         assert expected in errors[sample_id], (sample_id, errors[sample_id])
-    (warning,) = [r for r in reports if r["severity"] == "warning"]
-    assert warning["id"] == "long-caption" and "truncated" in warning["reason"]
+    warnings = {r["id"]: r["reason"] for r in reports if r["severity"] == "warning"}
+    assert set(warnings) == {"long-caption", "unknown-words"} and "truncated" in warnings["long-caption"]
+    assert "unknown tokens only" in warnings["unknown-words"]
 
 
 def test_failed_records_are_not_duplicated_on_rerun(tmp_path, tiny_bundle, messy_manifest):
@@ -105,7 +107,7 @@ def test_failed_records_are_not_duplicated_on_rerun(tmp_path, tiny_bundle, messy
     summary = run(load_config(None, args))
     assert summary["done"] == 0 and summary["skipped"] == len(good) and summary["failed"] == len(bad)
     reports = (tmp_path / "run" / "failures.jsonl").read_text().splitlines()
-    assert len(reports) == len(bad) + 1
+    assert len(reports) == len(bad) + 2  # and the two warnings of the first run
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F"])

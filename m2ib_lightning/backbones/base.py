@@ -230,6 +230,11 @@ class HFPreprocessing:
         return 0 if pad is None else int(pad)
 
     @property
+    def unknown_token_id(self) -> int | None:
+        """The tokenizer's unknown-word id (None if it has none): a caption of nothing else is reported."""
+        return self.tokenizer.unk_token_id
+
+    @property
     def structural_token_ids(self) -> set[int]:
         """BOS, EOS, CLS and SEP: ids a tower reads by their place (pooling, ends of text), never a word's stand-in."""
         t = self.tokenizer

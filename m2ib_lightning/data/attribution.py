@@ -147,9 +147,16 @@ class PairStream(IterableDataset):
         failure = self.add_ground_truth(item, record, image, tuple(pixels.shape[-2:]))
         if failure is not None:
             return {"id": record.id, "failure": failure}
+        warnings = []
         if text.truncated:
-            reason = f"caption truncated from {text.full_length} to {len(text.ids)} tokens (the model's limit)"
-            item["warning"] = Failure(record.id, reason, "warning")
+            warnings.append(f"caption truncated from {text.full_length} to {len(text.ids)} tokens (the model's limit)")
+        unknown = getattr(self.backbone, "unknown_token_id", None)  # optional: adapters with a tokenizer have it
+        words = [i for i, special in zip(text.ids, item["special"]) if not special or i == unknown]  # unk counts as special
+        if unknown is not None and words and all(i == unknown for i in words):
+            warnings.append("the caption tokenizes to unknown tokens only (none of its words is in the tokenizer's "
+                            "vocabulary): its text map says nothing about its words")
+        if warnings:
+            item["warning"] = Failure(record.id, "; ".join(warnings), "warning")
         return item
 
     def add_ground_truth(self, item: dict[str, Any], record: PairRecord, image: Any, size: tuple[int, int]) -> Failure | None:
