@@ -212,3 +212,9 @@ def unanswerable(pixel_values: list[Tensor] | Tensor, answer_mask: Tensor) -> li
             "the model's own answer is empty (it stopped at once)" if not bool(m.any()) else None
             for p, m in zip(pixel_values, answer_mask)]
 
+
+def answer_fields(model: Any, answer_ids: Tensor, answer_mask: Tensor, given: list[bool]) -> dict[str, list[str]]:
+    """What a prediction records of its answers: their text and whether each was given or the model's own."""
+    return {"answer": [model.answer_text(a[m.bool()].tolist()) for a, m in zip(answer_ids, answer_mask)],
+            "answer_source": ["given" if g else "generate" for g in given]}
+

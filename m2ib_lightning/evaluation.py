@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
-from .answers import complete_answers, unanswerable
+from .answers import answer_fields, complete_answers, unanswerable
 from .baselines import AnswerScorer, AttributionMethod, Maps, replacement_token, scorer_of
 from .engine import screen
 from .metrics import (
@@ -164,10 +164,7 @@ class EvaluationModule(L.LightningModule):
                 self.metrics[name][metric].update_scores(per_sample[applies], **extra)
             self.seconds[name].update(seconds[name])
             self.samples[name].update(len(batch["id"]))
-        extra = {} if answers is None else {
-            "answer": [scorer.backbone.answer_text(a[m.bool()].tolist()) for a, m in zip(*answers)],
-            "answer_source": ["given" if bool(g) else "generate" for g in batch["answer_given"]],
-        }
+        extra = {} if answers is None else answer_fields(scorer.backbone, *answers, batch["answer_given"].tolist())
         return {
             **extra,
             "id": batch["id"], "failures": batch["failures"], "text": batch["text"], "tokens": batch["tokens"],

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from .answers import attribute_answers, complete_answers, unanswerable
+from .answers import answer_fields, attribute_answers, complete_answers, unanswerable
 from .engine import M2IB, M2IBConfig
 
 
@@ -96,16 +96,15 @@ class AnswerM2IBModule(L.LightningModule):
         rows = torch.tensor(keep, device=batch["input_ids"].device)
         mask = batch["attention_mask"][rows]
         width = int(mask.sum(1).max())
-        answers, answer_mask = answers[rows], answer_mask[rows]
-        answers, answer_mask = answers[:, :int(answer_mask.sum(1).max())], answer_mask[:, :int(answer_mask.sum(1).max())]
+        longest = int(answer_mask[rows].sum(1).max())
+        answers, answer_mask = answers[rows, :longest], answer_mask[rows, :longest]
         start = time.perf_counter()
         with torch.enable_grad():
             result = attribute_answers(backbone, images["pixel_values"][rows], batch["input_ids"][rows, :width], mask[:, :width],
                                        answers, answer_mask, config=self.config, seed=batch["seed"][rows.cpu()])
         self.last_batch_seconds = time.perf_counter() - start
         return prediction_of(batch, keep, failures, {
-            "answer": [backbone.answer_text(a[m.bool()].tolist()) for a, m in zip(answers, answer_mask)],
-            "answer_source": ["given" if bool(batch["answer_given"][b]) else "generate" for b in keep],
+            **answer_fields(backbone, answers, answer_mask, [bool(batch["answer_given"][b]) for b in keep]),
             "pixel_values": torch.stack([pixels[b] for b in keep]),
             "image_size": tuple(int(v) for v in result.image_sizes[0]),
             "patch_grid": tuple(result.image_patch_capacity.shape[-2:]),

@@ -89,8 +89,9 @@ class AnswerBatch:
     ``bottleneck_tokens`` lays them out; ``image`` places the image positions on the picture;
     ``prompt_columns[b]`` are the positions, in the text block's output, of sample b's real prompt tokens, in
     ``input_ids`` order, and ``input_columns[b]`` their columns in ``input_ids``; ``targets`` / ``score_mask``
-    (B, A) are the answer tokens to score, and ``score_index`` (B, A), where the adapter needs it, the positions
-    whose logits predict them. ``inputs`` holds what the adapter's forward takes.
+    (B, A) are the answer tokens to score; where the adapter needs them, ``score_positions`` are the sequence
+    positions whose logits are computed and ``score_index`` (B, A) says which of them predicts each answer token
+    (both fixed for a batch, so they are found once, not at every fit step). ``inputs`` holds what the adapter's forward takes.
     """
 
     inputs: dict[str, Tensor]
@@ -100,6 +101,7 @@ class AnswerBatch:
     prompt_columns: list[Tensor]
     targets: Tensor
     score_mask: Tensor
+    score_positions: Tensor | None = None
     score_index: Tensor | None = None
 
     @property

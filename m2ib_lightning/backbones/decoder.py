@@ -66,6 +66,7 @@ class HFDecoderAnswerer(HFAnswerLayout):
             score_index[b, :a] = torch.arange(p - 1, p - 1 + a, device=ids.device)
             targets[b, :a], score_mask[b, :a] = answer, True
             text[b, :p] = prompt != self.image_token_id
+        keep = torch.unique(score_index[score_mask])  # the positions whose logits reach the vocabulary
         image_positions, layout = self.image_layout(pixel_values, batch, **model_inputs)
         return AnswerBatch(
             inputs=self.sequence_inputs(ids, mask, pixel_values, **model_inputs),
@@ -73,7 +74,7 @@ class HFDecoderAnswerer(HFAnswerLayout):
             image=layout,
             input_columns=[keep.bool().nonzero()[:, 0] for keep in attention_mask],
             prompt_columns=[torch.arange(len(p), device=ids.device) for p in prompts],
-            score_index=score_index, targets=targets, score_mask=score_mask,
+            score_positions=keep, score_index=torch.searchsorted(keep, score_index), targets=targets, score_mask=score_mask,
         )
 
     @torch.no_grad()
@@ -125,9 +126,8 @@ class HFDecoderAnswerer(HFAnswerLayout):
         """(B * copies,) sum over real answer tokens of log_softmax(logits)[answer], each sample's rows repeated
         ``copies`` times (the K noise copies); only the positions that predict answer tokens reach the vocabulary."""
         inputs = self.repeat_inputs(batch.inputs, copies)
-        keep = torch.unique(batch.score_index[batch.score_mask])
-        logits = self.module(**inputs, logits_to_keep=keep).logits  # (B * copies, len(keep), V)
-        column = torch.searchsorted(keep, batch.score_index).repeat_interleave(copies, dim=0)
+        logits = self.module(**inputs, logits_to_keep=batch.score_positions).logits  # (B * copies, positions, V)
+        column = batch.score_index.repeat_interleave(copies, dim=0)
         picked = logits.gather(1, column[..., None].expand(-1, -1, logits.shape[-1]))
         scores = F.log_softmax(picked, dim=-1).gather(-1, batch.targets.repeat_interleave(copies, dim=0)[..., None])[..., 0]
         return (scores * batch.score_mask.repeat_interleave(copies, dim=0)).sum(1)
