@@ -19,7 +19,7 @@ from notice_reference import trace_important_states  # noqa: E402
 from m2ib_lightning.data.questions import ShapesVQA  # noqa: E402
 from m2ib_lightning.data.world import ShapesWorld  # noqa: E402
 from m2ib_lightning.probing import ActivationPatching, vqa_minimal_pair  # noqa: E402
-from m2ib_lightning.tasks.probe_vqa import load_vqa  # noqa: E402
+from m2ib_lightning.backbones import load_backbone  # noqa: E402
 
 KINDS = {"cross_head": "crossattention_block", "self_head": "attention_block", "resid": None}
 
@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:shapes-blip-vqa")
     parser.add_argument("--site", default="cross_head", choices=list(KINDS))
     args = parser.parse_args()
-    model, processor = load_vqa(args.model)
+    adapter = load_backbone(args.model)
+    model, processor = adapter.module, adapter.processor
     pair = vqa_minimal_pair(ShapesVQA(ShapesWorld(seed=1), ("colour",)), 0)
     clean = processor(images=pair.clean_image(), text=pair.question, return_tensors="pt")
     corrupt = processor(images=pair.corrupt_image(), text=pair.question, return_tensors="pt")

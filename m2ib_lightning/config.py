@@ -465,7 +465,9 @@ def describe_registered() -> str:
           for name, (path, recipe) in SHIPPED_MODELS.items()]),
         ("attribution methods (methods: [...], settings under baselines.NAME)", list(METHODS)),
         ("metrics (columns of an evaluation table)", list(METRICS)),
-        ("probing adapters (found by ActivationPatching)", list(PROBING_ADAPTERS)),
+        ("backbone adapters with probe sites (the probing capability)",
+         [name for name, factory in BACKBONES.items() if hasattr(factory, "probe_site")]),
+        ("probing adapters registered for other models (tried first by ActivationPatching)", list(PROBING_ADAPTERS) or ["none"]),
         *((f"probe sites of task={task} (probe.sites)", list(sites)) for task, sites in PROBE_SITES.items()),
         ("tasks (task=...)", list(SCHEMAS)),
     ]

@@ -305,6 +305,9 @@ def check_backbone(
     if "attention" in capabilities:
         _check_attention(backbone, inputs)
         passed.append("attention")
+    if "probing" in capabilities:
+        _check_probing(backbone, pixels, ids, mask)
+        passed.append("probing")
     return passed
 
 
@@ -353,6 +356,55 @@ def _check_attention(backbone: Any, inputs: dict[str, dict[str, Tensor]]) -> Non
     after = [getattr(c, "_attn_implementation", None) for c in (getattr(module, "config", None),) if c is not None]
     if after != before:
         raise BackboneCheckError("attention", f"eager_attention left the attention implementation at {after}, not {before}")
+
+
+def _check_probing(adapter: Any, pixels: Tensor, ids: Tensor, mask: Tensor) -> None:
+    """Every site of every probe tower: a module of the model, (N, T, D) with D split evenly into its heads; patching
+    it with its own activation changes nothing (bit for bit), zeroing it in one row changes that row's decision and no
+    other row's; head attention gives one distribution over keys per head and layer; hooks gone after."""
+    from .probing.patching import site_hooks
+
+    module = adapter.module
+    owned = {id(m) for m in module.modules()}
+    before = _snapshot(module)
+    defaults = {adapter.default_probe_tower(m): m for m in reversed(MODALITIES)}
+    with eval_mode(module), torch.no_grad():
+        for tower in adapter.probe_towers:
+            inputs = adapter.decision_inputs(pixels, ids, mask, defaults.get(tower, "image"))
+            clean = adapter.decision_logits(inputs, 2, tower)
+            for name in adapter.probe_sites(tower):
+                for layer in range(adapter.probe_layers(tower)):
+                    site, where = adapter.probe_site(tower, name, layer), f"{tower} site {name} at layer {layer}"
+                    if id(site.module) not in owned:
+                        raise BackboneCheckError("probing", f"{where} is not a module of the model")
+                    seen: list[Tensor] = []
+                    with site_hooks([site], lambda _, act: seen.append(act.clone())):
+                        same = adapter.decision_logits(inputs, 2, tower)
+                    if len(seen) != 1 or seen[0].dim() != 3 or (site.heads and seen[0].shape[-1] % site.heads):
+                        raise BackboneCheckError("probing", f"{where} gave {[tuple(a.shape) for a in seen]}, not one (N, T, D) "
+                                                            f"activation with D divisible by {site.heads} heads")
+                    if not torch.equal(same, clean):
+                        raise BackboneCheckError("probing", f"hooking {where} without a change changed the decision")
+
+                    def zero_row_1(_: int, act: Tensor) -> None:
+                        act[1] = 0
+
+                    with site_hooks([site], zero_row_1):
+                        zeroed = adapter.decision_logits(inputs, 2, tower)
+                    if not torch.equal(zeroed[0], clean[0]):
+                        raise BackboneCheckError("probing", f"zeroing {where} in one row changed another row's decision")
+                    if torch.equal(zeroed[1], clean[1]):
+                        raise BackboneCheckError("probing", f"zeroing {where} does not reach the decision")
+            heads = [adapter.probe_site(tower, n, 0).heads for n in adapter.probe_sites(tower) if n.endswith("head")]
+            if heads:
+                probs = adapter.head_attention(tower, inputs)
+                if len(probs) != adapter.probe_layers(tower) or any(p.dim() != 4 or p.shape[1] not in heads for p in probs):
+                    raise BackboneCheckError("probing", f"head_attention({tower!r}) gave {[tuple(p.shape) for p in probs]}, "
+                                                        f"not one (1, heads, queries, keys) per layer")
+                sums = torch.stack([p.sum(-1).double().flatten() for p in probs])
+                if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+                    raise BackboneCheckError("probing", f"head_attention({tower!r}) rows do not sum to 1")
+    _check_untouched("probing", before, module, "by probing")
 
 
 # ------------------------------------------------------------------------------------------- answers
@@ -481,5 +533,8 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
             got = result.image_capacity[0] if m == "image" else result.text_capacity[0, columns]
             _close("naive reference", got, naive[: len(got)], f"{name} at layer {layer}", **tol)
     passed.append("naive reference")
+    if "probing" in claimed(model):
+        _check_probing(model, args[0], args[1], args[2])
+        passed.append("probing")
     return passed
 

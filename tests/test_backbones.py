@@ -69,6 +69,7 @@ def test_adapter_passes_the_conformance_suite(name):
     # every capability claimed is checked: HF adapters built without a processor offer attention, the plain one
     # preprocessing (inferred from its members)
     assert ("attention" in passed) == (name != "plain") and ("preprocessing" in passed) == (name == "plain")
+    assert ("probing" in passed) == (name == "hf_clip")  # the dual encoders that declare probe sites
 
 
 @pytest.mark.parametrize("name", ["hf_clip", "hf_siglip", "hf_blip_itc", "plain"])

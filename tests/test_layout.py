@@ -108,5 +108,19 @@ def test_train_list_prints_every_registry(capsys):
 
     assert train.main(["--list"]) == 0
     out = capsys.readouterr().out
-    for names in (METHODS.names(), METRICS.names(), ["hf_clip", "hf_siglip", "hf_blip_itc", "blip_vqa", "cross_head", "shapes-clip"]):
+    for names in (METHODS.names(), METRICS.names(), ["hf_clip", "hf_siglip", "hf_blip_itc", "hf_blip_vqa", "cross_head", "shapes-clip", "with probe sites"]):
         assert all(name in out for name in names)
+
+
+def test_no_task_data_baseline_or_probe_reaches_into_a_model():
+    """Model internals (towers, layers, hooks on them) are the adapters' alone: the layers above name none."""
+    import re
+
+    internals = re.compile(r"\.(vision_model|text_encoder|text_decoder|text_model|language_model|vision_tower|visual|"
+                           r"encoder\.layers?|crossattention)\b")
+    package = ROOT / "m2ib_lightning"
+    files = [*package.glob("tasks/*.py"), *package.glob("data/*.py"), *package.glob("probing/*.py"),
+             *(package / name for name in ("baselines.py", "evaluation.py", "module.py", "answers.py", "engine.py"))]
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in files for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if internals.search(line.split("#")[0]) and not line.lstrip().startswith(('"', "'"))]
+    assert not offenders, offenders

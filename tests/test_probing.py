@@ -219,7 +219,7 @@ def test_clip_all_heads_at_a_cell_equal_the_whole_attention_block(model, image_p
     probe = ActivationPatching(model)
     whole = probe.run(clean, corrupt, choices, modality="image", site="self_attn")
     adapter = probe.adapter
-    sites = [adapter.site("image", "self_head", layer) for layer in range(4)]
+    sites = [adapter.probe_site("image", "self_head", layer) for layer in range(4)]
     clean_in = {"pixel_values": clean, "choices": _as_dict(choices)}
     corrupt_in = {"pixel_values": corrupt, "choices": _as_dict(choices)}
     cache = probe._cache(sites, clean_in, "image")
@@ -233,3 +233,52 @@ def test_clip_all_heads_at_a_cell_equal_the_whole_attention_block(model, image_p
         with site_hooks(sites, edit), torch.no_grad():
             _, ld = probe._scores(adapter.decision_logits(corrupt_in, 1, "image"), (0, 1))
         torch.testing.assert_close(ld[0], whole.patched_ld[layer, position], atol=1e-5, rtol=1e-5)
+
+
+def test_probing_goes_through_the_family_adapter_and_one_without_probe_sites_is_refused_naming_it(model):
+    from m2ib_lightning.backbones import as_backbone
+    from m2ib_lightning.backbones.capabilities import MissingCapabilityError
+    from m2ib_lightning.backbones.hf_clip import HFCLIPBackbone
+    from m2ib_lightning.probing import ProbingAdapter
+    from test_answers import tiny_llava
+
+    assert isinstance(ActivationPatching(model).adapter, HFCLIPBackbone)  # the adapter attribution uses
+    adapter = as_backbone(model)
+    assert ActivationPatching(adapter).adapter is adapter
+    with pytest.raises(MissingCapabilityError, match="activation patching needs the adapter's probing capability"):
+        ActivationPatching(tiny_llava())  # no probe sites declared (yet): a clear refusal, not an AttributeError
+
+    class Partial:  # claims probing, lacks members
+        capabilities = ("probing",)
+        module, probe_towers = model, ("image",)
+
+        def probe_sites(self, tower):
+            return ("resid",)
+
+    with pytest.raises(MissingCapabilityError, match="has no default_probe_tower, probe_layers, probe_site"):
+        ActivationPatching(Partial())
+    assert ActivationPatching(type("Mine", (ProbingAdapter,), {"module": model})()).adapter.module is model
+
+
+def test_check_backbone_checks_the_probe_sites_an_adapter_declares(model):
+    from m2ib_lightning.backbones.capabilities import Site
+    from m2ib_lightning.backbones.hf_clip import HFCLIPBackbone
+    from m2ib_lightning.testing import BackboneCheckError, _check_probing
+
+    pixels = make_images(2, seed=3)
+    ids, mask = make_texts([6, 9], seed=3)
+    _check_probing(HFCLIPBackbone(model), pixels, ids, mask)
+
+    class Detached(HFCLIPBackbone):  # a site on a module the decision never runs
+        def probe_site(self, tower, name, layer):
+            return Site(torch.nn.Linear(2, 2), "output") if name == "mlp" else super().probe_site(tower, name, layer)
+
+    with pytest.raises(BackboneCheckError, match="image site mlp at layer 0 is not a module of the model"):
+        _check_probing(Detached(model), pixels, ids, mask)
+
+    class Crossed(HFCLIPBackbone):  # image sites in the text tower, which embeds the choices: rows mix
+        def probe_site(self, tower, name, layer):
+            return super().probe_site("text", name, layer) if tower == "image" else super().probe_site(tower, name, layer)
+
+    with pytest.raises(BackboneCheckError, match="zeroing image site resid at layer 0 in one row changed another row's"):
+        _check_probing(Crossed(model), pixels, ids, mask)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from m2ib_lightning.backbones.hf_blip_vqa import HFBlipVQAAnswerer
 from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_tokenizer
 from m2ib_lightning.probing import (
     ActivationPatching,
-    BlipVQAProbe,
     read_vqa_pairs,
     symmetric_token_replacement,
 )
@@ -111,7 +111,7 @@ def test_all_heads_at_a_cell_equal_the_whole_attention_block(model, image_pair):
     probe = ActivationPatching(model)
     whole = probe.run(clean, corrupt, answers=answers, modality="image", site="cross_attn")
     adapter = probe.adapter
-    sites = [adapter.site("text", "cross_head", layer) for layer in range(3)]
+    sites = [adapter.probe_site("text", "cross_head", layer) for layer in range(3)]
     cache = probe._cache(sites, clean, "text")
     heads, width = 4, 32 // 4
     for layer, position in [(1, 2), (2, 5)]:
@@ -133,7 +133,7 @@ def test_head_h_is_its_slice_of_the_context(model, image_pair):
     handle = attention.register_forward_hook(lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs, out=out), with_kwargs=True)
     try:
         with torch.no_grad():
-            BlipVQAProbe(model).decision_logits(clean, 1, "text")
+            HFBlipVQAAnswerer(model).decision_logits(clean, 1, "text")
     finally:
         handle.remove()
     hidden, image = seen["args"][0], seen["kwargs"]["encoder_hidden_states"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from m2ib_lightning.backbones import resolve_model_path
+from m2ib_lightning.backbones import load_backbone, resolve_model_path
 from m2ib_lightning.backbones.loading import SHIPPED_MODELS
 from m2ib_lightning.config import CONFIG_DIR, load_config
 from m2ib_lightning.data.questions import TWO_CHOICE_KINDS, ShapesVQA
 from m2ib_lightning.data.world import ShapesWorld
 from m2ib_lightning.backbones.hf_blip_vqa import first_step_logits
-from m2ib_lightning.tasks.probe_vqa import load_vqa
 
 SHIPPED = "builtin:shapes-blip-vqa"
 #: measured on 150 held-out questions per kind (images of a world seed used neither in training nor validation)
@@ -38,7 +37,8 @@ def test_loads_offline_with_from_pretrained(monkeypatch):
 
 @torch.no_grad()
 def test_heldout_two_choice_accuracy_per_kind():
-    model, processor = load_vqa(SHIPPED)
+    shipped = load_backbone(SHIPPED)
+    model, processor = shipped.module, shipped.processor
     world, per_kind, accuracy = ShapesWorld(seed=2), 150, {}
     for kind in TWO_CHOICE_KINDS:
         vqa = ShapesVQA(world, (kind,))
@@ -63,7 +63,7 @@ def test_short_vqa_training_run_writes_a_loadable_model(tmp_path):
         "model.text_layers=1", "model.heads=2", "init_vision_from=null", "trainer.enable_progress_bar=false",
     ])
     saved = run(cfg)
-    model, processor = load_vqa(str(saved))
+    model = load_backbone(str(saved)).module
     assert model.config.text_config.num_hidden_layers == 1
     assert (tmp_path / "fit_summary.json").exists() and list((tmp_path / "checkpoints").glob("*.ckpt"))
 

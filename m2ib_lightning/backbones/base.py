@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ContextManager, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -331,29 +331,48 @@ class HFLayout:
         """Each block's self-attention, whose output is (context, probabilities (B, heads, T, T)) in eager attention."""
         return [getattr(block, "self_attn", None) or block.attention.self for block in self.blocks(modality)]
 
-    @contextlib.contextmanager
-    def eager_attention(self) -> Iterator[None]:
-        """Run attention in eager mode (attention probabilities returned) and restore the model's setting, also on errors.
+    def eager_attention(self) -> ContextManager[None]:
+        """Run attention in eager mode (attention probabilities returned); the model's setting comes back after."""
+        return eager_attention(self.module)
 
-        Through the model's public ``set_attn_implementation`` where transformers has it (5.x), else (4.x) the
-        configs' attention field; either way each sub-config gets its own setting back.
-        """
-        configs = {name: c for name, c in (("", self.config), ("vision_config", getattr(self.config, "vision_config", None)),
-                                            ("text_config", getattr(self.config, "text_config", None))) if c is not None}
-        saved = {name: c._attn_implementation for name, c in configs.items()}
-        setter = getattr(self.module, "set_attn_implementation", None)
-        try:
-            if setter is not None:
-                setter("eager")
-            else:
-                for c in configs.values():
-                    c._attn_implementation = "eager"
-            yield
-        finally:
-            if setter is not None:
-                setter(saved[""] if len(set(saved.values())) == 1 else {k: v for k, v in saved.items() if v is not None})
-            for name, c in configs.items():  # sub-configs the setter does not reach
-                c._attn_implementation = saved[name]
+
+@contextlib.contextmanager
+def eager_attention(module: nn.Module) -> Iterator[None]:
+    """Run ``module``'s attention in eager mode (attention probabilities returned) and restore its setting, also on errors.
+
+    Through the model's public ``set_attn_implementation`` where transformers has it (5.x), else (4.x) the
+    configs' attention field; either way each sub-config gets its own setting back.
+    """
+    config = module.config
+    configs = {name: c for name, c in (("", config), ("vision_config", getattr(config, "vision_config", None)),
+                                        ("text_config", getattr(config, "text_config", None))) if c is not None}
+    saved = {name: c._attn_implementation for name, c in configs.items()}
+    setter = getattr(module, "set_attn_implementation", None)
+    try:
+        if setter is not None:
+            setter("eager")
+        else:
+            for c in configs.values():
+                c._attn_implementation = "eager"
+        yield
+    finally:
+        if setter is not None:
+            setter(saved[""] if len(set(saved.values())) == 1 else {k: v for k, v in saved.items() if v is not None})
+        for name, c in configs.items():  # sub-configs the setter does not reach
+            c._attn_implementation = saved[name]
+
+
+def attention_probabilities(modules: Sequence[nn.Module], run: Callable[[], Any]) -> list[Tensor]:
+    """The attention probabilities each of ``modules`` returns second (eager attention) while ``run()`` runs, in
+    call order; the hooks are removed, also on errors."""
+    probs: list[Tensor] = []
+    handles = [m.register_forward_hook(lambda mod, args, out: probs.append(out[1])) for m in modules]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return probs
 
 
 class HFAnswerLayout:

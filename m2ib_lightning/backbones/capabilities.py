@@ -5,7 +5,8 @@ has every member of each (naming the missing ones, before any work), and each co
 - ``preprocessing``: what dataset runs need to turn an image and a caption into inputs and to display them;
 - ``attention``: what the attention methods (rollout, Chefer) need to read attention probabilities;
 - ``answers``: what M2IB for answers needs from a VLM that answers questions (BLIP VQA, LLaVA, ...);
-- ``questions``: what VQA attribution runs need besides (pictures and questions to inputs, answers to ids).
+- ``questions``: what VQA attribution runs need besides (pictures and questions to inputs, answers to ids);
+- ``probing``: what activation patching (NOTICE) needs: each layer's sites and the decision a patch is scored by.
 
 An adapter without a ``capabilities`` attribute is taken to offer the capabilities whose members it has all of
 (``towers`` if none): a half-written preprocessing is then refused by the run that needs it, with the names.
@@ -14,7 +15,8 @@ An adapter without a ``capabilities`` attribute is taken to offer the capabiliti
 from __future__ import annotations
 
 import inspect
-from typing import Any, ContextManager, Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ContextManager, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from torch import Tensor, nn
@@ -130,9 +132,55 @@ class Questions(Protocol):
         """One sample's pixel values -> (H, W, 3) uint8 picture."""
 
 
+@dataclass(frozen=True)
+class Site:
+    """One layer's activation (N, T, D): ``module``'s output (its first element, if a tuple; ``where="output"``) or
+    its first input (``"input"``). Head sites split D into ``heads`` equal slices: head h is dimensions
+    [h*d, (h+1)*d) of the context vectors before the output projection, the only place one head's part is separable."""
+
+    module: nn.Module
+    where: Literal["output", "input"]
+    heads: int | None = None  # for head sites: how many heads the last dimension holds
+
+
+@runtime_checkable
+class Probing(Protocol):
+    """What activation patching needs: the towers whose layers can be patched, each layer's sites, and the decision
+    logits a patch is scored by. Tower names are the adapter's own (``"image"``, ``"text"``, ``"vision"``, ...)."""
+
+    module: nn.Module
+    probe_towers: tuple[str, ...]
+
+    def default_probe_tower(self, modality: Modality) -> str:
+        """The tower patched when ``modality`` is corrupted and no tower is named."""
+
+    def probe_sites(self, tower: str) -> tuple[str, ...]:
+        """The site names of ``tower`` (``resid``, ``mlp``, ``self_attn``, ``self_head``, ...)."""
+
+    def probe_layers(self, tower: str) -> int:
+        """How many layers ``tower`` has."""
+
+    def probe_site(self, tower: str, name: str, layer: int) -> Site:
+        """Where site ``name`` of ``layer`` lives in the model."""
+
+    def decision_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, modality: Modality) -> dict:
+        """Sample 0 in the form ``decision_logits`` takes when ``modality`` is corrupted (a two-choice matcher takes
+        the other modality's first two samples as its choices)."""
+
+    def decision_logits(self, inputs: dict[str, Tensor], rows: int, tower: str) -> Tensor:
+        """(rows, C) logits of one sample's inputs repeated ``rows`` times (each row patched on its own)."""
+
+    def pooled_position(self, tower: str, inputs: dict[str, Tensor]) -> int:
+        """The position the tower pools at (``positions="pooled"``); ValueError for a tower that does not pool."""
+
+    def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
+        """Per layer, the attention probabilities (1, heads, queries, keys) of the heads that ``tower``'s head sites
+        split (cross-attention for a tower that has it), for one sample: what head overlays draw."""
+
+
 CAPABILITIES: dict[str, type] = {
     "towers": VisionLanguageBackbone, "preprocessing": Preprocessing, "attention": Attention, "answers": Answers,
-    "questions": Questions,
+    "questions": Questions, "probing": Probing,
 }
 
 

@@ -22,9 +22,15 @@ from torch import Tensor, nn
 
 from ..data.world_dataset import pad_token_ids
 from .base import (
-    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, one_image_per_sample, real_tokens, resolve_layer, square_patch_grid,
+    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, one_image_per_sample,
+    real_tokens, resolve_layer, square_patch_grid,
 )
+from .capabilities import Site
 from .questions import HFQuestions
+
+#: the probe sites of the image-grounded text encoder (``cross_*``: its cross-attention to the image tokens)
+TEXT_SITES = ("resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head")
+VISION_SITES = ("resid", "mlp", "self_attn", "self_head")
 
 
 def is_hf_blip_vqa(model: Any) -> bool:
@@ -48,12 +54,19 @@ def first_step_logits(
 
 
 class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
-    """Runs a ``BlipForQuestionAnswering`` on questions and answers, with bottlenecks placed by the M2IB fit."""
+    """Runs a ``BlipForQuestionAnswering`` on questions and answers, with bottlenecks placed by the M2IB fit, and
+    probes it as NOTICE does.
+
+    Probe towers: ``"text"``, the image-grounded text encoder (self-attention, cross-attention to the image tokens,
+    feed-forward; post-LN, so a layer's output is the residual stream), and ``"vision"``, the vision tower. The
+    decision logits are the answer decoder's vocabulary logits after one step from ``decoder_start_token_id``.
+    """
 
     model_types = ("blip",)
     architectures = ("BlipForQuestionAnswering",)
     model_class = "BlipForQuestionAnswering"
     num_prefix_tokens = 1
+    probe_towers: tuple[str, ...] = ("text", "vision")
 
     def __init__(self, model: nn.Module, processor: Any = None):
         if not is_hf_blip_vqa(model):
@@ -63,6 +76,10 @@ class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
     @classmethod
     def accepts(cls, model: Any) -> bool:
         return is_hf_blip_vqa(model)
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return (*super().capabilities, "probing")
 
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:
         """Vision blocks for ``image``; the image-grounded text encoder's layers (not the decoder's) for ``text``."""
@@ -151,3 +168,61 @@ class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
             answers.append(tokens[1:])
         ids, mask = pad_token_ids([list(map(int, answer)) for answer in answers], 0)
         return ids.to(input_ids.device), mask.to(input_ids.device)
+
+    # ---------------------------------------------------------------- probing
+    def default_probe_tower(self, modality: Modality) -> str:
+        """The text encoder, which every corruption reaches (NOTICE patches it)."""
+        return "text"
+
+    def probe_sites(self, tower: str) -> tuple[str, ...]:
+        return VISION_SITES if tower == "vision" else TEXT_SITES
+
+    def _probe_layers(self, tower: str) -> nn.ModuleList:
+        return self.blocks("image" if tower == "vision" else "text")
+
+    def probe_layers(self, tower: str) -> int:
+        return len(self._probe_layers(tower))
+
+    def probe_site(self, tower: str, name: str, layer: int) -> Site:
+        block = self._probe_layers(tower)[layer]
+        if name == "resid":
+            return Site(block, "output")
+        if tower == "vision":
+            if name == "mlp":
+                return Site(block.mlp, "output")
+            if name in ("self_attn", "self_head"):
+                attn = block.self_attn
+                return Site(attn.projection, "input", attn.num_heads if name == "self_head" else None)
+        else:
+            if name == "mlp":  # the feed-forward output proper: before its residual add and LayerNorm
+                return Site(block.output.dense, "output")
+            if name in ("self_attn", "self_head", "cross_attn", "cross_head"):
+                attention = block.attention if name.startswith("self") else block.crossattention
+                heads = attention.self.num_attention_heads if name.endswith("head") else None
+                return Site(attention.self, "output", heads)
+        raise ValueError(f"site {name!r} is not one of the {tower} tower's {self.probe_sites(tower)}")
+
+    def decision_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, modality: Modality) -> dict:
+        return {"pixel_values": pixel_values[:1], "input_ids": input_ids[:1], "attention_mask": attention_mask[:1]}
+
+    def decision_logits(self, inputs: dict[str, Tensor], rows: int, tower: str) -> Tensor:
+        """The first answer step's logits; the vision tower runs once (its output repeated) unless its own sites are
+        patched."""
+        expand = lambda t: t.expand(rows, *t.shape[1:])  # noqa: E731
+        mask = inputs.get("attention_mask")
+        mask = None if mask is None else expand(mask)
+        if tower == "vision":
+            return first_step_logits(self.module, expand(inputs["pixel_values"]), expand(inputs["input_ids"]), mask)
+        image = expand(self.module.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state)
+        return first_step_logits(self.module, None, expand(inputs["input_ids"]), mask, image_embeds=image)
+
+    def pooled_position(self, tower: str, inputs: dict[str, Tensor]) -> int:
+        raise ValueError(f"BLIP VQA's {tower} tower does not pool: use positions='each' or 'all'")
+
+    def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
+        """The text encoder's cross-attention (question tokens over image tokens), or the vision tower's
+        self-attention (BLIP's attention modules always return their probabilities)."""
+        layers = self._probe_layers(tower)
+        modules = [layer.self_attn for layer in layers] if tower == "vision" else [layer.crossattention.self for layer in layers]
+        with torch.no_grad():
+            return attention_probabilities(modules, lambda: self.decision_logits(inputs, 1, "vision"))

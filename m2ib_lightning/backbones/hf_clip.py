@@ -11,10 +11,14 @@ import inspect
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._rows import pre_ln_row
-from .base import HFLayout, HFPreprocessing, Modality, TowerState, block_output, features, padding_bias
+from .base import (
+    HFLayout, HFPreprocessing, Modality, TowerState, attention_probabilities, block_output, features, other, padding_bias,
+)
+from .capabilities import Site
 from .loading import HubOptions, load_pretrained
 
 
@@ -31,10 +35,11 @@ def has_pre_ln_blocks(block: nn.Module) -> bool:
 
 
 class HFCLIPBackbone(HFLayout, HFPreprocessing):
-    """Runs a ``transformers.CLIPModel`` tower from or up to any encoder block."""
+    """Runs a ``transformers.CLIPModel`` tower from or up to any encoder block; probes it as a two-choice matcher."""
 
     num_prefix_tokens = 1
     model_types = ("clip",)
+    probe_towers: tuple[str, ...] = ("image", "text")
 
     def __init__(self, model: nn.Module, processor: Any = None, *, pooled_row_only: bool = True):
         if not is_hf_clip(model):
@@ -50,6 +55,10 @@ class HFCLIPBackbone(HFLayout, HFPreprocessing):
     @classmethod
     def accepts(cls, model: Any) -> bool:
         return is_hf_clip(model)
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return (*super().capabilities, "probing")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, hub: HubOptions | None = None, **options: Any) -> "HFCLIPBackbone":
@@ -133,6 +142,48 @@ class HFCLIPBackbone(HFLayout, HFPreprocessing):
         if modality == "image":
             return features(self.module.get_image_features(pixel_values=inputs["pixel_values"]))
         return features(self.module.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+
+
+    # ---------------------------------------------------------------- probing
+    def default_probe_tower(self, modality: Modality) -> str:
+        """The corrupted modality's own tower."""
+        return modality
+
+    def probe_sites(self, tower: str) -> tuple[str, ...]:
+        return ("resid", "mlp", "self_attn", "self_head")
+
+    def probe_layers(self, tower: str) -> int:
+        return self.num_layers(tower)
+
+    def probe_site(self, tower: str, name: str, layer: int) -> Site:
+        block = self.blocks(tower)[layer]
+        if name == "resid":
+            return Site(block, "output")
+        if name == "mlp":
+            return Site(block.mlp, "output")
+        if name in ("self_attn", "self_head"):
+            return Site(block.self_attn.out_proj, "input", block.self_attn.num_heads if name == "self_head" else None)
+        raise ValueError(f"site {name!r} is not one of CLIP's {self.probe_sites(tower)}")
+
+    def decision_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, modality: Modality) -> dict:
+        """Sample 0 of the corrupted modality; the other modality's first two samples are the choices."""
+        inputs = {"image": {"pixel_values": pixel_values}, "text": {"input_ids": input_ids, "attention_mask": attention_mask}}
+        own, choices = inputs[modality], inputs[other(modality)]
+        return {**{k: v[:1] for k, v in own.items()}, "choices": {k: v[:2] for k, v in choices.items()}}
+
+    def decision_logits(self, inputs: dict[str, Tensor], rows: int, tower: str) -> Tensor:
+        """``logit_scale * cos`` of the input's embedding against each choice's: the answers are (0, 1)."""
+        choices = self.embed(other(tower), inputs["choices"])
+        own = {k: v.expand(rows, *v.shape[1:]) for k, v in inputs.items() if k != "choices"}
+        return self.module.logit_scale.exp() * F.normalize(self.embed(tower, own), dim=-1) @ F.normalize(choices, dim=-1).t()
+
+    def pooled_position(self, tower: str, inputs: dict[str, Tensor]) -> int:
+        return 0 if tower == "image" else int(self.pool_index(inputs["input_ids"])[0])
+
+    def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
+        own = {k: v for k, v in inputs.items() if k != "choices"}
+        with self.eager_attention(), torch.no_grad():
+            return attention_probabilities(self.attention_modules(tower), lambda: self.embed(tower, own))
 
 
 def check_pixels(pixel_values: Tensor, channels: int, image_size: int | tuple[int, int]) -> None:

@@ -99,6 +99,15 @@ def build_shapes_llava(
     return LlavaForConditionalGeneration(config)
 
 
+#: the parameter-name prefix of the vision tower (its learning-rate group)
+VISION_TOWER = "model.vision_tower."
+
+
+def set_vision_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze the vision tower (as LLaVA-1.5 does) or let it train."""
+    model.model.vision_tower.requires_grad_(trainable)
+
+
 def init_vision_from_clip(model: nn.Module, clip: nn.Module) -> None:
     """Copy a ``CLIPModel``'s vision tower into the LLaVA's (same shape; transformers 4.x nests one more level)."""
     tower = model.model.vision_tower

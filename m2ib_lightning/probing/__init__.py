@@ -1,14 +1,12 @@
 """Probing by activation patching between clean and minimally corrupted inputs (NOTICE-style)."""
 
-from .adapters import BlipVQAProbe, CLIPProbe, ProbingAdapter, Site, as_probing_adapter, register_probing_adapter
+from .adapters import ProbingAdapter, Site, as_probing_adapter, register_probing_adapter
 from .aggregate import HEAD_RANKINGS, answer_position, effect_by_role, head_scores, important_heads, mean_effect, universal_heads
 from .pairs import VQAPair, gaussian_noise, read_vqa_pairs, same_length_replacement, symmetric_token_replacement, vqa_minimal_pair
 from .patching import ActivationPatching, Cell, PatchingResult
 
 __all__ = [
     "ActivationPatching",
-    "BlipVQAProbe",
-    "CLIPProbe",
     "Cell",
     "PatchingResult",
     "ProbingAdapter",

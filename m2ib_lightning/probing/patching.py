@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..engine import eval_mode
-from .adapters import ProbingAdapter, Site, as_probing_adapter
+from ..backbones.capabilities import Probing
+from .adapters import Site, as_probing_adapter
 
 Direction = Literal["denoise", "noise"]
 #: older name of CLIP's head site
@@ -121,7 +122,7 @@ class ActivationPatching:
     def __init__(self, model: Any, *, batch_size: int = 64, min_gap: float = 1e-3):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.adapter: ProbingAdapter = as_probing_adapter(model)
+        self.adapter: Probing = as_probing_adapter(model)
         self.model = self.adapter.module
         self.batch_size, self.min_gap = batch_size, min_gap
 
@@ -209,16 +210,16 @@ class ActivationPatching:
             raise ValueError(f"positions must be 'each', 'all' or 'pooled', got {positions!r}")
         if direction not in ("denoise", "noise"):
             raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-        tower = tower or self.adapter.default_tower(modality)
-        if tower not in self.adapter.towers:
-            raise ValueError(f"tower must be one of {self.adapter.towers}, got {tower!r}")
-        if site not in self.adapter.sites(tower):
-            raise ValueError(f"site must be one of {self.adapter.sites(tower)} for the {tower} tower, got {site!r}")
+        tower = tower or self.adapter.default_probe_tower(modality)
+        if tower not in self.adapter.probe_towers:
+            raise ValueError(f"tower must be one of {self.adapter.probe_towers}, got {tower!r}")
+        if site not in self.adapter.probe_sites(tower):
+            raise ValueError(f"site must be one of {self.adapter.probe_sites(tower)} for the {tower} tower, got {site!r}")
         clean, corrupt, answers = self._inputs(clean, corrupt, choices, answers, modality)
 
         with eval_mode(self.model):
-            layers = self.adapter.num_layers(tower)
-            sites = [self.adapter.site(tower, site, layer) for layer in range(layers)]
+            layers = self.adapter.probe_layers(tower)
+            sites = [self.adapter.probe_site(tower, site, layer) for layer in range(layers)]
             clean_prob, clean_ld = (v.item() for v in self._scores(self.adapter.decision_logits(clean, 1, tower), answers))
             corrupt_prob, corrupt_ld = (v.item() for v in self._scores(self.adapter.decision_logits(corrupt, 1, tower), answers))
             source, base = (clean, corrupt) if direction == "denoise" else (corrupt, clean)

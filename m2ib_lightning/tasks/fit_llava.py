@@ -18,7 +18,10 @@ from torch.utils.data import Dataset
 
 from ..data.questions import QUESTION_KINDS, ShapesVQA
 from ..data.world_dataset import ImageToTensor
-from ..models.shapes_llava import IMAGE, build_llava_processor, build_llava_tokenizer, build_shapes_llava, init_vision_from_clip, prompt_text
+from ..models.shapes_llava import (
+    IMAGE, VISION_TOWER, build_llava_processor, build_llava_tokenizer, build_shapes_llava, init_vision_from_clip, prompt_text,
+    set_vision_trainable,
+)
 from .common import prepare_output, world_of
 from .fit_vqa import AnswerFit, fit_on_questions
 
@@ -102,7 +105,7 @@ def run(cfg: DictConfig) -> Path | None:
     freeze_vision, vision_lr_scale = settings.pop("freeze_vision"), settings.pop("vision_lr_scale")
     model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **settings)
     init_vision_from_clip(model, clip)
-    model.model.vision_tower.requires_grad_(not freeze_vision)
+    set_vision_trainable(model, not freeze_vision)
     image_tokens = model.config.image_seq_length
     to_tensor = ImageToTensor(processor.image_processor, cfg.world.image_size)
 
@@ -111,5 +114,5 @@ def run(cfg: DictConfig) -> Path | None:
     heldout = LlavaQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor,
                              image_tokens)
     collate = partial(collate_llava, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-    module = LlavaTraining(model, **cfg.optim, lr_scales={"model.vision_tower.": vision_lr_scale})
+    module = LlavaTraining(model, **cfg.optim, lr_scales={VISION_TOWER: vision_lr_scale})
     return fit_on_questions(cfg, out, module, train, heldout, collate, processor)

@@ -19,23 +19,25 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from ..data.world import WorldSample
+from ..data.world_dataset import pad_token_ids
 from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect, universal_heads
 from ..results import atomic_write
 from ..visualize import labelled_heatmap
-from .common import backbone_of, output_owner, prepare_output, world_of
+from ..backbones.capabilities import require
+from .common import backbone_of, loading, output_owner, prepare_output, world_of
 
 
-def _pair_inputs(processor, clean: WorldSample, corrupt: WorldSample, modality: str) -> tuple[Any, Any, Any]:
-    """(clean, corrupt, choices) for corrupting ``modality``; the right choice for the clean input first."""
-    tokenizer, images = processor.tokenizer, processor.image_processor
+def _pair_inputs(backbone, clean: WorldSample, corrupt: WorldSample, modality: str) -> tuple[Any, Any, Any]:
+    """(clean, corrupt, choices) for corrupting ``modality``, through the adapter's preprocessing; the right choice
+    for the clean input first."""
+    pixels = torch.stack([backbone.image_inputs(clean.image), backbone.image_inputs(corrupt.image)])
+    texts = [backbone.text_inputs(t).ids for t in (clean.text, corrupt.text)]
+    ids, mask = pad_token_ids(texts, backbone.pad_token_id)
     if modality == "image":
-        pixels = images(images=[clean.image, corrupt.image], return_tensors="pt")["pixel_values"]
-        choices = tokenizer([clean.text, corrupt.text], padding=True, return_tensors="pt")
-        return pixels[:1], pixels[1:], dict(choices)
-    texts = [tokenizer(t, return_tensors="pt") for t in (clean.text, corrupt.text)]
-    if texts[0]["input_ids"].shape != texts[1]["input_ids"].shape:
+        return pixels[:1], pixels[1:], {"input_ids": ids, "attention_mask": mask}
+    if len(texts[0]) != len(texts[1]):
         raise ValueError(f"captions {clean.text!r} and {corrupt.text!r} differ in token count")
-    return dict(texts[0]), dict(texts[1]), images(images=[clean.image, corrupt.image], return_tensors="pt")["pixel_values"]
+    return {"input_ids": ids[:1], "attention_mask": mask[:1]}, {"input_ids": ids[1:], "attention_mask": mask[1:]}, pixels
 
 
 #: settings that change the results: a rerun into the same output_dir must keep them
@@ -44,15 +46,16 @@ RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     backbone = backbone_of(cfg)
+    with loading(cfg):
+        require(backbone, "probing", f"a train.py {cfg.task} run")
     out = prepare_output(cfg)
     with output_owner(cfg, RESULT_KEYS, backbone.module).owning():
         return _probe(cfg, out, backbone)
 
 
 def _probe(cfg: DictConfig, out: Path, backbone) -> dict[str, Any]:
-    model, processor = backbone.module, backbone.processor
     world = world_of(cfg)
-    probe = ActivationPatching(model, batch_size=cfg.probe.batch_size, min_gap=cfg.probe.min_gap)
+    probe = ActivationPatching(backbone, batch_size=cfg.probe.batch_size, min_gap=cfg.probe.min_gap)
     start = time.perf_counter()
     results: dict[tuple[str, str, str], list[PatchingResult]] = {}  # (attribute, modality, site) -> per pair
     skipped = []
@@ -65,7 +68,7 @@ def _probe(cfg: DictConfig, out: Path, backbone) -> dict[str, Any]:
             continue
         for modality in cfg.probe.modalities:
             try:
-                inputs = _pair_inputs(processor, clean, corrupt, modality)
+                inputs = _pair_inputs(backbone, clean, corrupt, modality)
             except ValueError as err:
                 skipped.append({"pair": index, "modality": modality, "reason": str(err)})
                 continue

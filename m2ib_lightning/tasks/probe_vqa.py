@@ -30,9 +30,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from ..backbones.capabilities import require
 from ..config import ConfigError
 from ..data.questions import ShapesVQA, TWO_CHOICE_KINDS
-from ..backbones.hf_blip_vqa import first_step_logits
 from ..probing import (
     ActivationPatching,
     answer_position,
@@ -50,7 +50,7 @@ from ..probing import (
 from ..probing.patching import PatchingResult
 from ..results import atomic_write, safe_name
 from ..visualize import labelled_heatmap
-from .common import hub_options, loading, output_owner, owned_trainer, world_of
+from .common import backbone_of, loading, output_owner, owned_trainer, world_of
 
 RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange", "cyan"],
@@ -58,23 +58,16 @@ OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange",
                 "side": ["left", "right", "above", "below"], "place": ["left", "right", "above", "below"]}
 
 
-def load_vqa(name_or_path: str, hub=None):
-    from transformers import BlipForQuestionAnswering
-
-    from ..backbones.loading import load_pretrained
-
-    return load_pretrained(BlipForQuestionAnswering, name_or_path, hub)
-
-
 class PairItems(Dataset):
-    """Probing pairs as model inputs; a pair that cannot be made or read becomes ``{"id", "failure"}``.
+    """Probing pairs as model inputs, through the family adapter's preprocessing; a pair that cannot be made or read
+    becomes ``{"id", "failure"}``.
 
     ``skip(ids)`` leaves out pairs already probed (a resumed run); a pair keeps its index in the whole list,
     which its noise seed and its place in the results follow.
     """
 
-    def __init__(self, pairs: list[VQAPair], processor: Any):
-        self.pairs, self.processor = pairs, processor
+    def __init__(self, pairs: list[VQAPair], adapter: Any):
+        self.pairs, self.adapter = pairs, adapter
         self.order = list(range(len(pairs)))
 
     def skip(self, ids: set[str]) -> None:
@@ -86,28 +79,30 @@ class PairItems(Dataset):
     def __getitem__(self, position: int) -> dict[str, Any]:
         index = self.order[position]
         pair = self.pairs[index]
-        tokenizer = self.processor.tokenizer
+        adapter = self.adapter
         try:
-            clean = self.processor(images=pair.clean_image(), text=pair.question, return_tensors="pt")
-            corrupt_pixels = self.processor.image_processor(images=pair.corrupt_image(), return_tensors="pt")["pixel_values"]
-            answers = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (pair.answer, pair.wrong)]
+            clean = adapter.question_inputs(pair.clean_image(), pair.question)
+            corrupt_pixels = adapter.question_inputs(pair.corrupt_image(), pair.question).image["pixel_values"][None]
+            answers = [adapter.answer_inputs(w)[0] for w in (pair.answer, pair.wrong)]
         except (ValueError, OSError) as err:
             return {"index": index, "id": pair.id, "failure": str(err)}
+        ids = torch.tensor([clean.ids])
         item = {
             "index": index, "id": pair.id, "kind": pair.kind, "question": pair.question, "answers": answers,
-            "clean": {k: clean[k] for k in ("pixel_values", "input_ids", "attention_mask")},
+            "clean": {"pixel_values": clean.image["pixel_values"][None], "input_ids": ids, "attention_mask": torch.ones_like(ids)},
             "corrupt_pixels": corrupt_pixels,
             "roles": ["[CLS]", *pair.roles, "[SEP]"],
         }
-        pieces = tokenizer.convert_ids_to_tokens(clean["input_ids"][0].tolist())
-        item["answer_position"] = answer_position(pieces, tokenizer.tokenize(pair.answer))
-        if len(item["roles"]) != clean["input_ids"].shape[1]:
-            item["roles"] = [f"pos{i}" for i in range(clean["input_ids"].shape[1])]  # words split into pieces
+        pieces = adapter.token_strings(clean.ids)
+        item["answer_position"] = answer_position(pieces, adapter.token_strings(adapter.answer_inputs(pair.answer)))
+        if len(item["roles"]) != len(clean.ids):
+            item["roles"] = [f"pos{i}" for i in range(len(clean.ids))]  # words split into pieces
         words = OPTION_WORDS.get(pair.kind, [])
         try:
-            item["corrupt_question"] = symmetric_token_replacement(
-                tokenizer, pair.question, [pair.answer, pair.wrong], [w for w in words if w not in (pair.answer, pair.wrong)]
+            question = symmetric_token_replacement(
+                adapter.tokenizer, pair.question, [pair.answer, pair.wrong], [w for w in words if w not in (pair.answer, pair.wrong)]
             )
+            item["corrupt_ids"] = torch.tensor([adapter.question_inputs(pair.clean_image(), question).ids])
         except ValueError as err:
             item["text_failure"] = str(err)
         return item
@@ -116,10 +111,10 @@ class PairItems(Dataset):
 class VQAProbing(L.LightningModule):
     """Probes every pair of a predict batch with every configured corruption, tower and site."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, probe: DictConfig, corruptions: list[str], noise_std: float, seed: int):
+    def __init__(self, adapter: Any, probe: DictConfig, corruptions: list[str], noise_std: float, seed: int):
         super().__init__()
-        self.model, self.processor = model, processor
-        self.probe = ActivationPatching(model, batch_size=probe.batch_size, min_gap=probe.min_gap)
+        self.model, self.adapter = adapter.module, adapter
+        self.probe = ActivationPatching(adapter, batch_size=probe.batch_size, min_gap=probe.min_gap)
         self.settings, self.corruptions, self.noise_std, self.seed = probe, corruptions, noise_std, seed
 
     def _inputs(self, item: dict[str, Any], corruption: str) -> tuple[dict, dict] | str:
@@ -130,8 +125,7 @@ class VQAProbing(L.LightningModule):
             return clean, {**clean, "pixel_values": gaussian_noise(clean["pixel_values"], self.noise_std, self.seed + item["index"])}
         if "text_failure" in item:
             return item["text_failure"]
-        ids = self.processor.tokenizer(item["corrupt_question"], return_tensors="pt")["input_ids"].to(self.device)
-        return clean, {**clean, "input_ids": ids}
+        return clean, {**clean, "input_ids": item["corrupt_ids"].to(self.device)}
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         out = []
@@ -142,7 +136,8 @@ class VQAProbing(L.LightningModule):
             record = {"index": item["index"], "id": item["id"], "kind": item["kind"], "roles": item["roles"], "results": {},
                       "skipped": {}, "answer_position": item["answer_position"]}
             with torch.no_grad():
-                logits = first_step_logits(self.model, *(item["clean"][k].to(self.device) for k in ("pixel_values", "input_ids", "attention_mask")))
+                clean = {k: v.to(self.device) for k, v in item["clean"].items()}
+                logits = self.adapter.decision_logits(clean, 1, self.adapter.default_probe_tower("image"))
             record["correct"] = int(logits.argmax(-1).item() == item["answers"][0])
             for corruption in self.corruptions:
                 inputs = self._inputs(item, corruption)
@@ -154,7 +149,7 @@ class VQAProbing(L.LightningModule):
                     if tower == "vision" and modality == "text":
                         continue  # text corruption cannot reach the vision tower
                     for site in self.settings.sites:
-                        if site not in self.probe.adapter.sites(tower):
+                        if site not in self.adapter.probe_sites(tower):
                             continue
                         if site.endswith("head"):  # NOTICE ranks text-encoder heads one token at a time
                             each = tower == "text" and self.settings.head_ranking == "notice"
@@ -202,17 +197,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     unknown = set(cfg.data.corruption) - {"image", "text", "noise"}
     if unknown or set(cfg.data.kinds) - set(TWO_CHOICE_KINDS):
         raise ConfigError(f"data.corruption takes image, text, noise and data.kinds {TWO_CHOICE_KINDS}; got {cfg.data.corruption}, {cfg.data.kinds}")
+    adapter = backbone_of(cfg, "questions")
     with loading(cfg):
-        model, processor = load_vqa(cfg.model.name_or_path, hub_options(cfg))
+        require(adapter, "probing", f"a train.py {cfg.task} run")
     out = Path(cfg.output_dir)
     pairs, upfront_failures, passed_over = _pairs(cfg)
-    module = VQAProbing(model, processor, cfg.probe, list(cfg.data.corruption), cfg.data.noise_std, cfg.seed)
-    items, parts = PairItems(pairs, processor), out / "parts"
+    module = VQAProbing(adapter, cfg.probe, list(cfg.data.corruption), cfg.data.noise_std, cfg.seed)
+    items, parts = PairItems(pairs, adapter), out / "parts"
 
     def resume(trainer: L.Trainer, done: set[str]) -> None:  # once the output is owned: what earlier runs probed
         items.skip({pair.id for pair in pairs if part_path(parts, pair.id).exists()})
 
-    owner = output_owner(cfg, RESULT_KEYS, model, on_owned=(resume,))
+    owner = output_owner(cfg, RESULT_KEYS, adapter.module, on_owned=(resume,))
     trainer = owned_trainer(cfg, owner, [PairRecordWriter(parts)])
     loader = DataLoader(items, batch_size=1, collate_fn=list)
     start = time.perf_counter()
@@ -221,7 +217,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.strategy.barrier()  # every rank's pairs are written before rank 0 merges
         if trainer.global_rank != 0:
             return {}
-        return _merge(cfg, out, trainer, parts, upfront_failures, model, processor, pairs, passed_over, start, len(items))
+        return _merge(cfg, out, trainer, parts, upfront_failures, adapter, pairs, passed_over, start, len(items))
     finally:
         owner.release()
 
@@ -247,7 +243,7 @@ class PairRecordWriter(L.Callback):
             atomic_write(path, lambda tmp, record=record: torch.save(record, tmp))
 
 
-def _merge(cfg, out, trainer, parts, upfront_failures, model, processor, pairs, passed_over, start, probed) -> dict[str, Any]:
+def _merge(cfg, out, trainer, parts, upfront_failures, adapter, pairs, passed_over, start, probed) -> dict[str, Any]:
     """Rank 0: every pair's record, this run's and earlier runs', in pair order (a failure only where no record is)."""
     records = []
     for pair in pairs:
@@ -255,7 +251,7 @@ def _merge(cfg, out, trainer, parts, upfront_failures, model, processor, pairs, 
             if path.exists():
                 records.append(torch.load(path, weights_only=True))
                 break
-    summary = _aggregate(cfg, out, records, upfront_failures, model, processor, pairs, trainer)
+    summary = _aggregate(cfg, out, records, upfront_failures, adapter, pairs, trainer)
     summary["world_questions_passed_over"] = passed_over
     summary["probed_now"], summary["probed_before"] = probed, len(records) - probed
     summary["wall_time_s"] = round(time.perf_counter() - start, 2)
@@ -264,7 +260,7 @@ def _merge(cfg, out, trainer, parts, upfront_failures, model, processor, pairs, 
     return summary
 
 
-def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, processor, pairs, trainer) -> dict[str, Any]:
+def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], adapter, pairs, trainer) -> dict[str, Any]:
     done = [r for r in records if "failure" not in r]
     failures = upfront + [{"id": r["id"], "reason": r["failure"]} for r in records if "failure" in r]
     failures += [{"id": r["id"], "corruption": c, "reason": why} for r in done for c, why in r["skipped"].items()]
@@ -309,7 +305,7 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], model, 
         atomic_write(figure_dir / f"{key.replace('/', '_')}.png", png)
     universal = universal_heads(important)
     _write_heads_csv(out, ranked, important)
-    overlays = _head_overlays(cfg, model, processor, pairs, done, universal, important, figure_dir)
+    overlays = _head_overlays(cfg, adapter, pairs, done, important, figure_dir)
     _log_figures(trainer, {**figures, **overlays})
     accuracy = {}
     for kind in sorted({r["kind"] for r in done}):
@@ -370,7 +366,7 @@ def _write_heads_csv(out: Path, ranked: dict, important: dict) -> None:
     atomic_write(out / "heads.csv", buffer.getvalue())
 
 
-def _head_overlays(cfg, model, processor, pairs, done, universal, important, figure_dir: Path) -> dict[str, bytes]:
+def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> dict[str, bytes]:
     """For the top cross-attention heads: the attention of the question's noun over the image, minus the mean over
     heads, on the first pair of each task (NOTICE's reading of head functions)."""
     from ..visualize import overlay
@@ -391,14 +387,17 @@ def _head_overlays(cfg, model, processor, pairs, done, universal, important, fig
     tiles = []
     for record, pair in examples:
         image = pair.clean_image()
-        inputs = processor(images=image, text=pair.question, return_tensors="pt")
-        probs = _cross_attention(model, inputs)
+        question = adapter.question_inputs(image, pair.question)
+        ids = torch.tensor([question.ids])
+        pixels = question.image["pixel_values"][None]
+        inputs = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        probs = adapter.head_attention("text", inputs)
         position = next((i for i, role in enumerate(record["roles"]) if role == "NOUN"), 0)
-        grid = int(round((probs[0].shape[-1] - 1) ** 0.5))
-        picture = np.asarray(image.convert("RGB").resize((grid * 24, grid * 24), Image.NEAREST))
+        rows, cols = adapter.patch_grid(pixels)
+        picture = np.asarray(image.convert("RGB").resize((cols * 24, rows * 24), Image.NEAREST))
         for layer, head in top:
-            attention = probs[layer][0, :, position, 1:]  # (heads, patches), CLS dropped
-            difference = (attention[head] - attention.mean(0)).view(1, 1, grid, grid)
+            attention = probs[layer][0, :, position, -rows * cols:]  # (heads, patches), CLS dropped
+            difference = (attention[head] - attention.mean(0)).view(1, 1, rows, cols)
             heat = torch.nn.functional.interpolate(difference, size=picture.shape[:2], mode="nearest")[0, 0]
             heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
             tiles.append((f"{record['kind']}: L{layer} H{head}", overlay(picture, heat.numpy())))
@@ -407,20 +406,6 @@ def _head_overlays(cfg, model, processor, pairs, done, universal, important, fig
     figure.save(buffer, format="PNG")
     atomic_write(figure_dir / "head_overlays.png", buffer.getvalue())
     return {"head_overlays": buffer.getvalue()}
-
-
-@torch.no_grad()
-def _cross_attention(model, inputs) -> list[torch.Tensor]:
-    """Cross-attention probabilities (1, heads, question tokens, image tokens) of every text-encoder layer."""
-    probs: list[torch.Tensor] = []
-    handles = [layer.crossattention.self.register_forward_hook(lambda m, a, out: probs.append(out[1]))
-               for layer in model.text_encoder.encoder.layer]
-    try:
-        first_step_logits(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return probs
 
 
 def _tile(tiles: list[tuple[str, Image.Image]], columns: int) -> Image.Image:
