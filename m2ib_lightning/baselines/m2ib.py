@@ -1,0 +1,39 @@
+"""M2IB itself as a method of the comparison (both maps)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..engine import M2IB, M2IBConfig
+from .base import AttributionMethod, Maps, register_method
+from .scoring import AnswerScorer
+
+
+@register_method
+class M2IBMethod(AttributionMethod):
+    """M2IB itself (both maps); ``settings`` are :class:`~m2ib_lightning.engine.M2IBConfig`'s."""
+
+    name = "m2ib"
+    has_text_map = True
+
+    def __init__(self, backbone: Any, **settings: Any):
+        AttributionMethod.__init__(self, backbone)
+        self.config = M2IBConfig(**settings)
+        self.explainer = None if isinstance(self.scorer, AnswerScorer) else M2IB(self.backbone, self.config)
+
+    def attribute(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None,
+        answers: tuple[Tensor, Tensor] | None = None,
+    ) -> Maps:
+        if self.explainer is None:  # a VLM that answers: the fit term is log p(answer)
+            from ..answers import attribute_answers
+
+            if answers is not None:
+                self.scorer.bind(*answers)
+            result = attribute_answers(self.backbone, pixel_values, input_ids, attention_mask, *self.scorer._bound(),
+                                       config=self.config, seed=seeds)
+            return Maps(result.image_maps, result.text_maps)
+        result = self.explainer.attribute(pixel_values, input_ids, attention_mask, seed=seeds)
+        return Maps(result.image_maps, result.text_maps)
