@@ -8,21 +8,23 @@ block's own through a forward hook placed before every other hook (transformers 
 hooks of its own: LLaVA reads ``hidden_states[vision_feature_layer]`` through them), removed after each pass,
 also on errors. What a fit cannot change is computed once (the adapter's ``fit_inputs``: the vision tower
 for the text fit), the vocabulary projection runs only where answer tokens are predicted, and the K copies
-go in one batch; the rest of the model runs at each step (a prefix cache of the language model is where it
-can get faster still).
+go in one batch. Where the adapter can score from a block's output (``answer_from_block``), the first pass
+runs the whole model and records the arguments each later block is called with; every later pass runs only
+those blocks, from the bottleneck on, with the same arguments (an explicit tail run: the blocks before the
+bottleneck, the vision prefix or the language model's, run once).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones.base import ImageLayout, Modality
+from .backbones.base import ImageLayout, Modality, block_output
 from .bottleneck import INITIAL_ALPHA, capacity, masked_moments, sample
 from .engine import M2IBConfig, Seeds, _as_seeds, draw_noise, eval_mode, generators_for, minmax
 
@@ -95,6 +97,54 @@ def replaced_output(block: nn.Module, value: Tensor | None = None, capture: list
         handle.remove()
 
 
+@dataclass(frozen=True)
+class BlockCall:
+    """How the model's own forward called a block: the arguments besides the hidden states."""
+
+    args: tuple
+    kwargs: dict
+    hidden_positional: bool
+
+    def __call__(self, block: nn.Module, hidden: Tensor) -> Tensor:
+        if self.hidden_positional:
+            return block_output(block(hidden, *self.args, **self.kwargs))
+        return block_output(block(*self.args, hidden_states=hidden, **self.kwargs))
+
+
+@contextlib.contextmanager
+def recorded_calls(blocks: Sequence[nn.Module], calls: list[BlockCall]) -> Iterator[None]:
+    """While inside, each of ``blocks`` appends how it is called to ``calls``; the hooks are removed, also on errors."""
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args:
+            calls.append(BlockCall(args[1:], dict(kwargs), True))
+        else:
+            calls.append(BlockCall((), {k: v for k, v in kwargs.items() if k != "hidden_states"}, False))
+
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def tail_blocks(model: Any, modality: Modality, layer: int) -> Sequence[nn.Module] | None:
+    """The blocks an explicit tail run takes from block ``layer``'s output to the one ``answer_from_block`` reads;
+    None where the adapter cannot score from a block's output (the whole model then runs at each pass)."""
+    end = getattr(model, "tail_end", None)
+    last = None if end is None or not hasattr(model, "answer_from_block") else end(modality)
+    if last is None or last < layer:
+        return None
+    return model.blocks(modality)[layer + 1:last + 1]
+
+
+def _replayable(calls: list[BlockCall], blocks: Sequence[nn.Module]) -> bool:
+    """One call per block, none carrying a key/value cache (which a replay would extend)."""
+    return len(calls) == len(blocks) and all(c.kwargs.get("past_key_values", c.kwargs.get("past_key_value")) is None
+                                             for c in calls)
+
+
 def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int, seeds: Tensor,
                           config: M2IBConfig) -> tuple[Tensor, Tensor]:
     """Fit one tower's bottleneck at block ``layer`` for a batch; returns (per-position capacity (B, T), zero where
@@ -115,13 +165,21 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
     alpha = torch.full_like(hidden, INITIAL_ALPHA, requires_grad=True)
     optimizer = torch.optim.Adam([alpha], lr=config.lr)
     copies = config.num_noise
+    tail, calls = tail_blocks(model, modality, layer), []
     for step in range(config.steps):
         noise = draw_noise(generators, copies, positions, dim, hidden.dtype).to(hidden.device)
         mu, var = masked_moments(hidden, alpha)
         nats = capacity(mu, var) * element_mask
         noisy = torch.where(real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
-        with replaced_output(block, model.bottleneck_output(modality, batch, noisy)):
-            fit = model.answer_log_likelihood(batch, copies).view(batch_size, copies).mean(1)
+        output = model.bottleneck_output(modality, batch, noisy)
+        if step > 0 and tail is not None and _replayable(calls, tail):
+            for blk, call in zip(tail, calls):
+                output = call(blk, output)
+            fit = model.answer_from_block(modality, batch, output, copies).view(batch_size, copies).mean(1)
+        else:
+            recording = recorded_calls(tail, calls) if step == 0 and tail is not None else contextlib.nullcontext()
+            with replaced_output(block, output), recording:
+                fit = model.answer_log_likelihood(batch, copies).view(batch_size, copies).mean(1)
         if step == config.steps - 1:
             break  # the map is read from this pass
         loss = (config.beta * nats.sum((1, 2)) / elements - fit).sum()  # a sum: each sample's gradient is its solo run's

@@ -171,6 +171,25 @@ def test_the_engine_equals_a_naive_per_sample_loop_float64_for_both_fits(layer):
         torch.testing.assert_close(result.text_capacity[b, columns], text[: len(columns)], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["hf_llava", "hf_qwen2_vl"])
+def test_after_the_first_pass_only_the_blocks_after_the_bottleneck_run(family):
+    """The explicit tail run: the first block of each tower runs in the clean pass and the first fit pass only (the
+    text fit reads the input embeddings once), not at every step; the maps are the naive reference's (above)."""
+    build, example_inputs = ANSWER_FAMILIES[family]
+    model, example = build(), dict(example_inputs())
+    args = [example.pop(k) for k in NAMES]
+    runs = {"image": 0, "text": 0}
+    handles = [model.blocks(m)[0].register_forward_hook(lambda *_, m=m: runs.__setitem__(m, runs[m] + 1)) for m in runs]
+    try:
+        attribute_answers(model, *args, config=M2IBConfig(vision_layer=1, text_layer=1, steps=5, num_noise=2), **example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # vision block 0: the image fit's clean pass and first pass, the text fit's input embeddings (once);
+    # language-model layer 0: the image fit's clean pass and its 5 passes (the image changes), the text fit's 2
+    assert runs == {"image": 3, "text": 2 + 5 + 2}
+
+
 def test_padding_image_tokens_and_the_answer_get_no_capacity_and_a_batch_gives_each_sample_its_solo_maps():
     model = tiny_llava()
     pixels, ids, mask, answers, answer_mask = inputs()

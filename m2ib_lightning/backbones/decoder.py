@@ -126,8 +126,43 @@ class HFDecoderAnswerer(HFAnswerLayout):
         """(B * copies,) sum over real answer tokens of log_softmax(logits)[answer], each sample's rows repeated
         ``copies`` times (the K noise copies); only the positions that predict answer tokens reach the vocabulary."""
         inputs = self.repeat_inputs(batch.inputs, copies)
-        logits = self.module(**inputs, logits_to_keep=batch.score_positions).logits  # (B * copies, positions, V)
+        logits = self.module(**inputs, logits_to_keep=batch.score_positions, use_cache=False).logits
+        return self._answer_scores(logits, batch, copies)
+
+    def _answer_scores(self, logits: Tensor, batch: AnswerBatch, copies: int) -> Tensor:
+        """(B * copies,) log p(answer) from the logits (B * copies, score positions, V) at ``batch.score_positions``."""
         column = batch.score_index.repeat_interleave(copies, dim=0)
         picked = logits.gather(1, column[..., None].expand(-1, -1, logits.shape[-1]))
         scores = F.log_softmax(picked, dim=-1).gather(-1, batch.targets.repeat_interleave(copies, dim=0)[..., None])[..., 0]
         return (scores * batch.score_mask.repeat_interleave(copies, dim=0)).sum(1)
+
+    # ------------------------------------------------------------------ explicit tail runs
+    def tail_end(self, modality: Modality) -> int | None:
+        """The block whose output :meth:`answer_from_block` scores from: the language model's last layer, or the
+        vision block whose output becomes the image features (None: no tail run for this tower)."""
+        return self.num_layers("text") - 1 if modality == "text" else self.image_feature_block()
+
+    def image_feature_block(self) -> int | None:
+        """The vision block whose output :meth:`image_features` turns into language-model tokens."""
+        raise NotImplementedError
+
+    def image_features(self, hidden: Tensor) -> Tensor:
+        """The output of :meth:`image_feature_block` (the batch repeated) as the language model's image tokens."""
+        raise NotImplementedError
+
+    def answer_from_block(self, modality: Modality, batch: AnswerBatch, hidden: Tensor, copies: int) -> Tensor:
+        """(B * copies,) log p(answer) from the output of block :meth:`tail_end` for the batch repeated ``copies``
+        times: the final norm and the vocabulary projection at the answer-predicting positions (text), or the image
+        tokens in place of the image placeholders and the language model (image), as the model's forward does."""
+        if modality == "text":
+            logits = self.module.lm_head(self._language_model().norm(hidden[:, batch.score_positions]))
+            return self._answer_scores(logits, batch, copies)
+        inputs = self.repeat_inputs(batch.inputs, copies)
+        ids = inputs.pop("input_ids")
+        for name in ("pixel_values", "image_grid_thw"):
+            inputs.pop(name, None)
+        embeds = self.module.get_input_embeddings()(ids)
+        features = self.image_features(hidden).to(embeds.dtype)
+        embeds = embeds.masked_scatter((ids == self.image_token_id)[..., None].expand_as(embeds), features)
+        logits = self.module(inputs_embeds=embeds, **inputs, logits_to_keep=batch.score_positions, use_cache=False).logits
+        return self._answer_scores(logits, batch, copies)

@@ -61,6 +61,20 @@ class HFLlavaAnswerer(HFQuestions, HFDecoderAnswerer):
                                  f"language model reads (vision_feature_layer={read}): the bottleneck would be bypassed")
         return index
 
+    def image_feature_block(self) -> int | None:
+        """The block ``vision_feature_layer`` reads (None when it reads several: no tail run then)."""
+        read = self.config.vision_feature_layer
+        if isinstance(read, (list, tuple)):
+            return None
+        return read % (self.num_layers("image") + 1) - 1
+
+    def image_features(self, hidden: Tensor) -> Tensor:
+        """That block's output, CLS dropped under the ``default`` strategy, through the projector."""
+        if self.config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, self.num_prefix_tokens:]
+        projector = getattr(self.module.model, "multi_modal_projector", None) or self.module.multi_modal_projector
+        return projector(hidden)
+
     def image_layout(self, pixel_values: Tensor, batch: int) -> tuple[Tensor, ImageLayout]:
         """Every vision-tower token (CLS included, where there is one), the patches in raster order."""
         one_image_per_sample(pixel_values, batch)

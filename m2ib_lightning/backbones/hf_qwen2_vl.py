@@ -128,6 +128,14 @@ class HFQwen2VLAnswerer(HFDecoderAnswerer):
         one["pixel_values"] = inputs["pixel_values"][start:start + counts[index]]
         return one
 
+    def image_feature_block(self) -> int:
+        """The last vision block: the merger reads its output."""
+        return self.num_layers("image") - 1
+
+    def image_features(self, hidden: Tensor) -> Tensor:
+        """The packed patches through the 2x2 merger."""
+        return self._parts()[0].merger(hidden)
+
     # ------------------------------------------------------------------ packed vision tokens
     def bottleneck_tokens(self, modality: Modality, batch: AnswerBatch, output: Tensor) -> Tensor:
         """The vision block's packed (patches, D) output as (B, most patches, D), zero-padded."""
