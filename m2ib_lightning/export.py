@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Iterator
 
-from .results import _indexed_samples, index_entries
+from .results import indexed_samples, index_entries
 
 SCALARS = {"text": "string", "answer": "string", "answer_source": "string", "class": "string",
            "image_fit": "float64", "text_fit": "float64", "length": "int64"}
@@ -66,7 +66,7 @@ def _row(entry: dict[str, Any], tensors: dict[str, Any], schema: Any, maps: bool
 def _by_shard(output_dir: Path) -> Iterator[list[tuple[dict, dict]]]:
     """The samples of one shard at a time (its tensors loaded once)."""
     group: list[tuple[dict, dict]] = []
-    for entry, tensors in _indexed_samples(output_dir):
+    for entry, tensors in indexed_samples(output_dir):
         if group and entry["shard"] != group[-1][0]["shard"]:
             yield group
             group = []
