@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..callbacks import AttributionWriter, RunSummary, TensorBoardAttributionLogger
 from ..data.attribution import PairDataModule, QuestionWorldSource, WorldSource
 from ..engine import M2IBConfig
-from ..module import AnswerM2IBModule, M2IBModule
+from ..modules import AnswerM2IBModule, M2IBModule
 from ..results import FAILURES_FILE, atomic_write, merged_failures
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 

@@ -20,7 +20,8 @@ from ..callbacks import EvaluationWriter
 from ..config import ConfigError
 from ..data.attribution import PairDataModule
 from ..data.world import SHAPES
-from ..evaluation import COLUMNS, EvaluationModule, MetricSettings, column_label, higher_is_better
+from ..evaluation import COLUMNS, MetricSettings, column_label, higher_is_better
+from ..modules import EvaluationModule
 from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures
 from ..visualize import method_grid
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..data.questions import QUESTION_KINDS, ShapesVQA
@@ -23,7 +23,8 @@ from ..models.shapes_llava import (
     set_vision_trainable,
 )
 from .common import prepare_output, world_of
-from .fit_vqa import AnswerFit, fit_on_questions
+from ..modules import LlavaTraining
+from .fit_vqa import fit_on_questions
 
 IGNORE = -100  # the label of a position the loss skips (transformers' convention)
 
@@ -69,24 +70,6 @@ def collate_llava(items: list[dict[str, Any]], pad_id: int, eos_id: int) -> dict
         "wrong": torch.tensor([item["wrong"] for item in items]),
         "kind": torch.tensor([item["kind"] for item in items]),
     }
-
-
-class LlavaTraining(AnswerFit):
-    """Fits an injected ``LlavaForConditionalGeneration`` on one-word answers."""
-
-    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """The logits at the positions that predict the answer word and ``</s>`` (the last two of each row)."""
-        return self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-                          position_ids=batch["position_ids"], logits_to_keep=3).logits[:, :2]
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self._logits(batch)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, -2:].flatten())
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return self._logits(batch)[:, 0]
 
 
 def run(cfg: DictConfig) -> Path | None:

@@ -9,12 +9,11 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..backbones.hf_blip_vqa import first_step_logits
-from ..contrastive import adamw_with_warmup_cosine
-from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS, ShapesVQA
+from ..modules import AnswerFit, VQATraining
+from ..data.questions import QUESTION_KINDS, ShapesVQA
 from ..data.world_dataset import ImageToTensor, pad_token_ids
 from ..models.shapes_blip_vqa import (
     build_shapes_blip_vqa,
@@ -64,49 +63,6 @@ def collate_questions(items: list[dict[str, Any]], pad_id: int) -> dict[str, Ten
         "wrong": torch.tensor([item["wrong"] for item in items]),
         "kind": torch.tensor([item["kind"] for item in items]),
     }
-
-
-class AnswerFit(L.LightningModule):
-    """What the VQA fits share: an injected model, AdamW with warm-up and cosine decay, and held-out accuracy per
-    question kind (the first answer token's argmax over the whole vocabulary, as the model answers)."""
-
-    def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200,
-                 lr_scales: dict[str, float] | None = None):
-        super().__init__()
-        self.model = model
-        self.save_hyperparameters(ignore=["model"])
-
-    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """(B, vocab) logits of the first answer token."""
-        raise NotImplementedError
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        with torch.no_grad():
-            correct = self.first_answer_logits(batch).argmax(-1) == batch["answer"]
-        for i, kind in enumerate(QUESTION_KINDS):
-            rows = batch["kind"] == i
-            if rows.any():
-                self.log(f"val/acc_{kind}", correct[rows].float().mean(), batch_size=int(rows.sum()),
-                         prog_bar=kind in TWO_CHOICE_KINDS, sync_dist=True)
-
-    def configure_optimizers(self):
-        return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
-                                        int(self.trainer.estimated_stepping_batches), self.hparams.lr_scales)
-
-
-class VQATraining(AnswerFit):
-    """Fits an injected ``BlipForQuestionAnswering`` on one-word answers."""
-
-    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return first_step_logits(self.model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.model(
-            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-        ).loss
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
 
 
 def accuracy_per_kind(metrics: dict) -> dict[str, float]:

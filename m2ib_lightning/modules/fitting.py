@@ -1,4 +1,5 @@
-"""Training a CLIP with Lightning: a multi-positive contrastive loss and retrieval validation.
+"""The fits of the shipped models, as LightningModules: a CLIP (a multi-positive contrastive loss and retrieval
+validation) and the VQA models (BLIP VQA, LLaVA: the answer's cross-entropy, held-out accuracy per question kind).
 
 In the shapes world a caption often describes several images of a batch ("a red
 circle" fits every image holding one). The plain one-positive CLIP loss then
@@ -15,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones.base import features
+from ..backbones.base import features
+from ..backbones.hf_blip_vqa import first_step_logits
+from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS
 
 
 def multi_positive_contrastive_loss(logits: Tensor, positives: Tensor) -> Tensor:
@@ -84,3 +87,64 @@ def adamw_with_warmup_cosine(model: nn.Module, lr: float, weight_decay: float, w
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class AnswerFit(L.LightningModule):
+    """What the VQA fits share: an injected model, AdamW with warm-up and cosine decay, and held-out accuracy per
+    question kind (the first answer token's argmax over the whole vocabulary, as the model answers)."""
+
+    def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200,
+                 lr_scales: dict[str, float] | None = None):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, vocab) logits of the first answer token."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        with torch.no_grad():
+            correct = self.first_answer_logits(batch).argmax(-1) == batch["answer"]
+        for i, kind in enumerate(QUESTION_KINDS):
+            rows = batch["kind"] == i
+            if rows.any():
+                self.log(f"val/acc_{kind}", correct[rows].float().mean(), batch_size=int(rows.sum()),
+                         prog_bar=kind in TWO_CHOICE_KINDS, sync_dist=True)
+
+    def configure_optimizers(self):
+        return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
+                                        int(self.trainer.estimated_stepping_batches), self.hparams.lr_scales)
+
+
+class VQATraining(AnswerFit):
+    """Fits an injected ``BlipForQuestionAnswering`` on one-word answers."""
+
+    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return first_step_logits(self.model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.model(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+
+class LlavaTraining(AnswerFit):
+    """Fits an injected ``LlavaForConditionalGeneration`` on one-word answers."""
+
+    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """The logits at the positions that predict the answer word and ``</s>`` (the last two of each row)."""
+        return self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"], logits_to_keep=3).logits[:, :2]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self._logits(batch)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, -2:].flatten())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self._logits(batch)[:, 0]

@@ -13,8 +13,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from .answers import answer_fields, attribute_answers, complete_answers, unanswerable
-from .engine import M2IB, M2IBConfig
+from ..answers import answer_fields, attribute_answers, complete_answers, unanswerable
+from ..engine import M2IB, M2IBConfig
 
 
 class M2IBModule(L.LightningModule):
