@@ -18,9 +18,9 @@ _FONT = ImageFont.load_default()
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
-    """[0, 1] -> RGB uint8 along a blue-cyan-yellow-red ramp."""
+    """[0, 1] -> RGB uint8 along a blue-cyan-yellow-red ramp (NaN, a map a method lacks, as 0)."""
     stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
-    position = np.clip(values, 0, 1) * (len(stops) - 1)
+    position = np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * (len(stops) - 1)
     low = np.floor(position).astype(int).clip(0, len(stops) - 2)
     frac = (position - low)[..., None]
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)

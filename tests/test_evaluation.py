@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import GREY_SEVEN, ROOT, make_images, make_texts, tiny_blip_itc, tiny_clip, tiny_siglip
 from m2ib_lightning.baselines import METHODS, Maps, make_method
-from m2ib_lightning.config import load_config
+from m2ib_lightning.config import ConfigError, load_config
 from m2ib_lightning.evaluation import Evaluator, MetricSettings
 from m2ib_lightning.metrics import curve_auc, perturbation_curve
 from m2ib_lightning.results import read_evaluation
@@ -242,3 +242,54 @@ def test_a_sample_the_model_refuses_is_listed_and_the_rest_of_its_batch_is_score
     assert summary["pairs"] == 2 and summary["failed"] == 1
     (failure,) = map(json.loads, (tmp_path / "run" / "failures.jsonl").read_text().splitlines())
     assert failure["id"] == "p1" and "NaN" in failure["reason"]
+
+
+def test_maps_made_elsewhere_are_scored_on_the_same_table_and_ids_without_one_are_listed(tmp_path, tiny_bundle):
+    """A user's tool wrote the ground-truth masks as maps (at twice the size) for all but one sample: they land in the
+    table as method ``oracle``, with a pointing game of exactly 1 over the samples they cover."""
+    import numpy as np
+
+    from m2ib_lightning.tasks.common import source_of
+
+    cfg = _config(tmp_path / "run", tiny_bundle)
+    records = list(source_of(cfg).split(0, 1))
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for record in records[1:]:
+        np.save(maps / f"{record.id}.npy", np.kron(np.asarray(record.load_mask(), dtype=np.float32), np.ones((2, 2))))
+    summary = run(_config(tmp_path / "run", tiny_bundle, "methods=[random,oracle]", f"baselines.oracle.maps={maps}"))
+    oracle, random_ = summary["methods"]["oracle"], summary["methods"]["random"]
+    assert oracle["samples"] == len(records) - 1 and random_["samples"] == len(records)
+    assert oracle["pointing_game"][0] == 1.0 and random_["pointing_game"][0] < 1.0
+    missing = [json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
+    assert [(m["id"], m["severity"]) for m in missing] == [(records[0].id, "warning")]
+    assert "method 'oracle': no " in missing[0]["reason"]
+    with pytest.raises(ConfigError, match="baselines.elsewhere: maps="):
+        run(_config(tmp_path / "other", tiny_bundle, "methods=[elsewhere]", f"baselines.elsewhere.maps={tmp_path / 'nope'}"))
+
+
+def test_maps_made_elsewhere_from_safetensors_with_text_maps_and_ids_that_would_leave_the_directory(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from m2ib_lightning.baselines import ExternalMaps
+
+    model = tiny_clip(seed=0)
+    pixels, (ids, mask) = make_images(2, seed=1), make_texts([5, 7], seed=1)
+    hot = torch.zeros(8, 8)
+    hot[2, 5] = 3.0
+    save_file({"a/image": hot, "a/text": torch.arange(5.0)}, str(tmp_path / "maps.safetensors"))
+    method = ExternalMaps(model, maps=str(tmp_path / "maps.safetensors"), name="mine")
+    maps = method.attribute(pixels, ids, mask, torch.zeros(2, dtype=torch.long), ids=["a", "b"])
+    assert method.has_text_map and set(maps.missing) == {1} and "no b/image" in maps.missing[1]
+    size = pixels.shape[-1]
+    peak = divmod(int(maps.image[0].argmax()), size)
+    assert (peak[0] * 8 // size, peak[1] * 8 // size) == (2, 5) and float(maps.image[0].max()) == 1.0
+    torch.testing.assert_close(maps.text[0, :5], torch.arange(5.0) / 4)
+    assert bool(maps.text[0, 5:].eq(0).all()) and bool(maps.image[1].isnan().all())
+
+    (tmp_path / "dir").mkdir()
+    np.save(tmp_path / "secret.npy", np.ones((4, 4), dtype=np.float32))
+    method = ExternalMaps(model, maps=str(tmp_path / "dir"), name="mine")
+    maps = method.attribute(pixels, ids, mask, torch.zeros(2, dtype=torch.long), ids=["../secret", "b"])
+    assert "outside" in maps.missing[0] and "no b.npy or b.png" in maps.missing[1]

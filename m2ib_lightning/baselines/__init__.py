@@ -24,9 +24,10 @@ from .rise import RISE
 from .rollout import AttentionRollout
 from .chefer import CheferRelevance
 from .random_map import RandomMap, random_image_maps
+from .external import ExternalMaps
 
 __all__ = [
-    "METHODS", "AnswerScorer", "AttentionRollout", "AttributionMethod", "CheferRelevance", "GradCAM", "GradXActivation",
+    "METHODS", "AnswerScorer", "AttentionRollout", "ExternalMaps", "AttributionMethod", "CheferRelevance", "GradCAM", "GradXActivation",
     "GradientSaliency", "IntegratedGradientsMethod", "M2IBMethod", "Maps", "PairScorer", "RISE", "RandomMap",
     "make_method", "random_image_maps", "register_method", "replacement_token", "scorer_of", "special_tokens",
 ]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -22,6 +22,8 @@ class Maps:
 
     image: Tensor
     text: Tensor | None = None
+    #: rows the method has no maps for (maps made elsewhere that lack an id), with the reason; their maps are NaN
+    missing: dict[int, str] = field(default_factory=dict)
 
 
 METHODS: Registry[type["AttributionMethod"]] = Registry("attribution method")
@@ -92,11 +94,12 @@ class AttributionMethod:
 
     def attribute(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None,
-        answers: tuple[Tensor, Tensor] | None = None,
+        answers: tuple[Tensor, Tensor] | None = None, ids: list[str] | None = None,
     ) -> Maps:
         """Maps for a batch. ``seeds`` (B,) seed the methods that draw random numbers, per sample; ``special``
         (B, L) marks BOS/EOS/CLS/SEP/padding (default: the adapter's ``special_mask``; for a question, every token
-        that is not one of its words); ``answers`` (answer_ids, answer_mask), for a VLM that answers."""
+        that is not one of its words); ``answers`` (answer_ids, answer_mask), for a VLM that answers; ``ids`` the
+        samples' ids (what maps made elsewhere are keyed by)."""
         if answers is not None:
             self.scorer.bind(*answers)
         if special is None:

@@ -25,7 +25,7 @@ class M2IBMethod(AttributionMethod):
 
     def attribute(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None,
-        answers: tuple[Tensor, Tensor] | None = None,
+        answers: tuple[Tensor, Tensor] | None = None, ids: list[str] | None = None,
     ) -> Maps:
         if self.explainer is None:  # a VLM that answers: the fit term is log p(answer)
             from ..answers import attribute_answers

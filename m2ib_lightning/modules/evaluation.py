@@ -66,18 +66,22 @@ class EvaluationModule(L.LightningModule):
             start = time.perf_counter()
             with torch.enable_grad():
                 maps[name] = method.attribute(px, batch["input_ids"], batch["attention_mask"], batch["seed"], special,
-                                              **({} if answers is None else {"answers": answers}))
+                                              **({} if answers is None else {"answers": answers}), ids=batch["id"])
             seconds[name] = time.perf_counter() - start
             values[name] = self.evaluator.values(maps[name], batch, clean, words)
+            # maps made elsewhere may lack a sample: it is reported and left out of that method's metrics
+            present = torch.tensor([row not in maps[name].missing for row in range(len(batch["id"]))])
+            batch["failures"] = batch["failures"] + [{"id": batch["id"][row], "reason": f"method {name!r}: {why}",
+                                                      "severity": "warning"} for row, why in maps[name].missing.items()]
             for metric, per_sample in values[name].items():  # localisation only where there is ground truth;
                 if metric not in LOCALISATION:
-                    self.metrics[name][metric].update_scores(per_sample)  # a method's NaN shows
+                    self.metrics[name][metric].update_scores(per_sample[present.to(per_sample.device)])  # NaN shows
                     continue
-                applies = batch["has_target"].to(per_sample.device)
+                applies = (batch["has_target"] & present).to(per_sample.device)
                 extra = {"classes": batch["class_index"][applies.cpu()]} if metric == "pointing_game" else {}
                 self.metrics[name][metric].update_scores(per_sample[applies], **extra)
             self.seconds[name].update(seconds[name])
-            self.samples[name].update(len(batch["id"]))
+            self.samples[name].update(int(present.sum()))
         extra = {} if answers is None else answer_fields(scorer.backbone, *answers, batch["answer_given"].tolist())
         return {
             **extra,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..baselines import METHODS, make_method
+from ..baselines import METHODS, ExternalMaps, make_method
 from ..callbacks import EvaluationWriter
 from ..config import ConfigError
 from ..data.attribution import PairDataModule
@@ -30,21 +30,25 @@ from .common import backbone_of, check_layers, output_owner, owned_trainer, sour
 RESULT_KEYS = ("seed", "model", "m2ib", "world", "methods", "baselines", "metrics")
 
 def build_methods(cfg: DictConfig, backbone: Any) -> dict[str, Any]:
-    """The methods ``cfg.methods`` names, from the registry, with their ``cfg.baselines`` settings (m2ib: ``cfg.m2ib``).
+    """The methods ``cfg.methods`` names, from the registry, with their ``cfg.baselines`` settings (m2ib: ``cfg.m2ib``);
+    a name no method is registered under, with ``baselines.NAME.maps``, reads maps made elsewhere (:class:`ExternalMaps`).
 
     The order of ``cfg.methods`` is the order of the table's rows.
     """
-    unknown = sorted(set(cfg.methods) - set(METHODS))
+    external = {name for name, settings in cfg.baselines.items() if name not in METHODS and "maps" in (settings or {})}
+    unknown = sorted(set(cfg.methods) - set(METHODS) - external)
     if unknown:
-        raise ConfigError(f"methods: unknown {unknown}; registered: {sorted(METHODS)}")
-    extra = sorted(set(cfg.baselines) - set(METHODS))
+        raise ConfigError(f"methods: unknown {unknown}; registered: {sorted(METHODS)} (maps made elsewhere: name them in "
+                          "methods and give baselines.NAME.maps=DIR_OR_SAFETENSORS)")
+    extra = sorted(set(cfg.baselines) - set(METHODS) - external)
     if extra:  # settings of registered methods left out of `methods` simply do not apply
         raise ConfigError(f"baselines has settings for {extra}, which are no registered method; registered: {sorted(METHODS)}")
     methods = {}
     for name in cfg.methods:
         settings = OmegaConf.to_container(cfg.m2ib) if name == "m2ib" else dict(cfg.baselines.get(name) or {})
         try:
-            methods[name] = make_method(name, backbone, **settings)
+            methods[name] = (ExternalMaps(backbone, name=name, **settings) if name in external
+                             else make_method(name, backbone, **settings))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"baselines.{name}: {err}") from err
     return methods
