@@ -9,24 +9,29 @@ from __future__ import annotations
 import errno
 import sys
 
-from m2ib_lightning.config import ConfigError, describe_registered, describe_tasks, load_config
+from m2ib_lightning.config import ConfigError, describe_config, describe_registered, describe_tasks, load_config
 from m2ib_lightning.results import OutputRefused
 
 
 def main(argv: list[str]) -> int:
-    if {"-h", "--help"} & set(argv):
-        print(describe_tasks())
-        return 0
     if "--list" in argv:
         print(describe_registered())
         return 0
+    helping = bool({"-h", "--help"} & set(argv))
+    argv = [a for a in argv if a not in ("-h", "--help")]
     path = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
     overrides = argv[1:] if path else argv
+    if helping and path is None and not overrides:
+        print(describe_tasks())
+        return 0
     try:
         cfg = load_config(path, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if helping:  # a config's --help: the values it gives every key
+        print(describe_config(cfg, path))
+        return 0
     if cfg.task == "fit_clip":
         from m2ib_lightning.tasks.fit_clip import run
     elif cfg.task == "fit_vqa":

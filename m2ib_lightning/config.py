@@ -431,6 +431,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     return config
 
 
+def describe_config(cfg: DictConfig, path: str | None) -> str:
+    """``python train.py CONFIG.yaml [key=value ...] --help``: every key with the value this config (and its
+    overrides) gives it, which the run would use."""
+    lines = [f"python train.py {path or ''} (task={cfg.task}): the values this run would use; override any as key=value", ""]
+    for key, value in _flatten(OmegaConf.to_container(cfg, resolve=True)):
+        if key != "task":
+            lines.append(f"  {key}={value}")
+    return "\n".join(lines)
+
+
 def describe_tasks() -> str:
     """``python train.py --help``: the tasks, each key with its default."""
     lines = [

@@ -116,6 +116,16 @@ def test_help_lists_tasks_keys_and_defaults():
         assert line in proc.stdout
 
 
+def test_a_configs_help_shows_the_values_it_gives_every_key(capsys):
+    proc = _main(capsys, "configs/fit_shapes_llava.yaml", "model.layers=6", "--help")
+    assert proc.returncode == 0 and "(task=fit_llava)" in proc.stdout
+    for line in ("  model.layers=6", "  vision_from=builtin:shapes-clip", "  optim.warmup_steps=300"):
+        assert line in proc.stdout.splitlines()
+    assert "task=attribute:" not in proc.stdout  # the one task of this config, not every schema
+    proc = _main(capsys, "configs/fit_shapes_llava.yaml", "model.nope=1", "--help")
+    assert proc.returncode == 2 and "model.nope" in proc.stderr
+
+
 def test_callbacks_install_inside_the_package_namespace(tmp_path):
     code = "import importlib.util, m2ib_lightning.callbacks as c; print(c.AttributionWriter.__name__, importlib.util.find_spec('callbacks'))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
