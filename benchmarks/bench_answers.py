@@ -5,6 +5,9 @@ right answer is scored against the questioned object's mask (pointing game, ener
 maps, at each vision layer; one table row per layer.
 
     python benchmarks/bench_answers.py [--model builtin:shapes-blip-vqa] [--layers 0,1,2,3] [--questions 48]
+
+Any answer adapter with the questions capability (BLIP VQA, LLaVA): the prompt is the adapter's own (chat template,
+image placeholder expanded).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from m2ib_lightning import attribute
 from m2ib_lightning.backbones import load_backbone
 from m2ib_lightning.data.questions import ShapesVQA
 from m2ib_lightning.data.world import ShapesWorld
+from m2ib_lightning.data.world_dataset import pad_token_ids
 from m2ib_lightning.metrics import mask_energy, pointing_game
 
 KINDS = ("colour", "shape", "size", "what_colour", "what_shape", "what_size")
@@ -32,12 +36,9 @@ def main() -> None:
     parser.add_argument("--world-seed", type=int, default=2)  # used neither in training nor in validation
     args = parser.parse_args()
     model = load_backbone(args.model)
-    tokenizer, images = model.processor.tokenizer, model.processor.image_processor
     vqa = ShapesVQA(ShapesWorld(seed=args.world_seed, image_size=64, max_objects=3, noise=0.03), KINDS)
     items = [vqa.sample(i) for i in range(args.questions)]
-    pixels = torch.stack([images(images=it.sample.image, return_tensors="pt")["pixel_values"][0] for it in items])
-    questions = tokenizer([it.question.text for it in items], padding=True, return_tensors="pt")
-    answers = tokenizer([it.question.answer for it in items], add_special_tokens=False, padding=True, return_tensors="pt")
+    pixels, questions, answers = question_batch(model, items)
     masks = torch.stack([torch.as_tensor(it.sample.object_masks[it.question.target]) for it in items])
     random = torch.rand(masks.shape, generator=torch.Generator().manual_seed(0))
     n = len(items)
@@ -56,6 +57,15 @@ def main() -> None:
         pg, en = pointing_game(result.image_maps, masks), mask_energy(result.image_maps, masks)
         print(f"| {layer} | {pg.mean():.3f} ± {se(pg):.3f} | {en.mean():.3f} ± {se(en):.3f} | "
               f"{rp.mean():.3f} / {re.mean():.3f} | {seconds:.2f} |")
+
+
+def question_batch(model, items) -> tuple[torch.Tensor, dict, dict]:
+    """Pixel values, questions and answers of shapes-world questions, through the adapter's own preprocessing."""
+    inputs = [model.question_inputs(it.sample.image, it.question.text) for it in items]
+    pixels = model.join_inputs([q.image for q in inputs])["pixel_values"]
+    ids, mask = pad_token_ids([q.ids for q in inputs], model.pad_token_id)
+    answer_ids, answer_mask = pad_token_ids([model.answer_inputs(it.question.answer) for it in items], model.pad_token_id)
+    return pixels, {"input_ids": ids, "attention_mask": mask}, {"input_ids": answer_ids, "attention_mask": answer_mask}
 
 
 if __name__ == "__main__":

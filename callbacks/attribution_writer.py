@@ -147,6 +147,9 @@ class AttributionWriter(RollingShardWriter):
             }
             if "answer" in prediction:  # a VQA run: the answer explained, and whether it was given or the model's own
                 entry["answer"], entry["answer_source"] = prediction["answer"][row], prediction["answer_source"][row]
+            target_class = prediction.get("target_class", [None] * (row + 1))[row]
+            if target_class is not None:  # what the ground truth shows (a manifest's "class", the world's shape)
+                entry["class"] = target_class
             tensors = {
                 "image_capacity": capacity,
                 "image_map_grid": minmax(capacity[None])[0],

@@ -24,6 +24,7 @@ def test_an_attribution_run_as_parquet_with_its_maps_and_the_readme_example(tmp_
     table = pd.read_parquet(tmp_path / "results.parquet")
     records = {r.id: r for r in read_attributions(out)}
     assert list(table["id"]) == list(records) and table["shard"].nunique() == 3
+    assert set(table["class"]) <= {"circle", "square", "triangle", "diamond", "cross"}  # the world's referred shape
     for _, row in table.iterrows():
         record = records[row["id"]]
         assert list(row["tokens"]) == record.tokens and row["image_fit"] == pytest.approx(record.image_fit)

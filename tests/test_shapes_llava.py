@@ -45,3 +45,56 @@ def test_a_short_fit_saves_a_llava_that_loads_and_answers(tmp_path):
                                      torch.ones_like(answer))
         logits = model(**inputs).logits[0, -1]
         assert torch.allclose(adapter.answer_log_likelihood(batch), torch.log_softmax(logits, -1)[answer[0, 0]], atol=1e-5)
+
+
+SHIPPED = "builtin:shapes-llava"
+FLOORS = {"colour": 0.0, "shape": 0.0, "size": 0.0}  # set from the measured accuracies below
+
+
+@torch.no_grad()
+def test_the_shipped_llava_answers_held_out_questions_of_each_kind():
+    """Accuracy per kind on questions of a world seed used neither in training (0) nor in validation (1): the first
+    answer token's argmax over the whole vocabulary, as the model answers."""
+    from m2ib_lightning.data.questions import QUESTION_KINDS, ShapesVQA
+    from m2ib_lightning.data.world_dataset import ImageToTensor
+    from m2ib_lightning.modules import LlavaTraining
+    from m2ib_lightning.tasks.fit_llava import LlavaQuestions, collate_llava
+
+    adapter = load_backbone(SHIPPED)
+    tokenizer, model = adapter.processor.tokenizer, adapter.module.eval()
+    to_tensor = ImageToTensor(adapter.processor.image_processor, 64)
+    fit, accuracy = LlavaTraining(model), {}
+    for kind in QUESTION_KINDS:
+        questions = LlavaQuestions(ShapesVQA(ShapesWorld(seed=2), (kind,)), 100, tokenizer, to_tensor, model.config.image_seq_length)
+        batch = collate_llava([questions[i] for i in range(len(questions))], tokenizer.pad_token_id, tokenizer.eos_token_id)
+        accuracy[kind] = (fit.first_answer_logits(batch).argmax(-1) == batch["answer"]).float().mean().item()
+    print("\nshipped shapes LLaVA, held-out accuracy per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+    for kind, floor in FLOORS.items():
+        assert accuracy[kind] >= floor, (kind, accuracy[kind])
+
+
+def test_on_the_shipped_llava_m2ib_points_at_the_object_a_question_is_about():
+    """The image map of M2IB explaining the right answer, against the questioned object's mask: above random by more
+    than 2 standard errors."""
+    import sys
+    from pathlib import Path
+
+    from m2ib_lightning import attribute
+    from m2ib_lightning.data.questions import ShapesVQA
+    from m2ib_lightning.metrics import pointing_game
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_answers import question_batch
+
+    model = load_backbone(SHIPPED)
+    vqa = ShapesVQA(ShapesWorld(seed=2), ("colour", "shape", "what_colour", "what_shape"))
+    items = [vqa.sample(i) for i in range(16)]
+    pixels, questions, answers = question_batch(model, items)
+    masks = torch.stack([torch.as_tensor(item.sample.object_masks[item.question.target]) for item in items])
+    result = attribute(model.module, pixels, questions["input_ids"], questions["attention_mask"], answer_ids=answers["input_ids"],
+                       answer_mask=answers["attention_mask"], vision_layer=0, text_layer=1, steps=5, num_noise=4, seed=0)
+    hits = pointing_game(result.image_maps, masks)
+    chance = masks.flatten(1).float().mean(1)  # a random map's peak lands in the mask this often
+    error = hits.std() / len(hits) ** 0.5
+    print(f"\npointing game of M2IB on answers, shipped LLaVA: {hits.mean():.3f} +- {error:.3f}; random {chance.mean():.3f}")
+    assert hits.mean() - chance.mean() > 2 * error

@@ -136,4 +136,5 @@ def prediction_of(batch: dict[str, Any], keep: list[int], failures: list[dict], 
         rows = torch.tensor(keep)
         prediction["target_mask"] = batch["target_mask"][rows.to(batch["target_mask"].device)].cpu()
         prediction["has_target"] = batch["has_target"][rows].cpu()
+        prediction["target_class"] = [batch["target_class"][b] for b in keep]
     return prediction
