@@ -141,9 +141,31 @@ def test_a_question_manifest_skips_bad_records_with_their_reasons(tmp_path, caps
     assert summary["localisation_pairs"] == 1  # a's boxes
 
 
-def test_a_vqa_run_refuses_a_dual_encoder_and_webdataset_questions(tmp_path, capsys):
+def test_a_vqa_run_refuses_a_dual_encoder(tmp_path, capsys):
     result = _main(capsys, *_args(tmp_path / "clip", Path("builtin:shapes-clip"), "world.image_size=64"))
     assert result.returncode == 2 and "questions capability" in result.stderr
-    result = _main(capsys, *_args(tmp_path / "wds", Path("builtin:shapes-blip-vqa"), "world.image_size=64",
-                                  "data.webdataset=/tmp/none-{0..1}.tar"))
-    assert result.returncode == 2 and "WebDataset questions are not supported yet" in result.stderr
+
+
+def test_questions_from_webdataset_shards_with_their_answers_and_bad_samples_reported(tmp_path, capsys):
+    import io
+
+    from conftest import write_tar
+
+    checkpoint = _save_llava(tmp_path / "llava")
+    png = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), "red").save(png, format="PNG")
+    members = {"k0.png": png.getvalue(), "k0.json": json.dumps({"question": "what colour is the circle?", "answer": "red"}).encode(),
+               "k1.png": png.getvalue(), "k1.json": json.dumps({"question": "what shape is the red object?"}).encode(),
+               "k2.png": png.getvalue(), "k2.json": json.dumps({"caption": "a red circle"}).encode()}
+    write_tar(tmp_path / "00000.tar", members)
+    out = tmp_path / "wds"
+    result = _main(capsys, *_args(out, checkpoint, f"data.webdataset={tmp_path / '00000.tar'}", "answers.max_new_tokens=2"))
+    assert result.returncode == 0
+    reasons = {f["id"]: f["reason"] for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert "no question" in reasons["00000/k2"]
+    records = {r.id: r for r in read_attributions(out)}
+    assert records["00000/k0"].answer == "red" and records["00000/k0"].answer_source == "given"
+    assert records["00000/k0"].text == "what colour is the circle?"
+    assert "00000/k1" in records or "own answer is empty" in reasons["00000/k1"]
+    if "00000/k1" in records:
+        assert records["00000/k1"].answer_source == "generate"

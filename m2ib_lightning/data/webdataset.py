@@ -11,6 +11,9 @@ ranks and loader workers (whole shards while there are at least as many shards
 as readers, else every reader reads every shard and keeps its share of the
 samples). A sample without an image or a caption, an image that does not
 decode, and a tar that cannot be read are reported and skipped.
+
+For VQA runs (``questions=True``) a sample's ``key.json`` holds its ``question`` and, optionally, the ``answer``
+to explain (without one, the model's own greedy answer is explained).
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ def _require_webdataset():
 class WebDatasetSource:
     """The pairs of a brace pattern of tar shards, e.g. ``/data/{00000..00999}.tar``."""
 
-    def __init__(self, urls: str, bare_keys: bool = False):
+    def __init__(self, urls: str, bare_keys: bool = False, *, questions: bool = False):
         wds = _require_webdataset()
-        self.pattern, self.bare_keys = urls, bare_keys
+        self.pattern, self.bare_keys, self.questions = urls, bare_keys, questions
         self.urls = list(wds.shardlists.expand_urls(urls))
         if not self.urls:
             raise ValueError(f"data.webdataset={urls!r} names no shard")
@@ -103,12 +106,13 @@ class WebDatasetSource:
             for err in errors:
                 yield Failure(url, f"shard {Path(url).name}: unreadable tar ({type(err).__name__}: {err}); its later samples are skipped")
 
-    @staticmethod
-    def _record(sample: dict[str, Any], sample_id: str, url: str) -> PairRecord | Failure:
+    def _record(self, sample: dict[str, Any], sample_id: str, url: str) -> PairRecord | Failure:
         where = f"{Path(url).name}:{sample['__key__']}"
         image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if image is None:
             return Failure(sample_id, f"{where}: no image member (key.jpg, .jpeg, .png or .webp)")
+        if self.questions:
+            return _question_record(sample, sample_id, where, image)
         text = None
         if "txt" in sample:
             text = sample["txt"].decode("utf-8", errors="replace")
@@ -120,6 +124,23 @@ class WebDatasetSource:
         if not isinstance(text, str) or not text.strip():
             return Failure(sample_id, f"{where}: no caption (key.txt, or key.json with a caption)")
         return PairRecord(sample_id, text.strip(), partial(load_rgb, bytes(image), where))
+
+
+def _question_record(sample: dict[str, Any], sample_id: str, where: str, image: bytes) -> PairRecord | Failure:
+    """A question (and perhaps its answer) from the sample's ``key.json``."""
+    try:
+        fields = json.loads(sample["json"]) if "json" in sample else None
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        return Failure(sample_id, f"{where}: no key.json object with a question")
+    question, answer = fields.get("question"), fields.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        return Failure(sample_id, f"{where}: key.json has no question (a non-empty string)")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        return Failure(sample_id, f"{where}: key.json's answer must be a non-empty string, got {answer!r}")
+    return PairRecord(sample_id, question.strip(), partial(load_rgb, bytes(image), where),
+                      answer=None if answer is None else answer.strip())
 
 
 def shard_stem(url: str) -> str:

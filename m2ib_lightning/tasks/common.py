@@ -31,14 +31,11 @@ def source_of(cfg: DictConfig, questions: bool = False):
     webdataset = cfg.data.get("webdataset")
     if cfg.data.manifest and webdataset:
         raise ConfigError("data.manifest and data.webdataset are both set: choose one source")
-    if questions and webdataset:
-        raise ConfigError("data.webdataset: VQA runs read questions from a manifest or the shapes world; WebDataset "
-                          "questions are not supported yet")
     try:
         if webdataset:
             from ..data.webdataset import WebDatasetSource
 
-            return WebDatasetSource(webdataset, bare_keys=cfg.data.get("webdataset_bare_keys", False))
+            return WebDatasetSource(webdataset, bare_keys=cfg.data.get("webdataset_bare_keys", False), questions=questions)
         if cfg.data.manifest:
             return ManifestSource(cfg.data.manifest, root=cfg.data.get("root"), questions=questions)
     except (OSError, ValueError) as err:
