@@ -18,9 +18,9 @@ else:
     from .attribution_writer import AttributionWriter, RollingShardWriter
     from .evaluation_writer import EvaluationWriter
     from .output_owner import OutputOwner
-    from .run_summary import RunSummary, SampleProgressBar
+    from .run_summary import RunProgress, RunSummary, SampleProgressBar
     from .tensorboard_maps import TensorBoardAttributionLogger
 
     __all__ = [
-        "AttributionWriter", "EvaluationWriter", "OutputOwner", "RollingShardWriter", "RunSummary", "SampleProgressBar", "TensorBoardAttributionLogger",
+        "AttributionWriter", "EvaluationWriter", "OutputOwner", "RollingShardWriter", "RunProgress", "RunSummary", "SampleProgressBar", "TensorBoardAttributionLogger",
     ]

@@ -7,6 +7,7 @@ synced across ranks once, at the end of predict, on every rank.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -18,11 +19,72 @@ from m2ib_lightning.baselines import random_image_maps
 from m2ib_lightning.data.attribution import sample_seed
 from m2ib_lightning.engine import image_maps_from_capacity
 from m2ib_lightning.metrics import MaskEnergy, PointingGame
+from m2ib_lightning.results import index_path
 
 
 def processed(batch_or_outputs: dict[str, Any]) -> int:
     """Items a batch settled: attributed samples plus records that failed."""
     return len(batch_or_outputs["id"]) + sum(f["severity"] == "error" for f in batch_or_outputs["failures"])
+
+
+class RunProgress(L.Callback):
+    """How much of the run is done, over all ranks and never more than was: this rank's settled items, plus the index
+    lines every other rank appended since predict started (read on from where the last look stopped, so a look costs
+    what was appended since; another rank's samples count once its shard commits). With ``left`` (the items left
+    when predict starts, None where the source cannot tell): percent done and ETA.
+
+    The progress bar, TensorBoard and the run summary read it (rank 0 shows them).
+    """
+
+    def __init__(self, output_dir: str | Path, left: Callable[[], int | None] | None = None):
+        self.output_dir, self.left = Path(output_dir), left
+        self.total: int | None = None
+        self.own, self.others, self.start = 0, 0, 0.0
+        self.offsets: dict[int, int] = {}
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.total = None if self.left is None else self.left()
+        self.own, self.others, self.start = 0, 0, time.perf_counter()
+        self.offsets = {}
+        for rank in range(trainer.world_size):
+            if rank != trainer.global_rank:
+                path = index_path(self.output_dir, rank)
+                self.offsets[rank] = path.stat().st_size if path.exists() else 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.own += processed(outputs)
+
+    def done(self) -> int:
+        """Items settled by this run so far, over all ranks."""
+        for rank, offset in self.offsets.items():
+            path = index_path(self.output_dir, rank)
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(offset)
+                    new = handle.read()
+            except FileNotFoundError:
+                continue
+            end = new.rfind(b"\n") + 1  # a half-written last line counts once it is whole
+            self.others += new[:end].count(b"\n")
+            self.offsets[rank] = offset + end
+        return self.own + self.others
+
+    def percent_done(self) -> float | None:
+        if not self.total:
+            return None
+        return min(100.0, 100.0 * self.done() / self.total)
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate so far (None without a total or before anything is done)."""
+        done = self.done()
+        if not self.total or done == 0:
+            return None
+        return max(self.total - done, 0) / (done / (time.perf_counter() - self.start))
+
+
+def run_progress(trainer: L.Trainer) -> RunProgress | None:
+    """The trainer's :class:`RunProgress`, where the run has one."""
+    return next((c for c in trainer.callbacks if isinstance(c, RunProgress)), None)
 
 
 class RunSummary(L.Callback):
@@ -88,8 +150,13 @@ class RunSummary(L.Callback):
                 name: {"pointing_game": round(p.compute().item(), 4), "energy": round(e.compute().item(), 4)}
                 for name, (p, e) in self.maps.items()
             }
+        progress = run_progress(trainer)
+        settled = counts["done"] + counts["failed"]
+        total = None if progress is None else progress.total
         self.result = {
             **counts,
+            "samples_left_at_start": total,
+            "percent_done": None if not total else round(min(100.0, 100.0 * settled / total), 2),
             "wall_time_s": round(wall, 2),
             "samples_per_s": round((counts["done"] + counts["failed"]) / wall, 3) if wall > 0 else None,
             "localisation": localisation,
@@ -98,19 +165,18 @@ class RunSummary(L.Callback):
 
 
 class SampleProgressBar(TQDMProgressBar):
-    """Lightning's progress bar counted in samples over the whole dataset, with samples/s and ETA.
+    """Lightning's progress bar counted in samples over the whole dataset, with samples/s and ETA: what the run's
+    :class:`RunProgress` says is done over all ranks (rank 0 draws it)."""
 
-    Rank 0 draws it; its own progress times the number of ranks stands for the whole run's.
-    ``total`` gives the number of samples left to do when predict starts (None where the source cannot tell).
-    """
-
-    def __init__(self, total: Callable[[], int] | None, **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.left, self.total, self.count = total, None, 0
+        self.progress: RunProgress | None = None
+        self.total, self.count = None, 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
         super().on_predict_start(trainer, pl_module)
-        self.total = None if self.left is None else self.left()
+        self.progress = run_progress(trainer)
+        self.total = None if self.progress is None else self.progress.total
 
     def init_predict_tqdm(self):
         bar = super().init_predict_tqdm()
@@ -123,7 +189,7 @@ class SampleProgressBar(TQDMProgressBar):
             self.predict_progress_bar.set_description(self.predict_description)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        step = processed(outputs) * trainer.world_size
-        self.count += step
+        done = self.progress.done() if self.progress is not None else self.count + processed(outputs)
+        step, self.count = done - self.count, done
         if self.predict_progress_bar is not None and not self.predict_progress_bar.disable:
             self.predict_progress_bar.update(step)

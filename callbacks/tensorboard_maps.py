@@ -1,8 +1,9 @@
 """TensorBoard logging of an attribution run: fit curves, final fit values, throughput, overlays and text maps.
 
-Steps count samples of the output directory (samples done before this run, then
-rank 0's progress times the number of ranks), so the curves of a resumed run
-continue where the killed one stopped instead of starting again at 0.
+Steps count samples of the output directory (samples done before this run, then this run's over all ranks, as
+:class:`~callbacks.run_summary.RunProgress` counts them: never more than were done), so the curves of a resumed
+run continue where the killed one stopped instead of starting again at 0. Where the total is known, percent done
+and the ETA are logged beside the throughput.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from m2ib_lightning.visualize import display_text, grid, prediction_figure
 
-from .run_summary import processed
+from .run_summary import RunProgress, processed, run_progress
 
 
 class TensorBoardAttributionLogger(L.Callback):
@@ -35,14 +36,18 @@ class TensorBoardAttributionLogger(L.Callback):
         self.samples, self.start = 0, 0.0
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.samples, self.start, self.step = 0, time.perf_counter(), self.step_offset()
+        self.samples, self.start, self.offset = 0, time.perf_counter(), self.step_offset()
+        self.step, self.progress = self.offset, run_progress(trainer)
+        self.own = 0
 
     def on_predict_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict[str, Any], batch: Any,
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:
-        first, settled = self.step, processed(outputs) * trainer.world_size
-        self.step += settled
+        self.own += processed(outputs)
+        first = self.step  # samples of the output directory: earlier runs', then this run's over all ranks
+        self.step = self.offset + (self.progress.done() if isinstance(self.progress, RunProgress) else self.own)
+        settled = self.step - first
         self.samples += len(outputs["id"])
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if logger is None or trainer.global_rank != 0 or not outputs["id"]:
@@ -56,6 +61,11 @@ class TensorBoardAttributionLogger(L.Callback):
         if pl_module.last_batch_seconds > 0:
             writer.add_scalar("throughput/batch_samples_per_s", len(outputs["id"]) / pl_module.last_batch_seconds, self.step)
         writer.add_scalar("throughput/rank0_samples_per_s", self.samples / (time.perf_counter() - self.start), self.step)
+        if self.progress is not None and self.progress.total:
+            writer.add_scalar("progress/percent_done", self.progress.percent_done(), self.step)
+            eta = self.progress.eta_s()
+            if eta is not None:
+                writer.add_scalar("progress/eta_s", eta, self.step)
         if batch_idx % self.every_n_batches == 0:
             writer.add_text("text_maps", self._text_maps(outputs), self.step)
             if self.display_image is not None:

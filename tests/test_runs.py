@@ -126,6 +126,36 @@ def test_tensorboard_steps_continue_after_a_resume(tmp_path, tiny_bundle):
     assert fit_steps == sorted(fit_steps) and fit_steps[3] >= 4
 
 
+def test_tensorboard_and_the_summary_report_percent_done_and_the_eta(tmp_path, tiny_bundle):
+    summary = run(_config(tmp_path, tiny_bundle, "data.num_samples=6", "data.batch_size=2"))
+    assert summary["samples_left_at_start"] == 6 and summary["percent_done"] == 100.0
+    events = _events(tmp_path / "run")
+    percent = [(e.step, e.value) for e in events.Scalars("progress/percent_done")]
+    assert percent == [(2, pytest.approx(100 / 3)), (4, pytest.approx(200 / 3)), (6, 100.0)]
+    eta = [e.value for e in events.Scalars("progress/eta_s")]
+    assert len(eta) == 3 and eta[-1] == 0.0 and eta[0] > 0
+
+
+def test_progress_counts_the_other_ranks_index_lines_as_they_commit_never_more(tmp_path):
+    from types import SimpleNamespace
+
+    from m2ib_lightning.callbacks import RunProgress
+    from m2ib_lightning.results import index_path
+
+    index_path(tmp_path, 1).write_text('{"id": "old"}\n')  # an earlier run's line: not this run's progress
+    progress = RunProgress(tmp_path, left=lambda: 10)
+    progress.on_predict_start(SimpleNamespace(world_size=2, global_rank=0), None)
+    progress.on_predict_batch_end(None, None, {"id": ["a", "b"], "failures": [{"severity": "error"}]}, None, 0)
+    assert progress.done() == 3  # its own two samples and one failed record
+    with open(index_path(tmp_path, 1), "a") as handle:
+        handle.write('{"id": "r1-0"}\n{"id": "r1-1"}\n{"id": "r1-')  # rank 1 commits two, a third is half written
+    assert progress.done() == 5 and progress.percent_done() == 50.0
+    with open(index_path(tmp_path, 1), "a") as handle:
+        handle.write('2"}\n')
+    index_path(tmp_path, 0).write_text('{"id": "a"}\n{"id": "b"}\n')  # its own lines are counted by itself
+    assert progress.done() == 6 and progress.eta_s() > 0
+
+
 @pytest.mark.parametrize(
     "override,match",
     [

@@ -145,19 +145,21 @@ def owned_trainer(cfg: DictConfig, owner, callbacks: list, source=None, logger_a
     """The Trainer of a predict run, then ``output_dir``, then the owner's claim on it (see OutputOwner.claim).
 
     ``owner`` comes first among the callbacks; TensorBoard in OUTPUT_DIR/tensorboard (``logger_args`` for
-    its options); for a streamed ``source``, a progress bar in samples (of what is left once the owner knows
-    what is done) unless ``trainer`` turns it off.
+    its options); for a streamed ``source``, the run's progress over all ranks (:class:`RunProgress`, of what is
+    left once the owner knows what is done) and a progress bar in samples unless ``trainer`` turns it off.
     """
     import warnings
 
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from ..callbacks import SampleProgressBar
+    from ..callbacks import RunProgress, SampleProgressBar
 
     callbacks = [owner, *callbacks]
-    if source is not None and cfg.trainer.get("enable_progress_bar", True):
+    if source is not None:
         total = source.size_hint()
-        callbacks.append(SampleProgressBar(None if total is None else lambda: max(total - owner.done_count, 0)))
+        callbacks.insert(1, RunProgress(cfg.output_dir, None if total is None else lambda: max(total - owner.done_count, 0)))
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(SampleProgressBar())
     # A streamed dataset has no sampler whose indices a prediction writer could get: the writers do not need them.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
     logger = TensorBoardLogger(cfg.output_dir, name="tensorboard", version="", **(logger_args or {}))
