@@ -31,6 +31,7 @@ class EvaluationWriter(RollingShardWriter):
         self.display_image = display_image
         self.grid_images: list[np.ndarray] = []
         self.grid_maps: dict[str, list[np.ndarray]] = {}
+        self.grid_captions: list[str] = []
 
     def samples(self, prediction: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         out = []
@@ -58,6 +59,8 @@ class EvaluationWriter(RollingShardWriter):
             out.append((entry, tensors))
             if self.rank == 0 and len(self.grid_images) < self.grid_samples:
                 self.grid_images.append(self.display_image(prediction["pixel_values"][row]))
+                answer = f" -> {prediction['answer'][row]}" if "answer" in prediction else ""
+                self.grid_captions.append(f"{sample_id}: {prediction['text'][row]}{answer}")
                 for method, maps in prediction["maps"].items():
                     self.grid_maps.setdefault(method, []).append(maps.image[row].numpy())
         return out

@@ -14,7 +14,9 @@ from torch import Tensor
 from .backbones.base import clean_token
 from .engine import image_maps_from_capacity, minmax
 
-_FONT = ImageFont.load_default()
+_FONT = ImageFont.load_default(size=12)
+_SMALL = ImageFont.load_default(size=10)
+MAP_SCALE = "min-max: 0 least, 1 most information kept"
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -26,10 +28,24 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """The image with the heat map blended on top, both (H, W[, 3])."""
-    blended = image.astype(np.float32) * (1 - alpha) + heat_colours(heat).astype(np.float32) * alpha
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, by_value: bool = False) -> Image.Image:
+    """The image with the heat map blended on top, both (H, W[, 3]); ``by_value``: each pixel's opacity is its value
+    times ``alpha``, so the image shows through where the map is low."""
+    weight = alpha * (np.clip(np.nan_to_num(heat), 0, 1)[..., None] if by_value else 1.0)
+    blended = image.astype(np.float32) * (1 - weight) + heat_colours(heat).astype(np.float32) * weight
     return Image.fromarray(blended.round().astype(np.uint8), "RGB")
+
+
+def colour_bar(width: int, label: str = MAP_SCALE) -> Image.Image:
+    """A horizontal colour bar of the heat ramp, 0 on the left and 1 on the right, with ``label`` under it."""
+    ramp = heat_colours(np.linspace(0, 1, width)[None].repeat(8, 0))
+    bar = Image.new("RGB", (width, 8 + 28), "white")
+    bar.paste(Image.fromarray(ramp, "RGB"), (0, 0))
+    draw = ImageDraw.Draw(bar)
+    draw.text((0, 9), "0", fill="black", font=_SMALL)
+    draw.text((width - 8, 9), "1", fill="black", font=_SMALL)
+    draw.text((14, 9), label[: max(1, (width - 28) // 5)], fill="black", font=_SMALL)
+    return bar
 
 
 def text_strip(tokens: list[str], weights: list[float], width: int) -> Image.Image:
@@ -52,22 +68,30 @@ def text_strip(tokens: list[str], weights: list[float], width: int) -> Image.Ima
 
 
 def pair_figure(image: np.ndarray, heat: np.ndarray, tokens: list[str], weights: list[float], scale: int = 3,
-                footer: str | None = None) -> Image.Image:
-    """Image, its overlay side by side, the coloured caption (or question) below, and ``footer`` (the answer) last."""
-    from PIL import ImageDraw
-
+                footer: str | None = None, title: str | None = None) -> Image.Image:
+    """``title`` (the sample), the image and its overlay side by side, the map's colour bar, the coloured caption (or
+    question) with the words' scale, and ``footer`` (the answer) last."""
     h, w = image.shape[:2]
     size = (w * scale, h * scale)
     left = Image.fromarray(image, "RGB").resize(size, Image.NEAREST)
     right = overlay(image, heat).resize(size, Image.NEAREST)
+    bar = colour_bar(size[0], "image map, " + MAP_SCALE)
     strip = text_strip(tokens, weights, 2 * size[0])
+    legend = "words: white 0, red 1 (text map, min-max over the words)"
+    top = 16 if title else 0
     footer_height = 16 if footer else 0
-    figure = Image.new("RGB", (2 * size[0], size[1] + strip.height + footer_height), "white")
-    figure.paste(left, (0, 0))
-    figure.paste(right, (size[0], 0))
-    figure.paste(strip, (0, size[1]))
+    figure = Image.new("RGB", (2 * size[0], top + size[1] + bar.height + strip.height + 14 + footer_height), "white")
+    draw = ImageDraw.Draw(figure)
+    if title:
+        draw.text((4, 1), title[: 2 * size[0] // 6], fill="black", font=_FONT)
+    figure.paste(left, (0, top))
+    figure.paste(right, (size[0], top))
+    figure.paste(bar, (size[0], top + size[1]))
+    draw.text((4, top + size[1] + 2), "image", fill="black", font=_SMALL)
+    figure.paste(strip, (0, top + size[1] + bar.height))
+    draw.text((4, top + size[1] + bar.height + strip.height), legend, fill="dimgray", font=_SMALL)
     if footer:
-        ImageDraw.Draw(figure).text((4, size[1] + strip.height + 2), footer, fill="black")
+        draw.text((4, top + size[1] + bar.height + strip.height + 14), footer, fill="black", font=_FONT)
     return figure
 
 
@@ -92,7 +116,7 @@ def prediction_figure(prediction: dict, row: int, display_image: Callable[[Tenso
     )
     answer = prediction["answer"][row] if "answer" in prediction else None
     footer = None if answer is None else f"answer ({prediction['answer_source'][row]}): {answer}"
-    return pair_figure(image, heat.numpy(), tokens, weights, footer=footer)
+    return pair_figure(image, heat.numpy(), tokens, weights, footer=footer, title=str(prediction["id"][row]))
 
 
 def grid(figures: list[Image.Image], columns: int = 4) -> Image.Image:
@@ -106,46 +130,82 @@ def grid(figures: list[Image.Image], columns: int = 4) -> Image.Image:
     return sheet
 
 
-def method_grid(images: list[np.ndarray], heats: dict[str, list[np.ndarray]], scale: int = 3) -> Image.Image:
-    """One row per sample: the image, then each method's map over it; method names on top."""
-    from PIL import ImageDraw
-
+def method_grid(images: list[np.ndarray], heats: dict[str, list[np.ndarray]], scale: int = 3,
+                captions: list[str] | None = None) -> Image.Image:
+    """One row per sample: the image, then each method's map over it; method names on top (12 px), each row's caption
+    (the sample's text) under it, the maps' colour bar at the bottom."""
     h, w = images[0].shape[:2]
     cell = (w * scale, h * scale)
-    header = 14
+    header, caption = 18, 16 if captions else 0
     names = ["image", *heats]
-    sheet = Image.new("RGB", (len(names) * cell[0], header + len(images) * cell[1]), "white")
+    bar = colour_bar(min(len(names) * cell[0], 420), "every map, " + MAP_SCALE)
+    sheet = Image.new("RGB", (len(names) * cell[0], header + len(images) * (cell[1] + caption) + bar.height + 4), "white")
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(names):
-        draw.text((c * cell[0] + 2, 1), name[: cell[0] // 6], fill="black")
+        draw.text((c * cell[0] + 3, 2), name[: cell[0] // 7], fill="black", font=_FONT)
     for r, image in enumerate(images):
-        top = header + r * cell[1]
+        top = header + r * (cell[1] + caption)
         sheet.paste(Image.fromarray(image, "RGB").resize(cell, Image.NEAREST), (0, top))
         for c, name in enumerate(heats, 1):
             sheet.paste(overlay(image, heats[name][r]).resize(cell, Image.NEAREST), (c * cell[0], top))
+        if captions:
+            draw.text((3, top + cell[1] + 1), captions[r][: len(names) * cell[0] // 6], fill="black", font=_SMALL)
+    sheet.paste(bar, (0, header + len(images) * (cell[1] + caption) + 2))
     return sheet
 
 
-def labelled_heatmap(values: torch.Tensor, columns: list[str], title: str, xlabel: str) -> bytes:
-    """A labelled heat map (layers x columns, 0 white, symmetric colour bar) of probing effects, as PNG bytes."""
+def heatmap_scale(grid: np.ndarray) -> tuple[str, float, float]:
+    """(colour map, vmin, vmax) for a heat map of ``grid``: sequential from 0 where no value is negative, diverging
+    and symmetric about 0 otherwise."""
+    from .viz import DIVERGING, SEQUENTIAL
+
+    finite = grid[np.isfinite(grid)]
+    limit = max(1e-6, float(np.abs(finite).max())) if finite.size else 1.0
+    if finite.size and finite.min() < 0:
+        return DIVERGING, -limit, limit
+    return SEQUENTIAL, 0.0, limit
+
+
+def labelled_heatmap(values: torch.Tensor, columns: list[str], title: str, xlabel: str, label: str = "effect") -> bytes:
+    """A labelled heat map (layers x columns) of probing effects, as PNG bytes: a sequential colour map from 0 for
+    values that are never negative, a diverging one centred on 0 (white) for signed ones; the colour bar says
+    ``label``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     grid = values.float().numpy()
-    limit = max(1e-6, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0  # symmetric: 0 is white
+    cmap, vmin, vmax = heatmap_scale(grid)
+    signed = vmin < 0
     figure, axes = plt.subplots(figsize=(max(4.0, 0.45 * len(columns) + 2), max(2.5, 0.45 * grid.shape[0] + 1.5)))
-    image = axes.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     step = max(1, len(columns) // 24)
     axes.set_xticks(range(0, len(columns), step), [columns[i] for i in range(0, len(columns), step)], rotation=60, ha="right", fontsize=7)
     axes.set_yticks(range(grid.shape[0]), [str(i) for i in range(grid.shape[0])])
     axes.set_xlabel(xlabel)
     axes.set_ylabel("layer")
     axes.set_title(title, fontsize=8)
-    figure.colorbar(image, ax=axes)
+    figure.colorbar(image, ax=axes).set_label(label + (" (signed, 0 white)" if signed else " (from 0)"), fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def tile_figures(tiles: list[tuple[str, Image.Image]], columns: int, scale: str | None = None) -> Image.Image:
+    """Labelled tiles in rows of ``columns`` (each label above its tile), with a colour bar saying ``scale`` below."""
+    width, height = max(t.width for _, t in tiles), max(t.height for _, t in tiles) + 16
+    rows = (len(tiles) + columns - 1) // columns
+    bar = colour_bar(min(columns * width, 480), scale) if scale else None
+    sheet = Image.new("RGB", (columns * width, rows * height + (bar.height + 4 if bar else 0)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, tile) in enumerate(tiles):
+        x, y = (i % columns) * width, (i // columns) * height
+        sheet.paste(tile, (x, y + 16))
+        draw.text((x + 2, y + 2), label[: width // 6], fill="black", font=_SMALL)
+    if bar:
+        sheet.paste(bar, (0, rows * height + 2))
+    return sheet
+

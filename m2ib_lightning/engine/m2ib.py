@@ -150,7 +150,7 @@ def attribute(
     )
     adapter = as_backbone(model)
     if "answers" in claimed(adapter):
-        from .answers import attribute_answers
+        from ..answers import attribute_answers
 
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if answer_ids is None:

@@ -95,6 +95,7 @@ class AttributionRecord:
     text_fit: float
     answer: str | None = None  # a VQA run's: the answer explained
     answer_source: str | None = None  # "given" (the data's) or "generate" (the model's own greedy answer)
+    special: list[bool] | None = None  # per token: left out of displays (special tokens, a prompt's template)
 
 
 def shard_names(output_dir: str | Path) -> list[str]:
@@ -144,6 +145,7 @@ def read_attributions(
             text_fit=entry["text_fit"],
             answer=entry.get("answer"),
             answer_source=entry.get("answer_source"),
+            special=entry.get("special"),
         )
 
 
@@ -169,7 +171,7 @@ def read_evaluation(output_dir: str | Path) -> Iterator[EvaluationRecord]:
 
 def to_original_size(image_map: Tensor, entry: dict) -> Tensor:
     """A map at the model input's size put back onto the original image, from the geometry in the index."""
-    from .backbones.base import ImageGeometry
+    from ..backbones.base import ImageGeometry
 
     geometry = entry.get("geometry")
     if geometry is None:

@@ -170,7 +170,7 @@ def _finish(cfg: DictConfig, trainer: L.Trainer, table: dict, writer: Evaluation
     experiment = trainer.logger.experiment
     experiment.add_text("results", header + md, 0)
     if writer.grid_images:
-        grid = method_grid(writer.grid_images, writer.grid_maps)
+        grid = method_grid(writer.grid_images, writer.grid_maps, captions=writer.grid_captions)
         (out / "figures").mkdir(exist_ok=True)
         atomic_write(out / "figures" / "methods_grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         experiment.add_image("methods_grid", np.asarray(grid), 0, dataformats="HWC")

@@ -36,7 +36,7 @@ from ..data.questions import ShapesVQA, TWO_CHOICE_KINDS
 from ..probing import (answer_position, head_scores, VQAPair, effect_by_role, important_heads, mean_effect, read_vqa_pairs, symmetric_token_replacement, universal_heads, vqa_minimal_pair)
 from ..probing.patching import PatchingResult
 from ..results import atomic_write, safe_name
-from ..visualize import labelled_heatmap
+from ..visualize import labelled_heatmap, tile_figures
 from ..modules import VQAProbing
 from .common import backbone_of, loading, output_owner, owned_trainer, world_of
 
@@ -320,6 +320,7 @@ def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> di
         inputs = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
         probs = adapter.head_attention("text", inputs)
         position = next((i for i, role in enumerate(record["roles"]) if role == "NOUN"), 0)
+        word = pair.question.rstrip("?").split()[position - 1] if 0 < position <= len(pair.question.split()) else "the noun"
         rows, cols = adapter.patch_grid(pixels)
         picture = np.asarray(image.convert("RGB").resize((cols * 24, rows * 24), Image.NEAREST))
         for layer, head in top:
@@ -327,26 +328,14 @@ def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> di
             difference = (attention[head] - attention.mean(0)).view(1, 1, rows, cols)
             heat = torch.nn.functional.interpolate(difference, size=picture.shape[:2], mode="nearest")[0, 0]
             heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
-            tiles.append((f"{record['kind']}: L{layer} H{head}", overlay(picture, heat.numpy())))
-    figure = _tile(tiles, columns=len(top))
+            tiles.append((f"{record['kind']}: layer {layer} head {head}, at {word!r}",
+                          overlay(picture, heat.numpy(), alpha=0.7, by_value=True)))
+    figure = tile_figures(tiles, columns=len(top), scale="attention of the head minus the mean over heads "
+                                                         "(min-max per tile; the image shows through where it is low)")
     buffer = io.BytesIO()
     figure.save(buffer, format="PNG")
     atomic_write(figure_dir / "head_overlays.png", buffer.getvalue())
     return {"head_overlays": buffer.getvalue()}
-
-
-def _tile(tiles: list[tuple[str, Image.Image]], columns: int) -> Image.Image:
-    from PIL import ImageDraw
-
-    width, height = max(t.width for _, t in tiles), max(t.height for _, t in tiles) + 14
-    rows = (len(tiles) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * width, rows * height), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (label, tile) in enumerate(tiles):
-        x, y = (i % columns) * width, (i // columns) * height
-        sheet.paste(tile, (x, y + 14))
-        draw.text((x + 2, y + 1), label, fill="black")
-    return sheet
 
 
 def _log_figures(trainer: L.Trainer, figures: dict[str, bytes]) -> None:
