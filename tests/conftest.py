@@ -207,3 +207,25 @@ def nan_for_grey_seven(monkeypatch):
         return torch.full_like(pixels, float("nan")) if image.getpixel((0, 0)) == GREY_SEVEN else pixels
 
     monkeypatch.setattr(HFCLIPBackbone, "image_inputs", corrupt)
+
+
+def answer_localisation(name: str, kinds: tuple[str, ...], questions: int, **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """M2IB explaining the right answer to held-out questions (world seed 2) of a shipped VQA model: the pointing
+    game of each image map against the questioned object's mask, and how often a random map's peak lands there."""
+    from m2ib_lightning import attribute
+    from m2ib_lightning.backbones import load_backbone
+    from m2ib_lightning.data.questions import ShapesVQA
+    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.metrics import pointing_game
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_answers import question_batch
+
+    model = load_backbone(name)
+    vqa = ShapesVQA(ShapesWorld(seed=2, image_size=64, max_objects=3, noise=0.03), kinds)
+    items = [vqa.sample(i) for i in range(questions)]
+    pixels, prompts, answers = question_batch(model, items)
+    masks = torch.stack([torch.as_tensor(item.sample.object_masks[item.question.target]) for item in items])
+    result = attribute(model.module, pixels, prompts["input_ids"], prompts["attention_mask"], answer_ids=answers["input_ids"],
+                       answer_mask=answers["attention_mask"], seed=0, **settings)
+    return pointing_game(result.image_maps, masks), masks.flatten(1).float().mean(1)

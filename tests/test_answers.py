@@ -291,24 +291,10 @@ def test_check_backbone_passes_every_answer_adapter_and_names_a_broken_property(
 
 def test_on_the_shipped_blip_vqa_m2ib_points_at_the_object_a_question_is_about():
     """The image map of M2IB explaining the right answer, against the questioned object's mask: far above random."""
-    from m2ib_lightning import attribute
-    from m2ib_lightning.backbones import load_backbone
-    from m2ib_lightning.data.questions import ShapesVQA
-    from m2ib_lightning.data.world import ShapesWorld
-    from m2ib_lightning.metrics import pointing_game
+    from conftest import answer_localisation
 
-    model = load_backbone("builtin:shapes-blip-vqa")
-    tokenizer, images = model.processor.tokenizer, model.processor.image_processor
-    vqa = ShapesVQA(ShapesWorld(seed=2, image_size=64, max_objects=3, noise=0.03), ("colour", "shape", "what_colour", "what_shape"))
-    items = [vqa.sample(i) for i in range(8)]
-    pixels = torch.stack([images(images=item.sample.image, return_tensors="pt")["pixel_values"][0] for item in items])
-    questions = tokenizer([item.question.text for item in items], padding=True, return_tensors="pt")
-    answers = tokenizer([item.question.answer for item in items], add_special_tokens=False, padding=True, return_tensors="pt")
-    masks = torch.stack([torch.as_tensor(item.sample.object_masks[item.question.target]) for item in items])
-    result = attribute(model.module, pixels, questions["input_ids"], questions["attention_mask"], answer_ids=answers["input_ids"],
-                       answer_mask=answers["attention_mask"], vision_layer=0, text_layer=1, steps=5, num_noise=4, seed=0)
-    hits = pointing_game(result.image_maps, masks)
-    chance = masks.flatten(1).float().mean(1)  # a random map's peak lands in the mask this often
+    hits, chance = answer_localisation("builtin:shapes-blip-vqa", ("colour", "shape", "what_colour", "what_shape"), 8,
+                                       vision_layer=0, text_layer=1, steps=5, num_noise=4)
     error = hits.std() / len(hits) ** 0.5
     print(f"\npointing game of M2IB on answers, shipped BLIP VQA: {hits.mean():.3f} +- {error:.3f}; random {chance.mean():.3f}")
     assert hits.mean() - chance.mean() > 2 * error and hits.mean() >= 0.6

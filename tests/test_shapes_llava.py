@@ -76,25 +76,10 @@ def test_the_shipped_llava_answers_held_out_questions_of_each_kind():
 def test_on_the_shipped_llava_m2ib_points_at_the_object_a_question_is_about():
     """The image map of M2IB explaining the right answer, against the questioned object's mask: above random by more
     than 2 standard errors."""
-    import sys
-    from pathlib import Path
+    from conftest import answer_localisation
 
-    from m2ib_lightning import attribute
-    from m2ib_lightning.data.questions import ShapesVQA
-    from m2ib_lightning.metrics import pointing_game
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from bench_answers import question_batch
-
-    model = load_backbone(SHIPPED)
-    vqa = ShapesVQA(ShapesWorld(seed=2), ("colour", "shape", "what_colour", "what_shape"))
-    items = [vqa.sample(i) for i in range(16)]
-    pixels, questions, answers = question_batch(model, items)
-    masks = torch.stack([torch.as_tensor(item.sample.object_masks[item.question.target]) for item in items])
-    result = attribute(model.module, pixels, questions["input_ids"], questions["attention_mask"], answer_ids=answers["input_ids"],
-                       answer_mask=answers["attention_mask"], vision_layer=0, text_layer=1, steps=5, num_noise=4, seed=0)
-    hits = pointing_game(result.image_maps, masks)
-    chance = masks.flatten(1).float().mean(1)  # a random map's peak lands in the mask this often
+    hits, chance = answer_localisation(SHIPPED, ("colour", "shape", "what_colour", "what_shape"), 16,
+                                       vision_layer=0, text_layer=1, steps=5, num_noise=4)
     error = hits.std() / len(hits) ** 0.5
     print(f"\npointing game of M2IB on answers, shipped LLaVA: {hits.mean():.3f} +- {error:.3f}; random {chance.mean():.3f}")
     assert hits.mean() - chance.mean() > 2 * error
