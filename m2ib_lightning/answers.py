@@ -248,14 +248,18 @@ def attribute_answers(
     )
 
 
-def complete_answers(model: Any, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
-                     answer_mask: Tensor, given: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
-    """The batch's answers: the given ones, and the model's own greedy answer where ``given`` is False."""
+def complete_answers(model: Any, images: list[dict[str, Tensor]], input_ids: Tensor, attention_mask: Tensor,
+                     answer_ids: Tensor, answer_mask: Tensor, given: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """The batch's answers: the given ones, and the model's own greedy answer where ``given`` is False; ``images``:
+    each sample's image inputs (the adapter's ``join_inputs`` batches any of them)."""
     asked = (~given).nonzero()[:, 0].tolist()
     if not asked:
         return answer_ids, answer_mask
-    generated, generated_mask = model.generate_answers(pixel_values[asked], input_ids[asked], attention_mask[asked],
-                                                       max_new_tokens)
+    joined = model.join_inputs([images[b] for b in asked])
+    device = input_ids.device
+    joined = {k: v.to(device) for k, v in joined.items()}
+    generated, generated_mask = model.generate_answers(joined.pop("pixel_values"), input_ids[asked], attention_mask[asked],
+                                                       max_new_tokens, **joined)
     width = max(answer_ids.shape[1], generated.shape[1])
     answers = F.pad(answer_ids, (0, width - answer_ids.shape[1]))
     mask = F.pad(answer_mask, (0, width - answer_mask.shape[1]))

@@ -190,10 +190,11 @@ def test_a_fit_on_two_ddp_processes_saves_one_loadable_model_and_one_summary(tmp
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "fit_summary.json", "model", "tensorboard"]
 
 
-def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path):
-    from test_vqa_runs import SIZE, _save_blip_vqa
+@pytest.mark.parametrize("family", ["hf_blip_vqa", "hf_qwen2_vl"])  # a fusion model; packed images of any size
+def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path, family):
+    from test_vqa_runs import FAMILIES, SIZE
 
-    checkpoint = _save_blip_vqa(tmp_path / "blip-vqa")
+    checkpoint = FAMILIES[family](tmp_path / family)
     args = (f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
             "m2ib.steps=2", "m2ib.num_noise=2", "data.num_samples=6", "data.batch_size=2", "export.overlays=0",
             "trainer.enable_progress_bar=false")

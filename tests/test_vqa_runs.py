@@ -42,7 +42,46 @@ def _save_blip_vqa(path: Path) -> Path:
     return path
 
 
-FAMILIES = {"hf_llava": _save_llava, "hf_blip_vqa": _save_blip_vqa}
+QWEN_CHAT = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {% for part in message['content'] %}"
+             "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> {% else %}{{ part['text'] }}"
+             "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} assistant:{% endif %}")
+
+
+def _save_qwen2_vl(path: Path) -> Path:
+    """A tiny Qwen2-VL (patch 4, 2x2 merger: 16 language-model tokens for a 32 px picture) with a word-level tokenizer
+    of the world's words, Qwen's vision tokens and a chat template, and the image processor resizing as Qwen's does."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from m2ib_lightning.backbones.hf_qwen2_vl import image_processor_class
+    from m2ib_lightning.data.questions import vqa_vocabulary
+
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    words = ["[PAD]", "<s>", "</s>", *vision_tokens, "[UNK]", "user", "assistant", ":", *vqa_vocabulary()]
+    core = Tokenizer(WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="[UNK]"))
+    core.normalizer, core.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+                                        eos_token="</s>", additional_special_tokens=vision_tokens)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in vision_tokens}
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64)
+    image_processor_class()(image_processor=images, tokenizer=tokenizer, chat_template=QWEN_CHAT).save_pretrained(path)
+    return path
+
+
+FAMILIES = {"hf_llava": _save_llava, "hf_blip_vqa": _save_blip_vqa, "hf_qwen2_vl": _save_qwen2_vl}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -61,7 +100,8 @@ def _front_door(model, image: Image.Image, question: str, answer: str | None, se
     inputs = model.question_inputs(image, question)
     ids = torch.tensor([inputs.ids])
     given = {} if answer is None else {"answer_ids": torch.tensor([model.answer_inputs(answer)])}
-    return attribute(model, inputs.image["pixel_values"][None], ids, torch.ones_like(ids), seed=seed, **given, **settings)
+    images = model.join_inputs([inputs.image])  # pixel values, and what else the family takes (Qwen2-VL's grid)
+    return attribute(model, images.pop("pixel_values"), ids, torch.ones_like(ids), seed=seed, **given, **images, **settings)
 
 
 def test_a_world_vqa_run_writes_the_front_doors_maps_and_resumes(tmp_path, capsys, checkpoint):

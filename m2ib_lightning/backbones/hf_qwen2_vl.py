@@ -13,14 +13,17 @@ rows untouched); the map goes back from the window order to the image's own (row
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import AnswerBatch, ImageLayout, Modality, resolve_layer
+from .base import AnswerBatch, ImageGeometry, ImageLayout, Modality, resolve_layer
 from .decoder import HFDecoderAnswerer
+from .loading import load_pretrained
+from .questions import HFQuestions
 
 
 def is_hf_qwen2_vl(model: Any) -> bool:
@@ -36,8 +39,45 @@ def window_cells(rows: int, cols: int, merge: int) -> Tensor:
     return grid.permute(0, 2, 1, 3).flatten()
 
 
-class HFQwen2VLAnswerer(HFDecoderAnswerer):
-    """Runs a ``Qwen2VLForConditionalGeneration`` on prompts and answers, with bottlenecks placed by the M2IB fit."""
+@functools.cache
+def image_processor_class() -> type:
+    """Qwen2-VL's processor without its video part: the same images, text and image-token expansion (questions are
+    about images; the video processor needs torchvision, which not every machine has)."""
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageQwen2VLProcessor
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size Qwen2-VL's image processor resizes a picture to (its ``smart_resize``)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as qwen_resize
+    except ImportError:  # transformers 4.x
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as qwen_resize
+
+    return qwen_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def unpack_patches(patches: Tensor, rows: int, cols: int, merge: int, patch: int, temporal: int, channels: int = 3) -> Tensor:
+    """One image's packed (rows * cols, channels * temporal * patch * patch) pixel values back to (channels, H, W): the
+    inverse of the processor's window-by-window flattening (the first of the temporal copies)."""
+    x = patches.reshape(rows // merge, cols // merge, merge, merge, channels, temporal, patch, patch)
+    x = x.permute(5, 4, 0, 2, 6, 1, 3, 7)  # (temporal, channels, rows/m, m, patch, cols/m, m, patch)
+    return x.reshape(temporal, channels, rows * patch, cols * patch)[0]
+
+
+class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
+    """Runs a ``Qwen2VLForConditionalGeneration`` on prompts and answers, with bottlenecks placed by the M2IB fit;
+    loaded with its processor (images only), it also prepares questions for VQA runs."""
 
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
@@ -52,6 +92,47 @@ class HFQwen2VLAnswerer(HFDecoderAnswerer):
     @classmethod
     def accepts(cls, model: Any) -> bool:
         return is_hf_qwen2_vl(model)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, hub: Any = None) -> "HFQwen2VLAnswerer":
+        """The model and its processor's image and text parts (:func:`image_processor_class`)."""
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return cls(*load_pretrained(Qwen2VLForConditionalGeneration, name_or_path, hub, image_processor_class()))
+
+    # ------------------------------------------------------------------ questions
+    def image_part(self, encoded: Any) -> dict[str, Tensor]:
+        """One image's packed patches and its (1, rows, cols) grid."""
+        return {"pixel_values": encoded["pixel_values"], "image_grid_thw": encoded["image_grid_thw"]}
+
+    def join_inputs(self, images: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Several images' patches packed one after the other, with their grids."""
+        return {"pixel_values": torch.cat([image["pixel_values"] for image in images]),
+                "image_grid_thw": torch.cat([image["image_grid_thw"] for image in images])}
+
+    def sample_image(self, inputs: dict[str, Tensor], index: int) -> Tensor:
+        """Image ``index``'s (3, H, W) pixel values at the size the processor resized it to."""
+        grids = inputs["image_grid_thw"]
+        counts = self._patch_counts(grids)
+        start = sum(counts[:index])
+        _, rows, cols = grids[index].tolist()
+        return unpack_patches(inputs["pixel_values"][start:start + counts[index]], rows, cols, self.merge, self.patch,
+                              self.config.vision_config.temporal_patch_size)
+
+    def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
+        """(rows, cols) of one image's patches, from its (3, H, W) pixel values."""
+        return pixel_values.shape[-2] // self.patch, pixel_values.shape[-1] // self.patch
+
+    def image_geometry(self, image: Any) -> ImageGeometry:
+        """The processor's resize (each side a multiple of patch x merge, the pixel count within its bounds, the
+        aspect ratio kept), no crop: maps go back onto the original picture."""
+        config = self._require_processor().image_processor
+        size = getattr(config, "size", None) or {}
+        low = size.get("shortest_edge", getattr(config, "min_pixels", 56 * 56))
+        high = size.get("longest_edge", getattr(config, "max_pixels", 28 * 28 * 1280))
+        resized = smart_resize(image.height, image.width, factor=self.patch * self.merge, min_pixels=low, max_pixels=high)
+        return ImageGeometry((image.height, image.width), tuple(resized), (0, 0, *resized),
+                             int(image.info.get("exif_orientation", 1)))
 
     # ------------------------------------------------------------------ layout
     def _parts(self) -> tuple[nn.Module, nn.Module]:

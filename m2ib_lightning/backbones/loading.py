@@ -100,8 +100,10 @@ def read_model_config(name_or_path: str, hub: HubOptions | None = None) -> dict[
     return AutoConfig.from_pretrained(str(path), **(hub or HubOptions()).common()).to_dict()
 
 
-def load_pretrained(model_class: Any, name_or_path: str, hub: HubOptions | None = None) -> tuple[Any, Any]:
-    """``model_class.from_pretrained`` and ``AutoProcessor.from_pretrained`` of one checkpoint, model in eval mode.
+def load_pretrained(model_class: Any, name_or_path: str, hub: HubOptions | None = None,
+                    processor_class: Any = None) -> tuple[Any, Any]:
+    """``model_class.from_pretrained`` and ``AutoProcessor.from_pretrained`` (or ``processor_class``'s) of one
+    checkpoint, model in eval mode.
 
     Raises instead of returning a processor whose tokenizer came back empty
     (which ``from_pretrained`` can do offline without an error).
@@ -112,7 +114,7 @@ def load_pretrained(model_class: Any, name_or_path: str, hub: HubOptions | None 
     check_checkpoint_files(name_or_path)
     path = str(Path(resolve_model_path(name_or_path)).expanduser())
     model = model_class.from_pretrained(path, **hub.model())
-    processor = AutoProcessor.from_pretrained(path, **hub.common())
+    processor = (processor_class or AutoProcessor).from_pretrained(path, **hub.common())
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or len(tokenizer) == 0 or (tokenizer.eos_token_id is None and tokenizer.sep_token_id is None):
         raise RuntimeError(f"the tokenizer of {name_or_path!r} loaded empty (offline without a cached copy?)")

@@ -62,8 +62,11 @@ class HFQuestions(HFPreprocessing):
             end = start + len(question)
             visible = [a >= start and b <= end and b > a and i not in special
                        for i, (a, b) in zip(ids, encoded["offset_mapping"][0].tolist())]
-        pixels = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask", "offset_mapping", "token_type_ids")}
-        return QuestionInputs({k: v[0] if k == "pixel_values" else v for k, v in pixels.items()}, ids, visible)
+        return QuestionInputs(self.image_part(encoded), ids, visible)
+
+    def image_part(self, encoded: Any) -> dict[str, Tensor]:
+        """One sample's image inputs from the processor's encoding: its (C, H, W) pixel values."""
+        return {"pixel_values": encoded["pixel_values"][0]}
 
     def patch_grid(self, pixel_values: Tensor) -> tuple[int, int]:
         """(rows, cols) of the square ViT's patches (CLS first: ``num_prefix_tokens``), for the baselines' maps."""

@@ -191,6 +191,7 @@ class QuestionStream(PairStream):
         except BadImage as err:
             return {"id": record.id, "failure": Failure(record.id, str(err))}
         question = self.backbone.question_inputs(image, record.text)
+        picture = self.backbone.sample_image(self.backbone.join_inputs([question.image]), 0)  # (C, H, W) as seen
         item = {
             "id": record.id,
             "text": record.text,
@@ -206,7 +207,7 @@ class QuestionStream(PairStream):
                 item["answer_ids"] = self.backbone.answer_inputs(record.answer)
             except ValueError as err:
                 return {"id": record.id, "failure": Failure(record.id, str(err))}
-        failure = self.add_ground_truth(item, record, image, tuple(question.image["pixel_values"].shape[-2:]))
+        failure = self.add_ground_truth(item, record, image, tuple(picture.shape[-2:]))
         return item if failure is None else {"id": record.id, "failure": failure}
 
 
@@ -231,10 +232,11 @@ def _batch_of(items: list[dict[str, Any]], pad_id: int) -> tuple[list[dict], dic
         "seed": torch.tensor([item["seed"] for item in items], dtype=torch.long),
     }
     if any("target_mask" in item for item in items):  # ground truth where the data has it; has_target says where
-        size = items[0]["pixel_values"].shape[-2:]
+        size = next(item["target_mask"].shape for item in items if "target_mask" in item)
         empty = torch.zeros(size, dtype=torch.bool)
-        batch["target_mask"] = torch.stack([item.get("target_mask", empty) for item in items])
-        batch["has_target"] = torch.tensor(["target_mask" in item for item in items])
+        fits = [item.get("target_mask", empty).shape == size for item in items]  # pictures of another size: none
+        batch["target_mask"] = torch.stack([item.get("target_mask", empty) if fit else empty for item, fit in zip(items, fits)])
+        batch["has_target"] = torch.tensor(["target_mask" in item and fit for item, fit in zip(items, fits)])
         batch["target_class"] = [item.get("target_class") for item in items]
     return items, batch
 
@@ -252,7 +254,8 @@ def collate_questions(items: list[dict[str, Any]], pad_id: int, backbone: Any) -
     items, batch = _batch_of(items, pad_id)
     if not items:
         return batch
-    batch["image_inputs"] = backbone.join_inputs([item["image_inputs"] for item in items])
+    batch["image_items"] = [item["image_inputs"] for item in items]  # each sample's, for joining any subset of them
+    batch["image_inputs"] = backbone.join_inputs(batch["image_items"])
     batch["pixel_values"] = batch["image_inputs"]["pixel_values"]
     answers, answer_mask = pad_token_ids([item.get("answer_ids", [pad_id]) for item in items], pad_id)
     batch["answer_ids"], batch["answer_mask"] = answers, answer_mask

@@ -84,12 +84,16 @@ class AnswerM2IBModule(L.LightningModule):
         failures = list(batch["failures"])
         if not batch["id"]:
             return {"id": [], "failures": failures}
-        backbone, images = self.backbone, batch["image_inputs"]
-        pixels = [backbone.sample_image(images, b) for b in range(len(batch["id"]))]
-        answers, answer_mask = complete_answers(backbone, images["pixel_values"], batch["input_ids"], batch["attention_mask"],
+        backbone, images, items = self.backbone, batch["image_inputs"], batch["image_items"]
+        pixels = [backbone.sample_image(images, b) for b in range(len(batch["id"]))]  # each picture as the model sees it
+        answers, answer_mask = complete_answers(backbone, items, batch["input_ids"], batch["attention_mask"],
                                                 batch["answer_ids"], batch["answer_mask"], batch["answer_given"],
                                                 self.max_new_tokens)
         reasons = unanswerable(pixels, answer_mask)
+        first = next((p.shape[-2:] for p, r in zip(pixels, reasons) if r is None), None)
+        reasons = [r or (None if p.shape[-2:] == first else  # one map size per batch (Qwen2-VL keeps each picture's)
+                         f"picture of {tuple(p.shape[-2:])} px in a batch of {tuple(first)} px pictures: rerun with "
+                         "data.batch_size=1 to explain pictures of mixed sizes") for p, r in zip(pixels, reasons)]
         keep = kept(batch, reasons, failures)
         if not keep:
             return {"id": [], "failures": failures}
@@ -98,10 +102,11 @@ class AnswerM2IBModule(L.LightningModule):
         width = int(mask.sum(1).max())
         longest = int(answer_mask[rows].sum(1).max())
         answers, answer_mask = answers[rows, :longest], answer_mask[rows, :longest]
+        joined = backbone.join_inputs([items[b] for b in keep])  # the kept samples' image inputs (packed ones too)
         start = time.perf_counter()
         with torch.enable_grad():
-            result = attribute_answers(backbone, images["pixel_values"][rows], batch["input_ids"][rows, :width], mask[:, :width],
-                                       answers, answer_mask, config=self.config, seed=batch["seed"][rows.cpu()])
+            result = attribute_answers(backbone, joined.pop("pixel_values"), batch["input_ids"][rows, :width], mask[:, :width],
+                                       answers, answer_mask, config=self.config, seed=batch["seed"][rows.cpu()], **joined)
         self.last_batch_seconds = time.perf_counter() - start
         return prediction_of(batch, keep, failures, {
             **answer_fields(backbone, answers, answer_mask, [bool(batch["answer_given"][b]) for b in keep]),

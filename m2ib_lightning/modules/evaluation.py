@@ -95,7 +95,7 @@ class EvaluationModule(L.LightningModule):
 
     def _answered(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A question batch with every answer: the given ones, the model's own for the others."""
-        answers, mask = complete_answers(self.evaluator.scorer.backbone, batch["pixel_values"], batch["input_ids"],
+        answers, mask = complete_answers(self.evaluator.scorer.backbone, batch["image_items"], batch["input_ids"],
                                          batch["attention_mask"], batch["answer_ids"], batch["answer_mask"],
                                          batch["answer_given"], self.max_new_tokens)
         batch = {k: v for k, v in batch.items() if k != "image_inputs"}  # pixel_values says it all for these families
