@@ -209,3 +209,9 @@ def test_questions_from_webdataset_shards_with_their_answers_and_bad_samples_rep
     assert "00000/k1" in records or "own answer is empty" in reasons["00000/k1"]
     if "00000/k1" in records:
         assert records["00000/k1"].answer_source == "generate"
+
+def test_an_evaluation_of_qwen2_vl_is_refused_before_any_work(tmp_path, capsys):
+    checkpoint = _save_qwen2_vl(tmp_path / "qwen")
+    result = _main(capsys, "configs/evaluate_shapes_vqa.yaml", f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
+                   f"output_dir={tmp_path / 'eval'}")
+    assert result.returncode == 2 and "packed image patches" in result.stderr and not (tmp_path / "eval").exists()

@@ -81,6 +81,8 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
 
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
+    #: a batch's pixel values are packed patches, not one (C, H, W) picture per sample
+    packs_images = True
 
     def __init__(self, model: nn.Module, processor: Any = None):
         if not is_hf_qwen2_vl(model):
