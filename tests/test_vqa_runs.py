@@ -215,3 +215,16 @@ def test_an_evaluation_of_qwen2_vl_is_refused_before_any_work(tmp_path, capsys):
     result = _main(capsys, "configs/evaluate_shapes_vqa.yaml", f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
                    f"output_dir={tmp_path / 'eval'}")
     assert result.returncode == 2 and "packed image patches" in result.stderr and not (tmp_path / "eval").exists()
+
+
+def test_qwen2_vl_runs_keep_each_pictures_aspect_ratio_and_maps_go_back_to_the_original(tmp_path, capsys):
+    checkpoint = _save_qwen2_vl(tmp_path / "qwen")
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "wide.png")  # resized as Qwen2-VL does: 32 x 16 px (multiples of 8)
+    line = {"id": "w", "image": "wide.png", "question": "what colour is the circle?", "answer": "red"}
+    (tmp_path / "q.jsonl").write_text(json.dumps(line) + "\n")
+    out = tmp_path / "run"
+    assert _main(capsys, *_args(out, checkpoint, f"data.manifest={tmp_path / 'q.jsonl'}")).returncode == 0
+    (record,) = read_attributions(out)
+    assert tuple(record.image_capacity.shape) == (4, 8) and tuple(record.image_map.shape) == (16, 32)
+    (original,) = read_attributions(out, original_size=True)
+    assert tuple(original.image_map.shape) == (20, 30)
