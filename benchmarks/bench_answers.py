@@ -19,9 +19,9 @@ import torch
 
 from m2ib_lightning import attribute
 from m2ib_lightning.backbones import load_backbone
-from m2ib_lightning.data.questions import ShapesVQA
-from m2ib_lightning.data.world import ShapesWorld
-from m2ib_lightning.data.world_dataset import pad_token_ids
+from m2ib_lightning.shapes.questions import ShapesVQA
+from m2ib_lightning.shapes.world import ShapesWorld
+from m2ib_lightning.backbones.base import pad_token_ids
 from m2ib_lightning.metrics import mask_energy, pointing_game
 
 KINDS = ("colour", "shape", "size", "what_colour", "what_shape", "what_size")

@@ -166,7 +166,7 @@ def precision_table(families: list[str], count: int) -> None:
 def shapes_world_fidelity(samples: int = 128) -> None:
     """Pointing game of float32 and bf16 maps of the shipped CLIP on held-out world pairs (default.yaml's layers)."""
     from m2ib_lightning.backbones import load_backbone
-    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.shapes.world import ShapesWorld
     from m2ib_lightning.metrics import pointing_game
 
     backbone = load_backbone("builtin:shapes-clip")

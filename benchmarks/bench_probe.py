@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from notice_reference import trace_important_states  # noqa: E402
 
-from m2ib_lightning.data.questions import ShapesVQA  # noqa: E402
-from m2ib_lightning.data.world import ShapesWorld  # noqa: E402
+from m2ib_lightning.shapes.questions import ShapesVQA  # noqa: E402
+from m2ib_lightning.shapes.world import ShapesWorld  # noqa: E402
 from m2ib_lightning.probing import ActivationPatching, vqa_minimal_pair  # noqa: E402
 from m2ib_lightning.backbones import load_backbone  # noqa: E402
 

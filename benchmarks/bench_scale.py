@@ -61,7 +61,7 @@ def write_shards(folder: Path, pairs: int) -> str:
 def tiny_clip(folder: Path) -> Path:
     from transformers import CLIPProcessor
 
-    from m2ib_lightning.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
+    from m2ib_lightning.shapes.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
 
     tokenizer = build_tokenizer()
     model = build_shapes_clip(tokenizer, image_size=32, width=32, layers=2, heads=2, projection_dim=16, seed=0)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .backbones.loading import DTYPES
-from .data.questions import QUESTION_KINDS
+from .shapes.questions import QUESTION_KINDS
 from .engine import M2IBConfig
 from .metrics.settings import MetricSettings
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2ib_lightning.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
+from m2ib_lightning.shapes.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -126,7 +126,7 @@ def world_word_tokenizer(eos: str = "</s>"):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from m2ib_lightning.data.world import vocabulary
+    from m2ib_lightning.shapes.world import vocabulary
 
     vocab = {w: i for i, w in enumerate(["<pad>", eos, "<unk>", *vocabulary()])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -154,7 +154,7 @@ def blip_itc_bundle(tmp_path_factory) -> Path:
     """A tiny BLIP image-text retrieval model saved with save_pretrained, with a WordPiece tokenizer."""
     from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
 
-    from m2ib_lightning.models.shapes_blip_vqa import build_vqa_tokenizer
+    from m2ib_lightning.shapes.models.shapes_blip_vqa import build_vqa_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-blip-itc")
     tokenizer = build_vqa_tokenizer()
@@ -177,7 +177,7 @@ def tiny_vqa_bundle(tmp_path_factory) -> Path:
     """A small random BLIP VQA model with the world's WordPiece tokenizer, saved in the hub layout."""
     from transformers import BlipProcessor
 
-    from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_image_processor, build_vqa_tokenizer
+    from m2ib_lightning.shapes.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_image_processor, build_vqa_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-blip-vqa")
     tokenizer = build_vqa_tokenizer()
@@ -214,8 +214,8 @@ def answer_localisation(name: str, kinds: tuple[str, ...], questions: int, **set
     game of each image map against the questioned object's mask, and how often a random map's peak lands there."""
     from m2ib_lightning import attribute
     from m2ib_lightning.backbones import load_backbone
-    from m2ib_lightning.data.questions import ShapesVQA
-    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.shapes.questions import ShapesVQA
+    from m2ib_lightning.shapes.world import ShapesWorld
     from m2ib_lightning.metrics import pointing_game
 
     sys.path.insert(0, str(ROOT / "benchmarks"))

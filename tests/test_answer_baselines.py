@@ -24,12 +24,12 @@ SETTINGS = {"m2ib": {"steps": 2, "num_noise": 2, "vision_layer": 0, "text_layer"
 def _with_processor(adapter):
     """The tiny model with the processor its family ships (the text methods need its tokenizer)."""
     if isinstance(adapter, HFLlavaAnswerer):
-        from m2ib_lightning.models.shapes_llava import build_llava_processor, build_llava_tokenizer
+        from m2ib_lightning.shapes.models.shapes_llava import build_llava_processor, build_llava_tokenizer
 
         return HFLlavaAnswerer(adapter.module, build_llava_processor(build_llava_tokenizer(), 16, 8))
     from transformers import BlipProcessor
 
-    from m2ib_lightning.models.shapes_blip_vqa import build_vqa_image_processor, build_vqa_tokenizer
+    from m2ib_lightning.shapes.models.shapes_blip_vqa import build_vqa_image_processor, build_vqa_tokenizer
 
     return HFBlipVQAAnswerer(adapter.module, BlipProcessor(image_processor=build_vqa_image_processor(16),
                                                            tokenizer=build_vqa_tokenizer()))

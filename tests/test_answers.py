@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from m2ib_lightning.answers import attribute_answers, replaced_output
 from m2ib_lightning.backbones.hf_llava import HFLlavaAnswerer
 from m2ib_lightning.engine import M2IBConfig
-from m2ib_lightning.models.shapes_llava import IMAGE, build_llava_tokenizer, build_shapes_llava
+from m2ib_lightning.shapes.models.shapes_llava import IMAGE, build_llava_tokenizer, build_shapes_llava
 from m2ib_lightning.testing import BackboneCheckError, check_backbone, naive_answer_m2ib
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=16,
@@ -25,7 +25,7 @@ def tiny_llava(seed: int = 0, feature_layer: int = -1) -> HFLlavaAnswerer:
 
 def tiny_blip_vqa(seed: int = 0):
     from m2ib_lightning.backbones.hf_blip_vqa import HFBlipVQAAnswerer
-    from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_tokenizer
+    from m2ib_lightning.shapes.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_tokenizer
 
     model = build_shapes_blip_vqa(build_vqa_tokenizer(), image_size=16, patch_size=8, width=32, vision_layers=2,
                                   text_layers=2, heads=2, seed=seed)

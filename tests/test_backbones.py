@@ -253,7 +253,7 @@ def test_attention_methods_refuse_an_adapter_without_attention_with_a_clear_erro
 def test_a_run_refuses_an_adapter_without_preprocessing_before_any_work():
     from m2ib_lightning.backbones.capabilities import MissingCapabilityError
     from m2ib_lightning.data.attribution import PairDataModule, WorldSource
-    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.shapes.world import ShapesWorld
 
     clip = as_backbone(FAMILIES["hf_clip"][0](seed=0))  # built from a config: no processor
     with pytest.raises(MissingCapabilityError, match="built without a processor"):

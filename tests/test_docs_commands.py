@@ -62,7 +62,7 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
     from safetensors.torch import save_file
     from transformers import CLIPProcessor
 
-    from m2ib_lightning.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
+    from m2ib_lightning.shapes.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
 
     root = tmp_path_factory.mktemp("docs-data")
     clip = root / "clip-12-blocks"  # as deep as the hub CLIPs the docs name, so their layer numbers exist
@@ -89,7 +89,7 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
 
 def _llava_12_layers(path: Path) -> Path:
     """A tiny LLaVA whose language model is as deep as the hub ones the docs name (12 layers), saved with its processor."""
-    from m2ib_lightning.models.shapes_llava import build_llava_processor, build_llava_tokenizer, build_shapes_llava
+    from m2ib_lightning.shapes.models.shapes_llava import build_llava_processor, build_llava_tokenizer, build_shapes_llava
 
     tokenizer = build_llava_tokenizer()
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=32,

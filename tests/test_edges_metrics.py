@@ -135,8 +135,8 @@ def openai_style_bundle(tmp_path_factory):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPProcessor, PreTrainedTokenizerFast
 
-    from m2ib_lightning.data.world import vocabulary
-    from m2ib_lightning.models.shapes_clip import build_image_processor, build_shapes_clip
+    from m2ib_lightning.shapes.world import vocabulary
+    from m2ib_lightning.shapes.models.shapes_clip import build_image_processor, build_shapes_clip
 
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     vocab = {w: i for i, w in enumerate([*vocabulary(), bos, eos])}

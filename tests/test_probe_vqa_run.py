@@ -69,7 +69,7 @@ def test_rerun_with_other_settings_is_refused(one_process, tiny_vqa_bundle):
 
 
 def test_a_manifest_of_pairs_with_a_missing_image_lists_it_and_goes_on(tmp_path, tiny_vqa_bundle):
-    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.shapes.world import ShapesWorld
 
     world = ShapesWorld(seed=3)
     rows = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_images, make_texts, tiny_clip
-from m2ib_lightning.models.shapes_clip import build_tokenizer
+from m2ib_lightning.shapes.models.shapes_clip import build_tokenizer
 from m2ib_lightning.probing import ActivationPatching, important_heads, mean_effect, same_length_replacement
 
 SITES = ("resid", "mlp", "head")

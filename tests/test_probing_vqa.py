@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from m2ib_lightning.backbones.hf_blip_vqa import HFBlipVQAAnswerer
-from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_tokenizer
+from m2ib_lightning.shapes.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_tokenizer
 from m2ib_lightning.probing import (
     ActivationPatching,
     read_vqa_pairs,

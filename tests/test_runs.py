@@ -43,7 +43,7 @@ def test_run_exports_maps_that_read_back_equal_to_the_engine(tmp_path, tiny_bund
     backbone = load_backbone(str(tiny_bundle))
     model, processor = backbone.module, backbone.processor
     first = records[0]
-    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.shapes.world import ShapesWorld
 
     sample = ShapesWorld(seed=1).sample(int(first.id.rsplit("-", 1)[1]))
     inputs = processor(images=sample.image, text=sample.text, return_tensors="pt")

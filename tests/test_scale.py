@@ -24,7 +24,7 @@ from m2ib_lightning.data.attribution import WorldSource
 from m2ib_lightning.data.manifest import ManifestSource
 from m2ib_lightning.data.records import Failure
 from m2ib_lightning.data.webdataset import WebDatasetSource
-from m2ib_lightning.data.world import ShapesWorld
+from m2ib_lightning.shapes.world import ShapesWorld
 from m2ib_lightning.results import done_ids, shard_names
 from m2ib_lightning.tasks.attribute import run
 from test_edges_runs import _main

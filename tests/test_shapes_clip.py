@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from m2ib_lightning.config import CONFIG_DIR, load_config
-from m2ib_lightning.data.world import ShapesWorld
-from m2ib_lightning.data.world_dataset import WorldPairs, WorldRetrieval, collate_retrieval, ImageToTensor
+from m2ib_lightning.shapes.world import ShapesWorld
+from m2ib_lightning.shapes.datasets import WorldPairs, WorldRetrieval, collate_retrieval, ImageToTensor
 from m2ib_lightning.backbones import load_backbone, resolve_model_path
 from m2ib_lightning.backbones.loading import SHIPPED_MODELS
 

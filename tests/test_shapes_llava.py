@@ -10,7 +10,7 @@ import torch
 from m2ib_lightning.backbones import load_backbone
 from m2ib_lightning.backbones.hf_llava import HFLlavaAnswerer
 from m2ib_lightning.config import CONFIG_DIR, load_config
-from m2ib_lightning.data.world import ShapesWorld
+from m2ib_lightning.shapes.world import ShapesWorld
 
 
 def test_a_short_fit_saves_a_llava_that_loads_and_answers(tmp_path):

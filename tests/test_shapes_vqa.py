@@ -7,8 +7,8 @@ import torch
 from m2ib_lightning.backbones import load_backbone, resolve_model_path
 from m2ib_lightning.backbones.loading import SHIPPED_MODELS
 from m2ib_lightning.config import CONFIG_DIR, load_config
-from m2ib_lightning.data.questions import TWO_CHOICE_KINDS, ShapesVQA
-from m2ib_lightning.data.world import ShapesWorld
+from m2ib_lightning.shapes.questions import TWO_CHOICE_KINDS, ShapesVQA
+from m2ib_lightning.shapes.world import ShapesWorld
 from m2ib_lightning.backbones.hf_blip_vqa import first_step_logits
 
 SHIPPED = "builtin:shapes-blip-vqa"
@@ -71,7 +71,7 @@ def test_short_vqa_training_run_writes_a_loadable_model(tmp_path):
 def test_the_clip_vision_tower_copies_exactly():
     """Initialising BLIP's vision blocks from the shapes CLIP: every block computes what CLIP's did."""
     from m2ib_lightning.backbones import load_backbone
-    from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_tokenizer, init_vision_from_clip
+    from m2ib_lightning.shapes.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_tokenizer, init_vision_from_clip
 
     clip = load_backbone("builtin:shapes-clip").module
     blip = build_shapes_blip_vqa(build_vqa_tokenizer())

@@ -21,7 +21,7 @@ SIZE = 32  # the world's and the tiny models' image size (patch 8: a 4 x 4 grid)
 
 
 def _save_llava(path: Path) -> Path:
-    from m2ib_lightning.models.shapes_llava import build_llava_processor, build_llava_tokenizer, build_shapes_llava
+    from m2ib_lightning.shapes.models.shapes_llava import build_llava_processor, build_llava_tokenizer, build_shapes_llava
 
     tokenizer = build_llava_tokenizer()
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
@@ -34,7 +34,7 @@ def _save_llava(path: Path) -> Path:
 def _save_blip_vqa(path: Path) -> Path:
     from transformers import BlipProcessor
 
-    from m2ib_lightning.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_image_processor, build_vqa_tokenizer
+    from m2ib_lightning.shapes.models.shapes_blip_vqa import build_shapes_blip_vqa, build_vqa_image_processor, build_vqa_tokenizer
 
     tokenizer = build_vqa_tokenizer()
     build_shapes_blip_vqa(tokenizer, image_size=SIZE, patch_size=8, width=32, vision_layers=2, text_layers=2, heads=2).save_pretrained(path)
@@ -56,7 +56,7 @@ def _save_qwen2_vl(path: Path) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from m2ib_lightning.backbones.hf_qwen2_vl import image_processor_class
-    from m2ib_lightning.data.questions import vqa_vocabulary
+    from m2ib_lightning.shapes.questions import vqa_vocabulary
 
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     words = ["[PAD]", "<s>", "</s>", *vision_tokens, "[UNK]", "user", "assistant", ":", *vqa_vocabulary()]
@@ -105,8 +105,8 @@ def _front_door(model, image: Image.Image, question: str, answer: str | None, se
 
 
 def test_a_world_vqa_run_writes_the_front_doors_maps_and_resumes(tmp_path, capsys, checkpoint):
-    from m2ib_lightning.data.questions import ShapesVQA
-    from m2ib_lightning.data.world import ShapesWorld
+    from m2ib_lightning.shapes.questions import ShapesVQA
+    from m2ib_lightning.shapes.world import ShapesWorld
 
     out = tmp_path / "run"
     assert _main(capsys, *_args(out, checkpoint, "data.num_samples=4")).returncode == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m2ib_lightning.data.world import COLOURS, SHAPES, ShapesWorld, vocabulary
-from m2ib_lightning.models.shapes_clip import build_tokenizer
+from m2ib_lightning.shapes.world import COLOURS, SHAPES, ShapesWorld, vocabulary
+from m2ib_lightning.shapes.models.shapes_clip import build_tokenizer
 
 INDICES = range(60)
 

@@ -453,3 +453,13 @@ def padding_bias(token_mask: Tensor, dtype: torch.dtype, causal: bool = False) -
     if causal:
         allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=token_mask.device).tril()
     return torch.zeros(allowed.shape, dtype=dtype, device=token_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+def pad_token_ids(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token id lists into (B, L) ids and their attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask

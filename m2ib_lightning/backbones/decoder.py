@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.world_dataset import pad_token_ids
-from .base import AnswerBatch, HFAnswerLayout, ImageLayout, Modality, real_tokens
+from .base import AnswerBatch, HFAnswerLayout, ImageLayout, Modality, pad_token_ids, real_tokens
 
 
 class HFDecoderAnswerer(HFAnswerLayout):

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.world_dataset import pad_token_ids
 from .base import (
-    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, one_image_per_sample,
+    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, one_image_per_sample, pad_token_ids,
     real_tokens, resolve_layer, square_patch_grid,
 )
 from .capabilities import Site

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "shapes" / "assets"
 #: name -> (directory, the config that trains it)
 SHIPPED_MODELS = {
     "shapes-clip": (ASSETS / "shapes-clip", "configs/fit_shapes_clip.yaml"),

@@ -1,5 +1,2 @@
-"""Data: the synthetic shapes world (and, later, manifests of real image-text pairs)."""
-
-from .world import COLOURS, SHAPES, Caption, Scene, ShapeObject, ShapesWorld, WorldSample, render, vocabulary
-
-__all__ = ["COLOURS", "SHAPES", "Caption", "Scene", "ShapeObject", "ShapesWorld", "WorldSample", "render", "vocabulary"]
+"""Data sources and streams of runs: the shapes world's held-out pairs and questions, manifests (JSONL, CSV,
+folders), WebDataset shards, and the datasets that turn records into model inputs through the adapter."""

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..backbones.capabilities import require
 from .records import BadImage, Failure, PairRecord
-from .world import ShapesWorld
-from .world_dataset import pad_token_ids
+from ..shapes.world import ShapesWorld
+from ..backbones.base import pad_token_ids
 
 
 def sample_seed(run_seed: int, sample_id: str) -> int:

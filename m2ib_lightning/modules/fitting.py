@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..backbones.base import features
 from ..backbones.hf_blip_vqa import first_step_logits
-from ..data.questions import QUESTION_KINDS, TWO_CHOICE_KINDS
+from ..shapes.questions import QUESTION_KINDS, TWO_CHOICE_KINDS
 
 
 def multi_positive_contrastive_loss(logits: Tensor, positives: Tensor) -> Tensor:

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..data.questions import TWO_CHOICE_KINDS, Question, ShapesVQA
+from ..shapes.questions import TWO_CHOICE_KINDS, Question, ShapesVQA
 from ..data.records import Failure
-from ..data.world import SIZES, Scene, _free, _relation_holds, render
+from ..shapes.world import SIZES, Scene, _free, _relation_holds, render
 
 
 @dataclass

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..backbones import MODALITIES, HubOptions, UnknownAdapterError, load_backbone, resolve_layer
 from ..backbones.capabilities import MissingCapabilityError, require
 from ..config import ConfigError
-from ..data.world import ShapesWorld
+from ..shapes.world import ShapesWorld
 from ..results import run_identity
 
 
@@ -42,7 +42,7 @@ def source_of(cfg: DictConfig, questions: bool = False):
         key = "data.webdataset" if webdataset else "data.root" if "data.root" in str(err) else "data.manifest"
         raise ConfigError(f"{key}: {err}") from err
     if questions:
-        from ..data.questions import ShapesVQA
+        from ..shapes.questions import ShapesVQA
 
         vqa = ShapesVQA(world_of(cfg), tuple(cfg.data.kinds))
         return QuestionWorldSource(vqa, cfg.data.num_samples, own_answers=cfg.answers.source == "generate")

@@ -19,7 +19,7 @@ from ..baselines import METHODS, ExternalMaps, make_method
 from ..callbacks import EvaluationWriter
 from ..config import ConfigError
 from ..data.attribution import PairDataModule
-from ..data.world import SHAPES
+from ..shapes.world import SHAPES
 from ..evaluation import COLUMNS, MetricSettings, column_label, higher_is_better
 from ..modules import EvaluationModule
 from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures

@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..modules import ContrastiveCLIP
-from ..data.world_dataset import ImageToTensor, WorldPairs, WorldRetrieval, collate_pairs, collate_retrieval
-from ..models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
+from ..shapes.datasets import ImageToTensor, WorldPairs, WorldRetrieval, collate_pairs, collate_retrieval
+from ..shapes.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
 from .common import fit_and_save, prepare_output, world_of, write_fit_summary
 
 RETRIEVAL_CANDIDATES = 8

@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..data.questions import QUESTION_KINDS, ShapesVQA
-from ..data.world_dataset import ImageToTensor
-from ..models.shapes_llava import (
+from ..shapes.questions import QUESTION_KINDS, ShapesVQA
+from ..shapes.datasets import ImageToTensor
+from ..shapes.models.shapes_llava import (
     IMAGE, VISION_TOWER, build_llava_processor, build_llava_tokenizer, build_shapes_llava, init_vision_from_clip, prompt_text,
     set_vision_trainable,
 )

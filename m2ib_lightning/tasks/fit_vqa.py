@@ -13,9 +13,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..modules import AnswerFit, VQATraining
-from ..data.questions import QUESTION_KINDS, ShapesVQA
-from ..data.world_dataset import ImageToTensor, pad_token_ids
-from ..models.shapes_blip_vqa import (
+from ..shapes.questions import QUESTION_KINDS, ShapesVQA
+from ..backbones.base import pad_token_ids
+from ..shapes.datasets import ImageToTensor
+from ..shapes.models.shapes_blip_vqa import (
     build_shapes_blip_vqa,
     build_vqa_image_processor,
     build_vqa_tokenizer,

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from ..data.world import WorldSample
-from ..data.world_dataset import pad_token_ids
+from ..shapes.world import WorldSample
+from ..backbones.base import pad_token_ids
 from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect, universal_heads
 from ..results import atomic_write
 from ..visualize import labelled_heatmap

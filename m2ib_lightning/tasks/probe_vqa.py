@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backbones.capabilities import require
 from ..config import ConfigError
-from ..data.questions import ShapesVQA, TWO_CHOICE_KINDS
+from ..shapes.questions import ShapesVQA, TWO_CHOICE_KINDS
 from ..probing import (answer_position, head_scores, VQAPair, effect_by_role, important_heads, mean_effect, read_vqa_pairs, symmetric_token_replacement, universal_heads, vqa_minimal_pair)
 from ..probing.patching import PatchingResult
 from ..results import atomic_write, safe_name

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.questions import vqa_vocabulary
+from ..questions import vqa_vocabulary
 from .shapes_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")

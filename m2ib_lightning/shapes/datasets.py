@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..backbones.base import pad_token_ids
 from .world import ShapesWorld, WorldSample
 
 
@@ -28,16 +29,6 @@ class ImageToTensor:
         pixels = torch.from_numpy(array).permute(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
 
-
-def pad_token_ids(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token id lists into (B, L) ids and their attention mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 class WorldPairs(Dataset):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.questions import vqa_vocabulary
+from ..questions import vqa_vocabulary
 from .shapes_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"

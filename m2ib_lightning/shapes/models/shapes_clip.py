@@ -8,7 +8,7 @@ go through the same ``from_pretrained`` code.
 
 from __future__ import annotations
 
-from ..data.world import vocabulary
+from ..world import vocabulary
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
