@@ -11,6 +11,7 @@ import sys
 
 from m2ib_lightning.config import ConfigError, describe_config, describe_registered, describe_tasks, load_config
 from m2ib_lightning.results import OutputRefused
+from m2ib_lightning.tasks import task_module
 
 
 def main(argv: list[str]) -> int:
@@ -32,22 +33,8 @@ def main(argv: list[str]) -> int:
     if helping:  # a config's --help: the values it gives every key
         print(describe_config(cfg, path))
         return 0
-    if cfg.task == "fit_clip":
-        from m2ib_lightning.tasks.fit_clip import run
-    elif cfg.task == "fit_vqa":
-        from m2ib_lightning.tasks.fit_vqa import run
-    elif cfg.task == "fit_llava":
-        from m2ib_lightning.tasks.fit_llava import run
-    elif cfg.task == "probe_vqa":
-        from m2ib_lightning.tasks.probe_vqa import run
-    elif cfg.task == "probe":
-        from m2ib_lightning.tasks.probe import run
-    elif cfg.task in ("evaluate", "evaluate_vqa"):
-        from m2ib_lightning.tasks.evaluate import run
-    else:
-        from m2ib_lightning.tasks.attribute import run
     try:
-        run(cfg)
+        task_module(cfg.task).run(cfg)
     except (ConfigError, OutputRefused) as err:  # found once the model is known, or the output_dir is refused
         print(f"error: {err}", file=sys.stderr)
         return 2

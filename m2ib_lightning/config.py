@@ -1,15 +1,14 @@
 """Typed run configurations: YAML files in configs/ plus ``key=value`` overrides, checked before any work.
 
-Each task has a schema (dataclasses below); an unknown key or a value of the
-wrong type fails with a message that names the key. ``trainer`` is passed to
+Each task has a schema (dataclasses defined beside the task, in ``m2ib_lightning.tasks``); an unknown key or a
+value of the wrong type fails with a message that names the key. ``trainer`` is passed to
 ``lightning.Trainer`` as it is, so every Trainer argument is available there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -17,294 +16,17 @@ from omegaconf.errors import OmegaConfBaseException
 from .backbones.loading import DTYPES
 from .shapes.questions import QUESTION_KINDS
 from .engine import M2IBConfig
-from .metrics.settings import MetricSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-@dataclass
-class WorldConfig:
-    seed: int = 0
-    heldout_seed: int = 1  # the world of validation, attribution and evaluation samples
-    image_size: int = 64
-    max_objects: int = 3
-    noise: float = 0.03
+def schemas() -> dict[str, type]:
+    """Every task's schema, each defined beside its task (``m2ib_lightning.tasks``)."""
+    from .tasks import schemas as task_schemas
+
+    return task_schemas()
 
 
-@dataclass
-class FitData:
-    train_samples: int = 300_000
-    val_samples: int = 512
-    batch_size: int = 128
-    num_workers: int = 0
-
-
-@dataclass
-class FitModel:
-    patch_size: int = 8
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    projection_dim: int = 128
-
-
-@dataclass
-class FitOptim:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-
-
-@dataclass
-class FitClipConfig:
-    task: str = "fit_clip"
-    seed: int = 0
-    output_dir: str = "runs/fit_shapes_clip"
-    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
-    world: WorldConfig = field(default_factory=WorldConfig)
-    data: FitData = field(default_factory=FitData)
-    model: FitModel = field(default_factory=FitModel)
-    optim: FitOptim = field(default_factory=FitOptim)
-    trainer: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class FitVQAModel:
-    patch_size: int = 8
-    width: int = 128
-    vision_layers: int = 4
-    text_layers: int = 4
-    heads: int = 4
-
-
-@dataclass
-class FitVQAData(FitData):
-    # the training mix, kind i of sample j = kinds[j % len(kinds)]: repeat a kind to weigh it more
-    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "side", "place", "what_colour", "what_shape", "what_size"])
-
-
-@dataclass
-class FitVQAConfig:
-    task: str = "fit_vqa"
-    seed: int = 0
-    output_dir: str = "runs/fit_shapes_vqa"
-    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
-    init_vision_from: Optional[str] = "builtin:shapes-clip"  # a CLIP whose vision tower starts the BLIP one
-    world: WorldConfig = field(default_factory=WorldConfig)
-    data: FitVQAData = field(default_factory=FitVQAData)
-    model: FitVQAModel = field(default_factory=FitVQAModel)
-    optim: FitOptim = field(default_factory=FitOptim)
-    trainer: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class FitLlavaModel:
-    width: int = 128  # the Llama's hidden size
-    layers: int = 4
-    heads: int = 4
-    vision_feature_layer: int = -2  # the vision block whose output the language model reads (LLaVA-1.5: -2)
-    freeze_vision: bool = False  # keep the vision tower as vision_from has it (LLaVA-1.5 does); trains 1.4x faster
-    vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to optim.lr, when it trains
-
-
-@dataclass
-class FitLlavaConfig:
-    task: str = "fit_llava"
-    seed: int = 0
-    output_dir: str = "runs/fit_shapes_llava"
-    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
-    vision_from: str = "builtin:shapes-clip"  # the CLIP whose vision tower becomes the LLaVA's
-    world: WorldConfig = field(default_factory=WorldConfig)
-    data: FitVQAData = field(default_factory=FitVQAData)
-    model: FitLlavaModel = field(default_factory=FitLlavaModel)
-    optim: FitOptim = field(default_factory=FitOptim)
-    trainer: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class AttributeData:
-    manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
-    webdataset: Optional[str] = None  # tar shards as img2dataset writes them, e.g. /data/{00000..00999}.tar
-    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
-    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
-    num_samples: int = 64  # without manifest or webdataset: this many held-out pairs of the shapes world
-    batch_size: int = 8
-    num_workers: int = 0
-
-
-@dataclass
-class ModelConfig:
-    name_or_path: str = "builtin:shapes-clip"  # hub name, local directory (hub layout) or builtin:NAME
-    adapter: str = "auto"  # auto (from config.json's model_type), a registered name, or package.module:Factory
-    revision: Optional[str] = None  # hub branch, tag or commit to pin
-    dtype: Optional[str] = None  # weights' dtype: float32, bfloat16, float16, auto; unset: the checkpoint's default
-    attn_implementation: Optional[str] = None  # eager, sdpa, ...; unset: transformers' choice
-    local_files_only: bool = False  # never ask the hub (a cluster node without network)
-    trust_remote_code: bool = False  # run the checkpoint's own Python code: only for checkpoints you trust
-
-
-@dataclass
-class ExportConfig:
-    samples_per_shard: int = 1024  # each rank closes a shard file every this many samples
-    shard_seconds: float = 300.0  # ... or once its first sample is this old: a kill loses minutes of work, not hours
-    overlays: Optional[int] = None  # PNG overlays of the first N samples per rank; default 64 for the world, 0 otherwise
-    tensorboard_every_n_batches: int = 2
-
-
-@dataclass
-class AttributeConfig:
-    task: str = "attribute"
-    seed: int = 0
-    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
-    output_dir: str = "runs/default"
-    world: WorldConfig = field(default_factory=WorldConfig)
-    data: AttributeData = field(default_factory=AttributeData)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    m2ib: M2IBConfig = field(default_factory=M2IBConfig)  # the engine's own settings
-    export: ExportConfig = field(default_factory=ExportConfig)
-    trainer: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class AttributeVQAData(AttributeData):
-    manifest: Optional[str] = None  # JSONL/CSV: id, image, question, answer (optional), mask or boxes (optional), class
-    num_samples: int = 64  # without a manifest: this many held-out questions of the shapes world (each names an object)
-    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "what_colour", "what_shape", "what_size"])
-
-
-@dataclass
-class AnswerSettings:
-    source: str = "given"  # given: the data's answers (the world's; a manifest's where it has one, else generate); generate: the model's own
-    max_new_tokens: int = 16  # the longest greedy answer
-
-
-@dataclass
-class AttributeVQAConfig(AttributeConfig):
-    task: str = "attribute_vqa"
-    output_dir: str = "runs/attribute_shapes_vqa"
-    data: AttributeVQAData = field(default_factory=AttributeVQAData)
-    answers: AnswerSettings = field(default_factory=AnswerSettings)
-
-
-@dataclass
-class ProbeData:
-    num_pairs: int = 12  # minimal pairs of the held-out world, cycling through the attributes
-    attributes: List[str] = field(default_factory=lambda: ["colour", "shape", "position"])
-
-
-@dataclass
-class ProbeSettings:
-    modalities: List[str] = field(default_factory=lambda: ["image", "text"])  # which side is corrupted
-    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "self_head"])  # also self_attn; "head" = self_head
-    direction: str = "denoise"
-    batch_size: int = 256
-    min_gap: float = 1e-3
-
-
-@dataclass
-class ProbeConfig:
-    task: str = "probe"
-    seed: int = 0
-    output_dir: str = "runs/probe_shapes"
-    world: WorldConfig = field(default_factory=WorldConfig)
-    data: ProbeData = field(default_factory=ProbeData)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
-
-
-@dataclass
-class ProbeVQAData:
-    num_pairs: int = 24  # minimal pairs of the held-out world, cycling through the kinds
-    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "side"])
-    manifest: Optional[str] = None  # JSONL: id, clean_image, corrupt_image, question, answer, wrong_answer
-    corruption: List[str] = field(default_factory=lambda: ["image", "text"])  # image (SMP), text (STR), noise (baseline)
-    noise_std: float = 0.5  # Gaussian-noise baseline, in normalised pixel units
-
-
-@dataclass
-class ProbeVQASettings:
-    towers: List[str] = field(default_factory=lambda: ["text", "vision"])
-    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head"])
-    direction: str = "denoise"
-    vision_positions: str = "all"  # image tokens one at a time (each: one forward of the whole model per token) or all
-    batch_size: int = 256
-    min_gap: float = 1e-3
-    top_heads: int = 3  # cross-attention heads drawn over the image
-    head_ranking: str = "notice"  # notice: P(answer) with one head patched at the answer token | effect: |effect|, all positions
-
-
-@dataclass
-class ProbeVQAConfig:
-    task: str = "probe_vqa"
-    seed: int = 0
-    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
-    output_dir: str = "runs/probe_shapes_vqa"
-    world: WorldConfig = field(default_factory=WorldConfig)
-    data: ProbeVQAData = field(default_factory=ProbeVQAData)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="builtin:shapes-blip-vqa"))
-    probe: ProbeVQASettings = field(default_factory=ProbeVQASettings)
-    trainer: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EvaluateData:
-    manifest: Optional[str] = None  # pairs (id, image, text; optional mask or boxes); unset: held-out pairs of the world
-    webdataset: Optional[str] = None  # tar shards as img2dataset writes them (no ground truth)
-    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
-    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
-    num_samples: int = 48  # without manifest or webdataset: this many held-out pairs of the shapes world
-    batch_size: int = 16
-    num_workers: int = 0
-
-
-@dataclass
-class EvaluateExport:
-    samples_per_shard: int = 1024
-    shard_seconds: float = 300.0
-    grid_samples: int = 8  # rows of the picture grid (image, then one map per method)
-
-
-def _default_methods() -> List[str]:
-    return ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "rollout", "chefer", "random"]
-
-
-@dataclass
-class EvaluateConfig:
-    task: str = "evaluate"
-    seed: int = 0
-    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
-    output_dir: str = "runs/evaluate_shapes"
-    world: WorldConfig = field(default_factory=WorldConfig)
-    data: EvaluateData = field(default_factory=EvaluateData)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    m2ib: M2IBConfig = field(default_factory=M2IBConfig)
-    methods: List[str] = field(default_factory=_default_methods)
-    baselines: Dict[str, Any] = field(default_factory=dict)  # settings per method, e.g. {rise: {masks: 500}}
-    metrics: MetricSettings = field(default_factory=MetricSettings)
-    export: EvaluateExport = field(default_factory=EvaluateExport)
-    trainer: Dict[str, Any] = field(default_factory=dict)
-
-
-def _answer_methods() -> List[str]:
-    return ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "random"]
-
-
-@dataclass
-class EvaluateVQAData(EvaluateData):
-    manifest: Optional[str] = None  # JSONL/CSV: id, image, question, answer (optional), mask or boxes (optional), class
-    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "what_colour", "what_shape", "what_size"])
-
-
-@dataclass
-class EvaluateVQAConfig(EvaluateConfig):
-    task: str = "evaluate_vqa"
-    output_dir: str = "runs/evaluate_shapes_vqa"
-    data: EvaluateVQAData = field(default_factory=EvaluateVQAData)
-    methods: List[str] = field(default_factory=_answer_methods)  # rollout and chefer need attention, which answer adapters do not offer
-    answers: AnswerSettings = field(default_factory=AnswerSettings)
-
-
-SCHEMAS = {"attribute": AttributeConfig, "attribute_vqa": AttributeVQAConfig, "fit_clip": FitClipConfig, "fit_vqa": FitVQAConfig, "fit_llava": FitLlavaConfig, "probe": ProbeConfig, "probe_vqa": ProbeVQAConfig, "evaluate": EvaluateConfig, "evaluate_vqa": EvaluateVQAConfig}
 
 
 _ABSENT = object()  # an override not given at all; `key=null` is given, as None
@@ -397,9 +119,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"cannot read the config: {err}") from err
     task = OmegaConf.select(dotlist, "task") or OmegaConf.select(data, "task") or "attribute"
-    if task not in SCHEMAS:
-        raise ConfigError(f"task={task!r} is unknown; choose from {sorted(SCHEMAS)}")
-    config = OmegaConf.structured(SCHEMAS[task])
+    known = schemas()
+    if task not in known:
+        raise ConfigError(f"task={task!r} is unknown; choose from {sorted(known)}")
+    config = OmegaConf.structured(known[task])
     OmegaConf.set_readonly(config, False)  # M2IBConfig is frozen; the merged result is rebuilt from it later
     for source, layer in ((str(path), data), ("the command line", dotlist)):
         try:
@@ -451,7 +174,7 @@ def describe_tasks() -> str:
         f"Configs shipped: {', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))}",
         "python train.py --list prints the registered adapters, methods, metrics, probing adapters and sites.",
     ]
-    for task, schema in SCHEMAS.items():
+    for task, schema in schemas().items():
         lines += ["", f"task={task}:"]
         defaults = OmegaConf.to_container(OmegaConf.structured(schema))
         for key, value in _flatten(defaults):
@@ -479,7 +202,7 @@ def describe_registered() -> str:
          [name for name, factory in BACKBONES.items() if hasattr(factory, "probe_site")]),
         ("probing adapters registered for other models (tried first by ActivationPatching)", list(PROBING_ADAPTERS) or ["none"]),
         *((f"probe sites of task={task} (probe.sites)", list(sites)) for task, sites in PROBE_SITES.items()),
-        ("tasks (task=...)", list(SCHEMAS)),
+        ("tasks (task=...)", list(schemas())),
     ]
     return "\n".join(f"{title}:\n  {', '.join(names)}" for title, names in rows)
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 #: the Lightning shell: every other module of the package is the pure-torch core
-SHELL = ("m2ib_lightning.modules", "m2ib_lightning.tasks",
+SHELL = ("m2ib_lightning.modules", "m2ib_lightning.tasks", "m2ib_lightning.config",
          "m2ib_lightning.data.attribution", "m2ib_lightning.callbacks")
 
 WITHOUT_LIGHTNING = f"""

@@ -8,10 +8,11 @@ across ranks, never from reading the output back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
@@ -21,11 +22,56 @@ from ..data.attribution import PairDataModule, QuestionWorldSource, WorldSource
 from ..engine import M2IBConfig
 from ..modules import AnswerM2IBModule, M2IBModule
 from ..results import FAILURES_FILE, atomic_write, merged_failures
+from .schema import AnswerSettings, ExportConfig, ModelConfig, WorldConfig
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
 RESULT_KEYS = ("seed", "model", "m2ib", "world")
 WORLD_OVERLAYS = 64  # export.overlays unset: overlays of the first 64 world samples per rank, none for user data
+
+# ------------------------------------------------------------------ schema (checked by load_config)
+@dataclass
+class AttributeData:
+    manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
+    webdataset: Optional[str] = None  # tar shards as img2dataset writes them, e.g. /data/{00000..00999}.tar
+    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
+    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
+    num_samples: int = 64  # without manifest or webdataset: this many held-out pairs of the shapes world
+    batch_size: int = 8
+    num_workers: int = 0
+
+
+@dataclass
+class AttributeConfig:
+    task: str = "attribute"
+    seed: int = 0
+    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
+    output_dir: str = "runs/default"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: AttributeData = field(default_factory=AttributeData)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    m2ib: M2IBConfig = field(default_factory=M2IBConfig)  # the engine's own settings
+    export: ExportConfig = field(default_factory=ExportConfig)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttributeVQAData(AttributeData):
+    manifest: Optional[str] = None  # JSONL/CSV: id, image, question, answer (optional), mask or boxes (optional), class
+    num_samples: int = 64  # without a manifest: this many held-out questions of the shapes world (each names an object)
+    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "what_colour", "what_shape", "what_size"])
+
+
+@dataclass
+class AttributeVQAConfig(AttributeConfig):
+    task: str = "attribute_vqa"
+    output_dir: str = "runs/attribute_shapes_vqa"
+    data: AttributeVQAData = field(default_factory=AttributeVQAData)
+    answers: AnswerSettings = field(default_factory=AnswerSettings)
+
+
+#: this module's tasks and their schemas
+SCHEMAS = {"attribute": AttributeConfig, "attribute_vqa": AttributeVQAConfig}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

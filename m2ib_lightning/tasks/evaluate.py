@@ -3,12 +3,13 @@ maps written, every metric with its standard error, synced across ranks; results
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import csv
 import io
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import numpy as np
@@ -21,9 +22,11 @@ from ..config import ConfigError
 from ..data.attribution import PairDataModule
 from ..shapes.world import SHAPES
 from ..evaluation import COLUMNS, MetricSettings, column_label, higher_is_better
+from ..engine import M2IBConfig
 from ..modules import EvaluationModule
 from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures
 from ..visualize import method_grid
+from .schema import AnswerSettings, ModelConfig, WorldConfig
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
 #: Settings that change the table: a rerun into the same output_dir must keep them.
@@ -52,6 +55,68 @@ def build_methods(cfg: DictConfig, backbone: Any) -> dict[str, Any]:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"baselines.{name}: {err}") from err
     return methods
+
+# ------------------------------------------------------------------ schema (checked by load_config)
+@dataclass
+class EvaluateData:
+    manifest: Optional[str] = None  # pairs (id, image, text; optional mask or boxes); unset: held-out pairs of the world
+    webdataset: Optional[str] = None  # tar shards as img2dataset writes them (no ground truth)
+    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
+    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
+    num_samples: int = 48  # without manifest or webdataset: this many held-out pairs of the shapes world
+    batch_size: int = 16
+    num_workers: int = 0
+
+
+@dataclass
+class EvaluateExport:
+    samples_per_shard: int = 1024
+    shard_seconds: float = 300.0
+    grid_samples: int = 8  # rows of the picture grid (image, then one map per method)
+
+
+def _default_methods() -> List[str]:
+    return ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "rollout", "chefer", "random"]
+
+
+@dataclass
+class EvaluateConfig:
+    task: str = "evaluate"
+    seed: int = 0
+    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
+    output_dir: str = "runs/evaluate_shapes"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: EvaluateData = field(default_factory=EvaluateData)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    m2ib: M2IBConfig = field(default_factory=M2IBConfig)
+    methods: List[str] = field(default_factory=_default_methods)
+    baselines: Dict[str, Any] = field(default_factory=dict)  # settings per method, e.g. {rise: {masks: 500}}
+    metrics: MetricSettings = field(default_factory=MetricSettings)
+    export: EvaluateExport = field(default_factory=EvaluateExport)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+def _answer_methods() -> List[str]:
+    return ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "random"]
+
+
+@dataclass
+class EvaluateVQAData(EvaluateData):
+    manifest: Optional[str] = None  # JSONL/CSV: id, image, question, answer (optional), mask or boxes (optional), class
+    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "what_colour", "what_shape", "what_size"])
+
+
+@dataclass
+class EvaluateVQAConfig(EvaluateConfig):
+    task: str = "evaluate_vqa"
+    output_dir: str = "runs/evaluate_shapes_vqa"
+    data: EvaluateVQAData = field(default_factory=EvaluateVQAData)
+    methods: List[str] = field(default_factory=_answer_methods)  # rollout and chefer need attention, which answer adapters do not offer
+    answers: AnswerSettings = field(default_factory=AnswerSettings)
+
+
+#: this module's tasks and their schemas
+SCHEMAS = {"evaluate": EvaluateConfig, "evaluate_vqa": EvaluateVQAConfig}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -13,8 +14,36 @@ from ..modules import ContrastiveCLIP
 from ..shapes.datasets import ImageToTensor, WorldPairs, WorldRetrieval, collate_pairs, collate_retrieval
 from ..shapes.models.shapes_clip import build_image_processor, build_shapes_clip, build_tokenizer
 from .common import fit_and_save, prepare_output, world_of, write_fit_summary
+from typing import Any, Dict, Optional
+from .schema import FitData, FitOptim, WorldConfig
 
 RETRIEVAL_CANDIDATES = 8
+
+# ------------------------------------------------------------------ schema (checked by load_config)
+@dataclass
+class FitModel:
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    projection_dim: int = 128
+
+
+@dataclass
+class FitClipConfig:
+    task: str = "fit_clip"
+    seed: int = 0
+    output_dir: str = "runs/fit_shapes_clip"
+    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: FitData = field(default_factory=FitData)
+    model: FitModel = field(default_factory=FitModel)
+    optim: FitOptim = field(default_factory=FitOptim)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+#: this module's tasks and their schemas
+SCHEMAS = {"fit_clip": FitClipConfig}
 
 
 def run(cfg: DictConfig) -> Path | None:

@@ -6,9 +6,10 @@ the prompt's positions masked out, as LLaVA's instruction tuning does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -22,11 +23,40 @@ from ..shapes.models.shapes_llava import (
     IMAGE, VISION_TOWER, build_llava_processor, build_llava_tokenizer, build_shapes_llava, init_vision_from_clip, prompt_text,
     set_vision_trainable,
 )
+from .schema import FitOptim, FitVQAData, WorldConfig
 from .common import prepare_output, world_of
 from ..modules import LlavaTraining
 from .fit_vqa import fit_on_questions
 
 IGNORE = -100  # the label of a position the loss skips (transformers' convention)
+
+# ------------------------------------------------------------------ schema (checked by load_config)
+@dataclass
+class FitLlavaModel:
+    width: int = 128  # the Llama's hidden size
+    layers: int = 4
+    heads: int = 4
+    vision_feature_layer: int = -2  # the vision block whose output the language model reads (LLaVA-1.5: -2)
+    freeze_vision: bool = False  # keep the vision tower as vision_from has it (LLaVA-1.5 does); trains 1.4x faster
+    vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to optim.lr, when it trains
+
+
+@dataclass
+class FitLlavaConfig:
+    task: str = "fit_llava"
+    seed: int = 0
+    output_dir: str = "runs/fit_shapes_llava"
+    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
+    vision_from: str = "builtin:shapes-clip"  # the CLIP whose vision tower becomes the LLaVA's
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: FitVQAData = field(default_factory=FitVQAData)
+    model: FitLlavaModel = field(default_factory=FitLlavaModel)
+    optim: FitOptim = field(default_factory=FitOptim)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+#: this module's tasks and their schemas
+SCHEMAS = {"fit_llava": FitLlavaConfig}
 
 
 class LlavaQuestions(Dataset):

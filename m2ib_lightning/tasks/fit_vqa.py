@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -22,7 +23,35 @@ from ..shapes.models.shapes_blip_vqa import (
     build_vqa_tokenizer,
     init_vision_from_clip,
 )
+from .schema import FitOptim, FitVQAData, WorldConfig
 from .common import fit_and_save, prepare_output, world_of, write_fit_summary
+
+# ------------------------------------------------------------------ schema (checked by load_config)
+@dataclass
+class FitVQAModel:
+    patch_size: int = 8
+    width: int = 128
+    vision_layers: int = 4
+    text_layers: int = 4
+    heads: int = 4
+
+
+@dataclass
+class FitVQAConfig:
+    task: str = "fit_vqa"
+    seed: int = 0
+    output_dir: str = "runs/fit_shapes_vqa"
+    save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
+    init_vision_from: Optional[str] = "builtin:shapes-clip"  # a CLIP whose vision tower starts the BLIP one
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: FitVQAData = field(default_factory=FitVQAData)
+    model: FitVQAModel = field(default_factory=FitVQAModel)
+    optim: FitOptim = field(default_factory=FitOptim)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+#: this module's tasks and their schemas
+SCHEMAS = {"fit_vqa": FitVQAConfig}
 
 
 class VQAQuestions(Dataset):

@@ -8,10 +8,11 @@ corrupted modality, and the heads important in all of them ("universal").
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 import numpy as np
 import torch
@@ -24,7 +25,38 @@ from ..probing import ActivationPatching, PatchingResult, important_heads, mean_
 from ..results import atomic_write
 from ..visualize import labelled_heatmap
 from ..backbones.capabilities import require
+from .schema import ModelConfig, WorldConfig
 from .common import backbone_of, loading, output_owner, prepare_output, world_of
+
+# ------------------------------------------------------------------ schema (checked by load_config)
+@dataclass
+class ProbeData:
+    num_pairs: int = 12  # minimal pairs of the held-out world, cycling through the attributes
+    attributes: List[str] = field(default_factory=lambda: ["colour", "shape", "position"])
+
+
+@dataclass
+class ProbeSettings:
+    modalities: List[str] = field(default_factory=lambda: ["image", "text"])  # which side is corrupted
+    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "self_head"])  # also self_attn; "head" = self_head
+    direction: str = "denoise"
+    batch_size: int = 256
+    min_gap: float = 1e-3
+
+
+@dataclass
+class ProbeConfig:
+    task: str = "probe"
+    seed: int = 0
+    output_dir: str = "runs/probe_shapes"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: ProbeData = field(default_factory=ProbeData)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+
+
+#: this module's tasks and their schemas
+SCHEMAS = {"probe": ProbeConfig}
 
 
 def _pair_inputs(backbone, clean: WorldSample, corrupt: WorldSample, modality: str) -> tuple[Any, Any, Any]:

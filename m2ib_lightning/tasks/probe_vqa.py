@@ -13,13 +13,13 @@ cross-attention overlays of the top heads, and the figures in TensorBoard.
 
 from __future__ import annotations
 
+from dataclasses import replace
 import csv
 import io
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import numpy as np
@@ -39,11 +39,51 @@ from ..results import atomic_write, safe_name
 from ..visualize import labelled_heatmap, tile_figures
 from ..modules import VQAProbing
 from .common import backbone_of, loading, output_owner, owned_trainer, world_of
+from dataclasses import dataclass, field
+from .schema import ModelConfig, WorldConfig
 
 RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange", "cyan"],
                 "shape": ["circle", "square", "triangle", "diamond", "cross"], "size": ["small", "large"],
                 "side": ["left", "right", "above", "below"], "place": ["left", "right", "above", "below"]}
+
+# ------------------------------------------------------------------ schema (checked by load_config)
+@dataclass
+class ProbeVQAData:
+    num_pairs: int = 24  # minimal pairs of the held-out world, cycling through the kinds
+    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "side"])
+    manifest: Optional[str] = None  # JSONL: id, clean_image, corrupt_image, question, answer, wrong_answer
+    corruption: List[str] = field(default_factory=lambda: ["image", "text"])  # image (SMP), text (STR), noise (baseline)
+    noise_std: float = 0.5  # Gaussian-noise baseline, in normalised pixel units
+
+
+@dataclass
+class ProbeVQASettings:
+    towers: List[str] = field(default_factory=lambda: ["text", "vision"])
+    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head"])
+    direction: str = "denoise"
+    vision_positions: str = "all"  # image tokens one at a time (each: one forward of the whole model per token) or all
+    batch_size: int = 256
+    min_gap: float = 1e-3
+    top_heads: int = 3  # cross-attention heads drawn over the image
+    head_ranking: str = "notice"  # notice: P(answer) with one head patched at the answer token | effect: |effect|, all positions
+
+
+@dataclass
+class ProbeVQAConfig:
+    task: str = "probe_vqa"
+    seed: int = 0
+    threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
+    output_dir: str = "runs/probe_shapes_vqa"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: ProbeVQAData = field(default_factory=ProbeVQAData)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="builtin:shapes-blip-vqa"))
+    probe: ProbeVQASettings = field(default_factory=ProbeVQASettings)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+#: this module's tasks and their schemas
+SCHEMAS = {"probe_vqa": ProbeVQAConfig}
 
 
 class PairItems(Dataset):

@@ -1,0 +1,62 @@
+"""The parts of the tasks' schemas they share: the world, the model to load, the export, the fits' data and
+optimiser, the answers of VQA runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    heldout_seed: int = 1  # the world of validation, attribution and evaluation samples
+    image_size: int = 64
+    max_objects: int = 3
+    noise: float = 0.03
+
+
+@dataclass
+class FitData:
+    train_samples: int = 300_000
+    val_samples: int = 512
+    batch_size: int = 128
+    num_workers: int = 0
+
+
+@dataclass
+class FitOptim:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:shapes-clip"  # hub name, local directory (hub layout) or builtin:NAME
+    adapter: str = "auto"  # auto (from config.json's model_type), a registered name, or package.module:Factory
+    revision: Optional[str] = None  # hub branch, tag or commit to pin
+    dtype: Optional[str] = None  # weights' dtype: float32, bfloat16, float16, auto; unset: the checkpoint's default
+    attn_implementation: Optional[str] = None  # eager, sdpa, ...; unset: transformers' choice
+    local_files_only: bool = False  # never ask the hub (a cluster node without network)
+    trust_remote_code: bool = False  # run the checkpoint's own Python code: only for checkpoints you trust
+
+
+@dataclass
+class ExportConfig:
+    samples_per_shard: int = 1024  # each rank closes a shard file every this many samples
+    shard_seconds: float = 300.0  # ... or once its first sample is this old: a kill loses minutes of work, not hours
+    overlays: Optional[int] = None  # PNG overlays of the first N samples per rank; default 64 for the world, 0 otherwise
+    tensorboard_every_n_batches: int = 2
+
+
+@dataclass
+class AnswerSettings:
+    source: str = "given"  # given: the data's answers (the world's; a manifest's where it has one, else generate); generate: the model's own
+    max_new_tokens: int = 16  # the longest greedy answer
+
+
+@dataclass
+class FitVQAData(FitData):
+    # the training mix, kind i of sample j = kinds[j % len(kinds)]: repeat a kind to weigh it more
+    kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "side", "place", "what_colour", "what_shape", "what_size"])
