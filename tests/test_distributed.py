@@ -203,6 +203,8 @@ def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path, family):
     _train(sys.executable, *config, f"output_dir={tmp_path / 'two'}", *args, *_ddp(2))
     one, two = _maps(tmp_path / "one"), _maps(tmp_path / "two")
     assert len(one) == 6 and sorted(_ids(tmp_path / "two")) == sorted(one)
-    _assert_same_maps(one, two, atol=1e-5)  # the same samples, fitted in other batches
+    # the same samples, fitted in other batches: float32 rounds a batch of other (packed) images differently,
+    # by ~1e-5 nats on Qwen2-VL (batch invariance is exact in float64: tests/test_answers.py)
+    _assert_same_maps(one, two, atol=1e-5 if family == "hf_blip_vqa" else 1e-4)
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
     assert summaries[0]["localisation_pairs"] == summaries[1]["localisation_pairs"] == 6

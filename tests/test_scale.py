@@ -68,8 +68,12 @@ def test_the_end_of_a_run_never_reads_the_output_back(tmp_path, tiny_bundle, mon
     def forbidden(*args, **kwargs):
         raise AssertionError("the run read its output back")
 
+    from m2ib_lightning.results import readers
+
+    for name in ("read_attributions", "index_entries", "shard_names"):
+        monkeypatch.setattr(results, name, forbidden)  # as the package exports them
     for name in ("read_attributions", "index_entries", "shard_names", "load_file"):
-        monkeypatch.setattr(results, name, forbidden)
+        monkeypatch.setattr(readers, name, forbidden)  # where they are defined, and the shard reader they use
     summary = run(_config(tmp_path / "run", tiny_bundle))
     assert summary["done"] == 6 and summary["skipped"] == 4 and summary["total_in_output"] == 10
     assert summary["localisation"]["m2ib"]["pointing_game"] >= 0  # from running metrics of this run
