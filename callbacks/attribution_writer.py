@@ -17,7 +17,7 @@ from m2ib_lightning.results import (
     OVERLAY_DIR, SHARD_DIR, append_lines, atomic_write, cut_partial_line, failures_path, index_path, pending_path,
     pending_ranks, safe_name, settle_pending,
 )
-from m2ib_lightning.visualize import prediction_figure
+from m2ib_lightning.viz.figures import prediction_figure
 
 
 def _stack(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from m2ib_lightning.visualize import display_text, grid, prediction_figure
+from m2ib_lightning.viz.figures import display_text, grid, prediction_figure
 
 from .run_summary import RunProgress, processed, run_progress
 

@@ -21,7 +21,7 @@ from m2ib_lightning.backbones import (
 )
 from m2ib_lightning.backbones.base import clean_token
 from m2ib_lightning.testing import BackboneCheckError, check_backbone, naive_m2ib
-from m2ib_lightning.visualize import display_text
+from m2ib_lightning.viz.figures import display_text
 from plain_dual_encoder import PlainAdapter
 
 #: name -> (model builder, image size, text lengths); one entry per registered adapter, plus the plain example

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib_lightning.visualize import heat_colours, heatmap_scale, labelled_heatmap, method_grid, pair_figure, tile_figures
+from m2ib_lightning.viz.figures import heat_colours, heatmap_scale, labelled_heatmap, method_grid, pair_figure, tile_figures
 
 GREY = np.full((8, 8, 3), 128, dtype=np.uint8)
 
@@ -55,7 +55,7 @@ def test_the_evaluation_grid_names_each_method_captions_each_row_and_has_its_col
 
 
 def test_head_overlays_let_the_image_show_where_the_map_is_low_and_carry_a_scale():
-    from m2ib_lightning.visualize import overlay
+    from m2ib_lightning.viz.figures import overlay
 
     picture = np.zeros((8, 8, 3), dtype=np.uint8)
     picture[..., 1] = 200  # a green image

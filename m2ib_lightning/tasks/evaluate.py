@@ -25,7 +25,7 @@ from ..evaluation import COLUMNS, MetricSettings, column_label, higher_is_better
 from ..engine import M2IBConfig
 from ..modules import EvaluationModule
 from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures
-from ..visualize import method_grid
+from ..viz.figures import method_grid
 from .schema import AnswerSettings, ModelConfig, WorldConfig
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 

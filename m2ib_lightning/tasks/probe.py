@@ -23,7 +23,7 @@ from ..shapes.world import WorldSample
 from ..backbones.base import pad_token_ids
 from ..probing import ActivationPatching, PatchingResult, important_heads, mean_effect, universal_heads
 from ..results import atomic_write
-from ..visualize import labelled_heatmap
+from ..viz.figures import labelled_heatmap
 from ..backbones.capabilities import require
 from .schema import ModelConfig, WorldConfig
 from .common import backbone_of, loading, output_owner, prepare_output, world_of

@@ -36,7 +36,7 @@ from ..shapes.questions import ShapesVQA, TWO_CHOICE_KINDS
 from ..probing import (answer_position, head_scores, VQAPair, effect_by_role, important_heads, mean_effect, read_vqa_pairs, symmetric_token_replacement, universal_heads, vqa_minimal_pair)
 from ..probing.patching import PatchingResult
 from ..results import atomic_write, safe_name
-from ..visualize import labelled_heatmap, tile_figures
+from ..viz.figures import labelled_heatmap, tile_figures
 from ..modules import VQAProbing
 from .common import backbone_of, loading, output_owner, owned_trainer, world_of
 from dataclasses import dataclass, field
@@ -336,7 +336,7 @@ def _write_heads_csv(out: Path, ranked: dict, important: dict) -> None:
 def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> dict[str, bytes]:
     """For the top cross-attention heads: the attention of the question's noun over the image, minus the mean over
     heads, on the first pair of each task (NOTICE's reading of head functions)."""
-    from ..visualize import overlay
+    from ..viz.figures import overlay
 
     ranked: dict[tuple[int, int], int] = {}
     for (kind, corruption, tower, site), heads in important.items():

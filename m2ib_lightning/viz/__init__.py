@@ -1,4 +1,7 @@
-"""Plotting a map in Python, as Captum's ``visualize_image_attr`` and pytorch-grad-cam's ``show_cam_on_image`` do:
+"""Every figure of the project: ``show`` / ``show_map`` here, to plot a map in Python; ``figures`` the ones runs write
+(overlays, the evaluation grid, probe heat maps, head overlays).
+
+Plotting a map in Python, as Captum's ``visualize_image_attr`` and pytorch-grad-cam's ``show_cam_on_image`` do:
 the image, the map over it with a colour bar saying what its values mean, and the words coloured by the text map
 with their own scale.
 
@@ -14,11 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .backbones.base import clean_token
-
-#: the colour maps of the figures: sequential for never-negative values (maps, capacities, effects' size), diverging
-#: (centred on 0) for signed ones
-SEQUENTIAL, DIVERGING = "inferno", "RdBu_r"
+from ..backbones.base import clean_token
+from .figures import SEQUENTIAL
 
 
 def _array(values: Any) -> np.ndarray:

@@ -11,12 +11,15 @@ from PIL import Image, ImageDraw, ImageFont
 import torch
 from torch import Tensor
 
-from .backbones.base import clean_token
-from .engine import image_maps_from_capacity, minmax
+from ..backbones.base import clean_token
+from ..engine import image_maps_from_capacity, minmax
 
 _FONT = ImageFont.load_default(size=12)
 _SMALL = ImageFont.load_default(size=10)
 MAP_SCALE = "min-max: 0 least, 1 most information kept"
+#: the colour maps of the figures: sequential for never-negative values (maps, capacities, effects' size), diverging
+#: (centred on 0) for signed ones
+SEQUENTIAL, DIVERGING = "inferno", "RdBu_r"
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -157,8 +160,6 @@ def method_grid(images: list[np.ndarray], heats: dict[str, list[np.ndarray]], sc
 def heatmap_scale(grid: np.ndarray) -> tuple[str, float, float]:
     """(colour map, vmin, vmax) for a heat map of ``grid``: sequential from 0 where no value is negative, diverging
     and symmetric about 0 otherwise."""
-    from .viz import DIVERGING, SEQUENTIAL
-
     finite = grid[np.isfinite(grid)]
     limit = max(1e-6, float(np.abs(finite).max())) if finite.size else 1.0
     if finite.size and finite.min() < 0:
