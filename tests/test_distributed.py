@@ -190,7 +190,7 @@ def test_a_fit_on_two_ddp_processes_saves_one_loadable_model_and_one_summary(tmp
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "fit_summary.json", "model", "tensorboard"]
 
 
-@pytest.mark.parametrize("family", ["hf_blip_vqa", "hf_qwen2_vl"])  # a fusion model; packed images of any size
+@pytest.mark.parametrize("family", ["hf_qwen2_vl"])  # packed images: the family whose batches ranks split most differently
 def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path, family):
     from test_vqa_runs import FAMILIES, SIZE
 
