@@ -36,6 +36,7 @@ from ..shapes.questions import ShapesVQA, TWO_CHOICE_KINDS
 from ..probing import (answer_position, head_scores, VQAPair, effect_by_role, important_heads, mean_effect, read_vqa_pairs, symmetric_token_replacement, universal_heads, vqa_minimal_pair)
 from ..probing.patching import PatchingResult
 from ..results import atomic_write, safe_name
+from ..backbones.base import clean_token
 from ..viz.figures import labelled_heatmap, tile_figures
 from ..modules import VQAProbing
 from .common import backbone_of, loading, output_owner, owned_trainer, world_of
@@ -359,19 +360,19 @@ def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> di
         pixels = question.image["pixel_values"][None]
         inputs = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
         probs = adapter.head_attention("text", inputs)
-        position = next((i for i, role in enumerate(record["roles"]) if role == "NOUN"), 0)
-        word = pair.question.rstrip("?").split()[position - 1] if 0 < position <= len(pair.question.split()) else "the noun"
+        roles = record["roles"]  # the object's noun, else its colour naming it ("the red object"), else [CLS]
+        position = next((roles.index(r) for r in ("NOUN", "NOUN_COLOUR") if r in roles), 0)
+        word = clean_token(adapter.token_strings(question.ids)[position])  # the query token the attention is read at
         rows, cols = adapter.patch_grid(pixels)
         picture = np.asarray(image.convert("RGB").resize((cols * 24, rows * 24), Image.NEAREST))
         for layer, head in top:
             attention = probs[layer][0, :, position, -rows * cols:]  # (heads, patches), CLS dropped
             difference = (attention[head] - attention.mean(0)).view(1, 1, rows, cols)
-            heat = torch.nn.functional.interpolate(difference, size=picture.shape[:2], mode="nearest")[0, 0]
-            heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
-            tiles.append((f"{record['kind']}: layer {layer} head {head}, at {word!r}",
-                          overlay(picture, heat.numpy(), alpha=0.7, by_value=True)))
-    figure = tile_figures(tiles, columns=len(top), scale="attention of the head minus the mean over heads "
-                                                         "(min-max per tile; the image shows through where it is low)")
+            heat = torch.nn.functional.interpolate(difference, size=picture.shape[:2], mode="nearest")[0, 0].clamp_min(0)
+            heat = heat / (heat.max() + 1e-12)  # where the head looks more than the heads do on average; 0 elsewhere
+            tiles.append((f"{record['kind']}: layer {layer} head {head} at '{word}'",
+                          overlay(picture, heat.numpy(), alpha=0.75, by_value=True)))
+    figure = tile_figures(tiles, columns=len(top), scale="head's attention above the mean over heads, per tile")
     buffer = io.BytesIO()
     figure.save(buffer, format="PNG")
     atomic_write(figure_dir / "head_overlays.png", buffer.getvalue())

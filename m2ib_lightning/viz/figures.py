@@ -205,7 +205,7 @@ def tile_figures(tiles: list[tuple[str, Image.Image]], columns: int, scale: str 
     for i, (label, tile) in enumerate(tiles):
         x, y = (i % columns) * width, (i // columns) * height
         sheet.paste(tile, (x, y + 16))
-        draw.text((x + 2, y + 2), label[: width // 6], fill="black", font=_SMALL)
+        draw.text((x + 2, y + 2), label[: width // 5], fill="black", font=_SMALL)
     if bar:
         sheet.paste(bar, (0, rows * height + 2))
     return sheet
