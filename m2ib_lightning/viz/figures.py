@@ -78,7 +78,7 @@ def pair_figure(image: np.ndarray, heat: np.ndarray, tokens: list[str], weights:
     size = (w * scale, h * scale)
     left = Image.fromarray(image, "RGB").resize(size, Image.NEAREST)
     right = overlay(image, heat).resize(size, Image.NEAREST)
-    bar = colour_bar(size[0], "image map, " + MAP_SCALE)
+    bar = colour_bar(size[0], "image map (min-max)")
     strip = text_strip(tokens, weights, 2 * size[0])
     legend = "words: white 0, red 1 (text map, min-max over the words)"
     top = 16 if title else 0
