@@ -165,14 +165,14 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
     alpha = torch.full_like(hidden, INITIAL_ALPHA, requires_grad=True)
     optimizer = torch.optim.Adam([alpha], lr=config.lr)
     copies = config.num_noise
-    tail, calls = tail_blocks(model, modality, layer), []
+    tail, calls, replay = tail_blocks(model, modality, layer), [], False
     for step in range(config.steps):
         noise = draw_noise(generators, copies, positions, dim, hidden.dtype).to(hidden.device)
         mu, var = masked_moments(hidden, alpha)
         nats = capacity(mu, var) * element_mask
         noisy = torch.where(real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
         output = model.bottleneck_output(modality, batch, noisy)
-        if step > 0 and tail is not None and _replayable(calls, tail):
+        if replay:
             for blk, call in zip(tail, calls):
                 output = call(blk, output)
             fit = model.answer_from_block(modality, batch, output, copies).view(batch_size, copies).mean(1)
@@ -180,6 +180,7 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
             recording = recorded_calls(tail, calls) if step == 0 and tail is not None else contextlib.nullcontext()
             with replaced_output(block, output), recording:
                 fit = model.answer_log_likelihood(batch, copies).view(batch_size, copies).mean(1)
+            replay = tail is not None and _replayable(calls, tail)  # known after the first pass, for every later one
         if step == config.steps - 1:
             break  # the map is read from this pass
         loss = (config.beta * nats.sum((1, 2)) / elements - fit).sum()  # a sum: each sample's gradient is its solo run's

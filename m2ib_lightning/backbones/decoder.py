@@ -156,10 +156,9 @@ class HFDecoderAnswerer(HFAnswerLayout):
         if modality == "text":
             logits = self.module.lm_head(self._language_model().norm(hidden[:, batch.score_positions]))
             return self._answer_scores(logits, batch, copies)
-        inputs = self.repeat_inputs(batch.inputs, copies)
+        text_inputs = {k: v for k, v in batch.inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+        inputs = self.repeat_inputs(text_inputs, copies)  # the image comes from ``hidden``: never repeated here
         ids = inputs.pop("input_ids")
-        for name in ("pixel_values", "image_grid_thw"):
-            inputs.pop(name, None)
         embeds = self.module.get_input_embeddings()(ids)
         features = self.image_features(hidden).to(embeds.dtype)
         embeds = embeds.masked_scatter((ids == self.image_token_id)[..., None].expand_as(embeds), features)

@@ -196,7 +196,7 @@ class QuestionStream(PairStream):
             "id": record.id,
             "text": record.text,
             "image_inputs": question.image,
-            "pixel_values": question.image["pixel_values"],
+            "picture": picture,
             "input_ids": question.ids,
             "tokens": self.backbone.token_strings(question.ids),
             "special": [not shown for shown in question.visible],  # displays show the question's own words
@@ -255,8 +255,8 @@ def collate_questions(items: list[dict[str, Any]], pad_id: int, backbone: Any) -
     if not items:
         return batch
     batch["image_items"] = [item["image_inputs"] for item in items]  # each sample's, for joining any subset of them
-    batch["image_inputs"] = backbone.join_inputs(batch["image_items"])
-    batch["pixel_values"] = batch["image_inputs"]["pixel_values"]
+    batch["pictures"] = [item["picture"] for item in items]  # (C, H, W) as the model sees each
+    batch["pixel_values"] = backbone.join_inputs(batch["image_items"])["pixel_values"]
     answers, answer_mask = pad_token_ids([item.get("answer_ids", [pad_id]) for item in items], pad_id)
     batch["answer_ids"], batch["answer_mask"] = answers, answer_mask
     batch["answer_given"] = torch.tensor(["answer_ids" in item for item in items])

@@ -84,8 +84,7 @@ class AnswerM2IBModule(L.LightningModule):
         failures = list(batch["failures"])
         if not batch["id"]:
             return {"id": [], "failures": failures}
-        backbone, images, items = self.backbone, batch["image_inputs"], batch["image_items"]
-        pixels = [backbone.sample_image(images, b) for b in range(len(batch["id"]))]  # each picture as the model sees it
+        backbone, items, pixels = self.backbone, batch["image_items"], batch["pictures"]
         answers, answer_mask = complete_answers(backbone, items, batch["input_ids"], batch["attention_mask"],
                                                 batch["answer_ids"], batch["answer_mask"], batch["answer_given"],
                                                 self.max_new_tokens)

@@ -98,7 +98,6 @@ class EvaluationModule(L.LightningModule):
         answers, mask = complete_answers(self.evaluator.scorer.backbone, batch["image_items"], batch["input_ids"],
                                          batch["attention_mask"], batch["answer_ids"], batch["answer_mask"],
                                          batch["answer_given"], self.max_new_tokens)
-        batch = {k: v for k, v in batch.items() if k != "image_inputs"}  # pixel_values says it all for these families
         return {**batch, "answer_ids": answers, "answer_mask": mask}
 
     def _screen(self, batch: dict[str, Any]) -> list[str | None]:

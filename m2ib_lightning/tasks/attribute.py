@@ -22,7 +22,7 @@ from ..data.attribution import PairDataModule, QuestionWorldSource, WorldSource
 from ..engine import M2IBConfig
 from ..modules import AnswerM2IBModule, M2IBModule
 from ..results import FAILURES_FILE, atomic_write, merged_failures
-from .schema import AnswerSettings, ExportConfig, ModelConfig, WorldConfig
+from .schema import AnswerSettings, ExportConfig, ModelConfig, RunData, WorldConfig
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
@@ -31,24 +31,13 @@ WORLD_OVERLAYS = 64  # export.overlays unset: overlays of the first 64 world sam
 
 # ------------------------------------------------------------------ schema (checked by load_config)
 @dataclass
-class AttributeData:
-    manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
-    webdataset: Optional[str] = None  # tar shards as img2dataset writes them, e.g. /data/{00000..00999}.tar
-    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
-    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
-    num_samples: int = 64  # without manifest or webdataset: this many held-out pairs of the shapes world
-    batch_size: int = 8
-    num_workers: int = 0
-
-
-@dataclass
 class AttributeConfig:
     task: str = "attribute"
     seed: int = 0
     threads: Optional[int] = None  # intra-op threads per process; unset: the first run's (kept in run.json)
     output_dir: str = "runs/default"
     world: WorldConfig = field(default_factory=WorldConfig)
-    data: AttributeData = field(default_factory=AttributeData)
+    data: RunData = field(default_factory=RunData)
     model: ModelConfig = field(default_factory=ModelConfig)
     m2ib: M2IBConfig = field(default_factory=M2IBConfig)  # the engine's own settings
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -56,7 +45,7 @@ class AttributeConfig:
 
 
 @dataclass
-class AttributeVQAData(AttributeData):
+class AttributeVQAData(RunData):
     manifest: Optional[str] = None  # JSONL/CSV: id, image, question, answer (optional), mask or boxes (optional), class
     num_samples: int = 64  # without a manifest: this many held-out questions of the shapes world (each names an object)
     kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "what_colour", "what_shape", "what_size"])

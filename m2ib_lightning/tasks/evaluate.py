@@ -26,7 +26,7 @@ from ..engine import M2IBConfig
 from ..modules import EvaluationModule
 from ..results import FAILURES_FILE, atomic_write, index_entries, merged_failures
 from ..viz.figures import method_grid
-from .schema import AnswerSettings, ModelConfig, WorldConfig
+from .schema import AnswerSettings, ModelConfig, RunData, WorldConfig
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
 #: Settings that change the table: a rerun into the same output_dir must keep them.
@@ -58,14 +58,9 @@ def build_methods(cfg: DictConfig, backbone: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ schema (checked by load_config)
 @dataclass
-class EvaluateData:
-    manifest: Optional[str] = None  # pairs (id, image, text; optional mask or boxes); unset: held-out pairs of the world
-    webdataset: Optional[str] = None  # tar shards as img2dataset writes them (no ground truth)
-    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
-    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
-    num_samples: int = 48  # without manifest or webdataset: this many held-out pairs of the shapes world
+class EvaluateData(RunData):  # a manifest's lines may carry a mask or boxes; WebDataset shards have no ground truth
+    num_samples: int = 48
     batch_size: int = 16
-    num_workers: int = 0
 
 
 @dataclass

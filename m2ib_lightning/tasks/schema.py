@@ -17,6 +17,19 @@ class WorldConfig:
 
 
 @dataclass
+class RunData:
+    """Where a predict run's samples come from: a manifest, WebDataset shards, or the held-out shapes world."""
+
+    manifest: Optional[str] = None  # JSONL/CSV (id, image, text), COCO captions JSON, or a folder with captions.txt
+    webdataset: Optional[str] = None  # tar shards as img2dataset writes them, e.g. /data/{00000..00999}.tar
+    webdataset_bare_keys: bool = False  # sample id = the key alone (unique across shards), not SHARD/KEY
+    root: Optional[str] = None  # manifest image and mask paths must lie inside it; unset: the manifest's folder
+    num_samples: int = 64  # without manifest or webdataset: this many held-out pairs of the shapes world
+    batch_size: int = 8
+    num_workers: int = 0
+
+
+@dataclass
 class FitData:
     train_samples: int = 300_000
     val_samples: int = 512
