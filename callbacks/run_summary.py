@@ -70,13 +70,15 @@ class RunProgress(L.Callback):
         return self.own + self.others
 
     def percent_done(self) -> float | None:
+        """Percent of the total settled, as of the last :meth:`done` (None without a total)."""
         if not self.total:
             return None
-        return min(100.0, 100.0 * self.done() / self.total)
+        return min(100.0, 100.0 * (self.own + self.others) / self.total)
 
     def eta_s(self) -> float | None:
-        """Seconds left at the rate so far (None without a total or before anything is done)."""
-        done = self.done()
+        """Seconds left at the rate so far, as of the last :meth:`done` (None without a total or before anything is
+        done)."""
+        done = self.own + self.others
         if not self.total or done == 0:
             return None
         return max(self.total - done, 0) / (done / (time.perf_counter() - self.start))
