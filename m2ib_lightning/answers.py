@@ -269,11 +269,16 @@ def complete_answers(model: Any, images: list[dict[str, Tensor]], input_ids: Ten
     return answers, mask
 
 
-def unanswerable(pixel_values: list[Tensor] | Tensor, answer_mask: Tensor) -> list[str | None]:
-    """Why each sample cannot be explained (None: it can): non-finite pixels, or an empty answer."""
-    return ["non-finite pixel values" if not bool(torch.isfinite(p).all()) else
-            "the model's own answer is empty (it stopped at once)" if not bool(m.any()) else None
-            for p, m in zip(pixel_values, answer_mask)]
+def unanswerable(pictures: list[Tensor] | Tensor, answer_mask: Tensor) -> list[str | None]:
+    """Why each sample cannot be explained (None: it can): non-finite pixels, an empty answer, or a picture of
+    another size than the batch's first good one (one map size per batch; Qwen2-VL keeps each picture's size)."""
+    reasons = ["non-finite pixel values" if not bool(torch.isfinite(p).all()) else
+               "the model's own answer is empty (it stopped at once)" if not bool(m.any()) else None
+               for p, m in zip(pictures, answer_mask)]
+    first = next((p.shape[-2:] for p, r in zip(pictures, reasons) if r is None), None)
+    return [r or (None if p.shape[-2:] == first else
+                  f"picture of {tuple(p.shape[-2:])} px in a batch of {tuple(first)} px pictures: rerun with "
+                  "data.batch_size=1 to explain pictures of mixed sizes") for p, r in zip(pictures, reasons)]
 
 
 def answer_fields(model: Any, answer_ids: Tensor, answer_mask: Tensor, given: list[bool]) -> dict[str, list[str]]:

@@ -10,9 +10,10 @@ import torch
 
 from m2ib_lightning.backbones.hf_blip_vqa import HFBlipVQAAnswerer
 from m2ib_lightning.backbones.hf_llava import HFLlavaAnswerer
+from m2ib_lightning.backbones.hf_qwen2_vl import HFQwen2VLAnswerer
 from m2ib_lightning.baselines import METHODS, AnswerScorer, make_method
 from m2ib_lightning.backbones.capabilities import MissingCapabilityError
-from test_answers import blip_inputs, inputs, tiny_blip_vqa, tiny_llava
+from test_answers import QWEN_IMAGE, blip_inputs, inputs, qwen_inputs, tiny_blip_vqa, tiny_llava, tiny_qwen2_vl
 from test_edges_runs import _main
 from test_vqa_runs import SIZE, _save_blip_vqa
 
@@ -23,6 +24,8 @@ SETTINGS = {"m2ib": {"steps": 2, "num_noise": 2, "vision_layer": 0, "text_layer"
 
 def _with_processor(adapter):
     """The tiny model with the processor its family ships (the text methods need its tokenizer)."""
+    if isinstance(adapter, HFQwen2VLAnswerer):
+        return HFQwen2VLAnswerer(adapter.module, _qwen_processor())
     if isinstance(adapter, HFLlavaAnswerer):
         from m2ib_lightning.shapes.models.shapes_llava import build_llava_processor, build_llava_tokenizer
 
@@ -35,7 +38,37 @@ def _with_processor(adapter):
                                                            tokenizer=build_vqa_tokenizer()))
 
 
-FAMILIES = {"hf_llava": (tiny_llava, inputs), "hf_blip_vqa": (tiny_blip_vqa, blip_inputs)}
+def _qwen_processor():
+    """Qwen2-VL's processor over tiny_qwen2_vl's 64 ids: 0-6 its special tokens (as there), then words w7 .. w63."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from m2ib_lightning.backbones.hf_qwen2_vl import image_processor_class
+
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    words = ["[PAD]", "<s>", "</s>", *vision, *[f"w{i}" for i in range(7, 64)]]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="w7")),
+                                        pad_token="[PAD]", bos_token="<s>", eos_token="</s>", additional_special_tokens=vision)
+    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=4096)
+    return image_processor_class()(image_processor=images, tokenizer=tokenizer)
+
+
+def qwen_pictures():
+    """Two 16 x 16 pictures (what the methods perturb; the adapter packs them) under qwen_inputs' first prompt, with
+    different answers."""
+    example = qwen_inputs()
+    prompt = example["input_ids"][0][example["attention_mask"][0].bool()].clone()
+    prompt[prompt == QWEN_IMAGE] = 7
+    prompt[4:8] = QWEN_IMAGE  # a 16 x 16 picture: 4 language-model tokens
+    ids = torch.stack([prompt[:-2], prompt[:-2]])
+    pictures = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return pictures, ids, torch.ones_like(ids), example["answer_ids"], example["answer_mask"]
+
+
+FAMILIES = {"hf_llava": (tiny_llava, inputs), "hf_blip_vqa": (tiny_blip_vqa, blip_inputs),
+            "hf_qwen2_vl": (tiny_qwen2_vl, qwen_pictures)}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -43,7 +76,7 @@ def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouche
     build, example = FAMILIES[family]
     model = _with_processor(build())
     px, ids, mask, answers, answer_mask = example()
-    special = (mask == 0) | (ids == getattr(model.config, "image_token_id", -1))
+    special = (mask == 0) | (ids == getattr(model.config, "image_token_id", -1)) | (ids < 7) * (family == "hf_qwen2_vl")
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     for name in sorted(set(METHODS) - ATTENTION_METHODS):
         method = make_method(name, model, **SETTINGS.get(name, {}))

@@ -300,6 +300,37 @@ def test_on_the_shipped_blip_vqa_m2ib_points_at_the_object_a_question_is_about()
     assert hits.mean() - chance.mean() > 2 * error and hits.mean() >= 0.6
 
 
+def test_qwen2_vl_pictures_are_packed_as_its_processor_packs_them_and_explained_alike():
+    """(B, 3, H, W) pictures (what the baselines and metrics perturb) packed by the adapter: the processor's layout,
+    and the same log p(answer) and maps as the packed inputs."""
+    from m2ib_lightning.backbones.hf_qwen2_vl import pack_pictures
+
+    model = tiny_qwen2_vl()
+    g = torch.Generator().manual_seed(3)
+    pictures = torch.randn(2, 3, 16, 24, generator=g, dtype=torch.float64)
+    packed, grid = pack_pictures(pictures, merge=2, patch=4, temporal=2)
+    torch.testing.assert_close(packed, torch.cat([qwen_patches(p) for p in pictures]), atol=0, rtol=0)
+    assert grid.tolist() == [[1, 4, 6], [1, 4, 6]]
+    cells = torch.arange(24).view(2, 2, 3, 2).permute(0, 2, 1, 3).flatten()  # packed position -> raster cell
+    assert torch.equal(model.raster_patches(cells.repeat(2), pictures), torch.arange(24).expand(2, -1))  # the baselines' order
+    example = qwen_inputs()
+    prompt = example["input_ids"][0][example["attention_mask"][0].bool()]
+    ids, mask = prompt.repeat(2, 1), torch.ones(2, len(prompt), dtype=torch.long)
+    answers = {"answer_ids": example["answer_ids"][[0, 0]], "answer_mask": example["answer_mask"][[0, 0]]}
+    with torch.no_grad():
+        from_pictures = model.answer_log_likelihood(model.answer_batch(pictures, ids, mask, **answers))
+        from_packed = model.answer_log_likelihood(model.answer_batch(packed, ids, mask, **answers, image_grid_thw=grid))
+    assert torch.equal(from_pictures, from_packed) and not torch.equal(from_pictures[0], from_pictures[1])
+    config = M2IBConfig(vision_layer=0, text_layer=1, steps=2, num_noise=2)
+    a = attribute_answers(model, pictures, ids, mask, **answers, config=config, seed=[1, 2])
+    b = attribute_answers(model, packed, ids, mask, **answers, config=config, seed=[1, 2], image_grid_thw=grid)
+    assert torch.equal(a.image_maps, b.image_maps) and torch.equal(a.text_capacity, b.text_capacity)
+    with pytest.raises(ValueError, match="multiple of patch_size x spatial_merge_size = 8"):
+        model.answer_batch(pictures[..., :20], ids, mask, **answers)
+    with pytest.raises(ValueError, match="pass no image_grid_thw"):
+        model.answer_batch(pictures, ids, mask, **answers, image_grid_thw=grid)
+
+
 def test_qwen2_vl_inputs_here_are_packed_as_its_processor_packs_them():
     import numpy as np
     from PIL import Image

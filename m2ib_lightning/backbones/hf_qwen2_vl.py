@@ -75,6 +75,22 @@ def unpack_patches(patches: Tensor, rows: int, cols: int, merge: int, patch: int
     return x.reshape(temporal, channels, rows * patch, cols * patch)[0]
 
 
+def pack_pictures(pictures: Tensor, merge: int, patch: int, temporal: int) -> tuple[Tensor, Tensor]:
+    """(B, C, H, W) pictures of one size packed as Qwen2-VL's processor packs them (each picture fills its temporal
+    patch ``temporal`` times, patches window by window): (B * rows * cols, C * temporal * patch * patch) pixel values
+    and the (B, 3) ``image_grid_thw``. Differentiable, so methods that perturb or differentiate pictures run on it."""
+    b, c, h, w = pictures.shape
+    if h % (patch * merge) or w % (patch * merge):
+        raise ValueError(f"pictures of {h}x{w} px: each side must be a multiple of patch_size x spatial_merge_size "
+                         f"= {patch * merge} (Qwen2-VL's processor resizes them so)")
+    rows, cols = h // patch, w // patch
+    frames = pictures[:, None].expand(b, temporal, c, h, w)
+    x = frames.reshape(b, temporal, c, rows // merge, merge, patch, cols // merge, merge, patch)
+    packed = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(b * rows * cols, c * temporal * patch * patch)
+    grid = torch.tensor([[1, rows, cols]], device=pictures.device).expand(b, 3).clone()
+    return packed, grid
+
+
 class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
     """Runs a ``Qwen2VLForConditionalGeneration`` on prompts and answers, with bottlenecks placed by the M2IB fit;
     loaded with its processor (images only), it also prepares questions for VQA runs."""
@@ -125,6 +141,13 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
         """(rows, cols) of one image's patches, from its (3, H, W) pixel values."""
         return pixel_values.shape[-2] // self.patch, pixel_values.shape[-1] // self.patch
 
+    def raster_patches(self, tokens: Tensor, pixel_values: Tensor) -> Tensor:
+        """A vision block's packed (patches, ...) values for (B, 3, H, W) pictures of one size -> (B, rows * cols, ...)
+        in raster order (the baselines' maps)."""
+        rows, cols = self.patch_grid(pixel_values)
+        order = torch.argsort(window_cells(rows, cols, self.merge)).to(tokens.device)  # raster cell -> packed position
+        return tokens.reshape(len(pixel_values), rows * cols, *tokens.shape[1:])[:, order]
+
     def image_geometry(self, image: Any) -> ImageGeometry:
         """The processor's resize (each side a multiple of patch x merge, the pixel count within its bounds, the
         aspect ratio kept), no crop: maps go back onto the original picture."""
@@ -135,6 +158,26 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
         resized = smart_resize(image.height, image.width, factor=self.patch * self.merge, min_pixels=low, max_pixels=high)
         return ImageGeometry((image.height, image.width), tuple(resized), (0, 0, *resized),
                              int(image.info.get("exif_orientation", 1)))
+
+    def packed(self, pixel_values: Tensor, model_inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Pixel values as the model takes them: packed patches as given, or (B, 3, H, W) pictures of one size (what
+        the baselines and the metrics perturb) packed here, with their ``image_grid_thw``."""
+        if pixel_values.ndim != 4:
+            return pixel_values, model_inputs
+        if model_inputs.get("image_grid_thw") is not None:
+            raise ValueError("pixel_values of shape (B, 3, H, W) are pictures, packed here: pass no image_grid_thw with them")
+        packed, grid = pack_pictures(pixel_values, self.merge, self.patch, self.config.vision_config.temporal_patch_size)
+        return packed, {**model_inputs, "image_grid_thw": grid}
+
+    def answer_batch(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
+                     answer_mask: Tensor, **model_inputs: Tensor) -> AnswerBatch:
+        pixel_values, model_inputs = self.packed(pixel_values, model_inputs)
+        return super().answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask, **model_inputs)
+
+    def generate_answers(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                         max_new_tokens: int = 16, **model_inputs: Tensor) -> tuple[Tensor, Tensor]:
+        pixel_values, model_inputs = self.packed(pixel_values, model_inputs)
+        return super().generate_answers(pixel_values, input_ids, attention_mask, max_new_tokens, **model_inputs)
 
     # ------------------------------------------------------------------ layout
     def _parts(self) -> tuple[nn.Module, nn.Module]:

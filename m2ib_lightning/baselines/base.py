@@ -113,7 +113,13 @@ class AttributionMethod:
         """The method itself; ``self.words`` (B, L) marks the caption's words (real tokens, not special)."""
         raise NotImplementedError
 
+    def patch_tokens(self, tokens: Tensor, pixel_values: Tensor) -> Tensor:
+        """A vision block's per-token values as the block gives them ((B, T, ...), or packed) -> (B, rows * cols, ...)
+        in raster order: prefix tokens dropped, or the adapter's own ``raster_patches`` (Qwen2-VL's window order)."""
+        own = getattr(self.backbone, "raster_patches", None)
+        return own(tokens, pixel_values) if own is not None else tokens[:, self.backbone.num_prefix_tokens:]
+
     def token_map(self, tokens: Tensor, pixel_values: Tensor) -> Tensor:
         """Per-token values of the image tower (B, T) -> image map (B, H, W) through the patch grid."""
-        patches = tokens[:, self.backbone.num_prefix_tokens:]
+        patches = self.patch_tokens(tokens, pixel_values)
         return image_maps_from_capacity(patches, self.backbone.patch_grid(pixel_values), tuple(pixel_values.shape[-2:]))

@@ -35,7 +35,6 @@ class GradCAM(AttributionMethod):
             scores = score(_leaf(pixel_values))  # a leaf: a frozen model (requires_grad off) still has a graph
         tokens = captured["tokens"]
         (grads,) = torch.autograd.grad(scores.sum(), [tokens])
-        prefix = self.backbone.num_prefix_tokens
-        weights = grads[:, prefix:].mean(1, keepdim=True)
-        cam = (weights * tokens[:, prefix:]).sum(-1).clamp_min(0)
+        grads, tokens = self.patch_tokens(grads, pixel_values), self.patch_tokens(tokens, pixel_values)
+        cam = (grads.mean(1, keepdim=True) * tokens).sum(-1).clamp_min(0)
         return Maps(image_maps_from_capacity(cam, self.backbone.patch_grid(pixel_values), tuple(pixel_values.shape[-2:])))

@@ -88,12 +88,7 @@ class AnswerM2IBModule(L.LightningModule):
         answers, answer_mask = complete_answers(backbone, items, batch["input_ids"], batch["attention_mask"],
                                                 batch["answer_ids"], batch["answer_mask"], batch["answer_given"],
                                                 self.max_new_tokens)
-        reasons = unanswerable(pixels, answer_mask)
-        first = next((p.shape[-2:] for p, r in zip(pixels, reasons) if r is None), None)
-        reasons = [r or (None if p.shape[-2:] == first else  # one map size per batch (Qwen2-VL keeps each picture's)
-                         f"picture of {tuple(p.shape[-2:])} px in a batch of {tuple(first)} px pictures: rerun with "
-                         "data.batch_size=1 to explain pictures of mixed sizes") for p, r in zip(pixels, reasons)]
-        keep = kept(batch, reasons, failures)
+        keep = kept(batch, unanswerable(pixels, answer_mask), failures)
         if not keep:
             return {"id": [], "failures": failures}
         rows = torch.tensor(keep, device=batch["input_ids"].device)

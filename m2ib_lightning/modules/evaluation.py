@@ -44,12 +44,15 @@ class EvaluationModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         scorer = self.evaluator.scorer
         if batch["id"]:  # samples the model refuses are reported, the rest of the batch is scored
-            batch = self._answered(batch) if isinstance(scorer, AnswerScorer) else batch
+            if isinstance(scorer, AnswerScorer):  # the joined pixel values (maybe packed) give way to the pictures
+                batch = self._answered({k: v for k, v in batch.items() if k != "pixel_values"})
             reasons = self._screen(batch)
             failures = [{"id": batch["id"][b], "reason": r, "severity": "error"} for b, r in enumerate(reasons) if r]
             batch = _rows(batch, [b for b, r in enumerate(reasons) if r is None], batch["failures"] + failures)
         if not batch["id"]:
             return {"id": [], "failures": batch["failures"]}
+        if "pictures" in batch:  # questions: the (B, C, H, W) pictures the metrics perturb (packed by the adapter)
+            batch["pixel_values"] = torch.stack(batch["pictures"])
         answers = (batch["answer_ids"], batch["answer_mask"]) if isinstance(scorer, AnswerScorer) else None
         if answers is not None:
             answers = tuple(a[:, :int(batch["answer_mask"].sum(1).max())] for a in answers)
@@ -105,7 +108,7 @@ class EvaluationModule(L.LightningModule):
         pixels and empty answers."""
         if not isinstance(self.evaluator.scorer, AnswerScorer):
             return screen(self.evaluator.scorer.backbone, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        return unanswerable(batch["pixel_values"], batch["answer_mask"])
+        return unanswerable(batch["pictures"], batch["answer_mask"])
 
     def _classes(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``class_index`` per sample; a class outside ``metrics.classes`` is reported and left out of the class mean."""

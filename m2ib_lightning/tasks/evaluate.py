@@ -118,9 +118,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """A comparison of methods on pairs (``task: evaluate``) or on questions and their answers (``evaluate_vqa``)."""
     questions = cfg.task == "evaluate_vqa"
     backbone = backbone_of(cfg, "questions" if questions else "preprocessing")
-    if getattr(backbone, "packs_images", False):  # the metrics perturb one (C, H, W) picture per sample
-        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: evaluations of {type(backbone).__name__} "
-                          "(packed image patches) are not supported yet; attribute_vqa runs are")
     check_layers(cfg, backbone)
     methods = build_methods(cfg, backbone)
     source = source_of(cfg, questions=questions)
