@@ -358,7 +358,7 @@ def _check_attention(backbone: Any, inputs: dict[str, dict[str, Tensor]]) -> Non
         raise BackboneCheckError("attention", f"eager_attention left the attention implementation at {after}, not {before}")
 
 
-def _check_probing(adapter: Any, pixels: Tensor, ids: Tensor, mask: Tensor) -> None:
+def _check_probing(adapter: Any, pixels: Tensor, ids: Tensor, mask: Tensor, **model_inputs: Tensor) -> None:
     """Every site of every probe tower: a module of the model, (N, T, D) with D split evenly into its heads; patching
     it with its own activation changes nothing (bit for bit), zeroing it in one row changes that row's decision and no
     other row's; head attention gives one distribution over keys per head and layer; hooks gone after."""
@@ -370,7 +370,7 @@ def _check_probing(adapter: Any, pixels: Tensor, ids: Tensor, mask: Tensor) -> N
     defaults = {adapter.default_probe_tower(m): m for m in reversed(MODALITIES)}
     with eval_mode(module), torch.no_grad():
         for tower in adapter.probe_towers:
-            inputs = adapter.decision_inputs(pixels, ids, mask, defaults.get(tower, "image"))
+            inputs = adapter.decision_inputs(pixels, ids, mask, defaults.get(tower, "image"), **model_inputs)
             clean = adapter.decision_logits(inputs, 2, tower)
             for name in adapter.probe_sites(tower):
                 for layer in range(adapter.probe_layers(tower)):
@@ -534,7 +534,7 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
             _close("naive reference", got, naive[: len(got)], f"{name} at layer {layer}", **tol)
     passed.append("naive reference")
     if "probing" in claimed(model):
-        _check_probing(model, args[0], args[1], args[2])
+        _check_probing(model, args[0], args[1], args[2], **extra)
         passed.append("probing")
     return passed
 

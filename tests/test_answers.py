@@ -277,7 +277,7 @@ def test_check_backbone_passes_every_answer_adapter_and_names_a_broken_property(
     build, example_inputs = ANSWER_FAMILIES[family]
     model = build()
     example = example_inputs()
-    probing = ["probing"] if family == "hf_blip_vqa" else []  # the families that declare probe sites
+    probing = ["probing"]  # every answer family declares probe sites
     assert check_backbone(model, example) == ["no cross-talk", "batch invariance", "model untouched", "naive reference", *probing]
 
     class Leaky(type(model)):  # the batch's mean log p leaks into every sample's score

@@ -240,13 +240,13 @@ def test_probing_goes_through_the_family_adapter_and_one_without_probe_sites_is_
     from m2ib_lightning.backbones.capabilities import MissingCapabilityError
     from m2ib_lightning.backbones.hf_clip import HFCLIPBackbone
     from m2ib_lightning.probing import ProbingAdapter
-    from test_answers import tiny_llava
+    from conftest import tiny_siglip
 
     assert isinstance(ActivationPatching(model).adapter, HFCLIPBackbone)  # the adapter attribution uses
     adapter = as_backbone(model)
     assert ActivationPatching(adapter).adapter is adapter
     with pytest.raises(MissingCapabilityError, match="activation patching needs the adapter's probing capability"):
-        ActivationPatching(tiny_llava())  # no probe sites declared (yet): a clear refusal, not an AttributeError
+        ActivationPatching(tiny_siglip())  # no probe sites declared (yet): a clear refusal, not an AttributeError
 
     class Partial:  # claims probing, lacks members
         capabilities = ("probing",)

@@ -163,9 +163,11 @@ class Probing(Protocol):
     def probe_site(self, tower: str, name: str, layer: int) -> Site:
         """Where site ``name`` of ``layer`` lives in the model."""
 
-    def decision_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, modality: Modality) -> dict:
+    def decision_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, modality: Modality,
+                        **model_inputs: Tensor) -> dict:
         """Sample 0 in the form ``decision_logits`` takes when ``modality`` is corrupted (a two-choice matcher takes
-        the other modality's first two samples as its choices)."""
+        the other modality's first two samples as its choices); ``model_inputs``: what else the family takes
+        (Qwen2-VL's ``image_grid_thw``)."""
 
     def decision_logits(self, inputs: dict[str, Tensor], rows: int, tower: str) -> Tensor:
         """(rows, C) logits of one sample's inputs repeated ``rows`` times (each row patched on its own)."""

@@ -20,7 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AnswerBatch, HFAnswerLayout, ImageLayout, Modality, pad_token_ids, real_tokens
+from .base import (
+    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, eager_attention, pad_token_ids, real_tokens,
+)
+from .capabilities import Site
+
+#: the probe sites of a language-model layer: the residual stream after it, the attention output (the input of
+#: ``o_proj``, where the heads are still apart) whole or split into query heads, and the MLP's output proper
+LANGUAGE_SITES = ("resid", "attn", "head", "mlp")
+
+
+class _Embedded(Exception):
+    """Raised by the pre-hook that takes the language model's input embeddings: nothing after them runs."""
+
+    def __init__(self, embeds: Tensor):
+        self.embeds = embeds
 
 
 class HFDecoderAnswerer(HFAnswerLayout):
@@ -164,3 +178,80 @@ class HFDecoderAnswerer(HFAnswerLayout):
         embeds = embeds.masked_scatter((ids == self.image_token_id)[..., None].expand_as(embeds), features)
         logits = self.module(inputs_embeds=embeds, **inputs, logits_to_keep=batch.score_positions, use_cache=False).logits
         return self._answer_scores(logits, batch, copies)
+
+    # ------------------------------------------------------------------ probing
+    probe_towers: tuple[str, ...] = ("language",)
+
+    def default_probe_tower(self, modality: Modality) -> str:
+        """The language model, which every corruption reaches (the image as its image tokens)."""
+        return "language"
+
+    def probe_sites(self, tower: str) -> tuple[str, ...]:
+        return LANGUAGE_SITES
+
+    def probe_layers(self, tower: str) -> int:
+        return self.num_layers("text" if tower == "language" else "image")
+
+    def probe_site(self, tower: str, name: str, layer: int) -> Site:
+        """Language-model sites; a head is a query head: with grouped-query attention the heads of one group share
+        their keys and values, and head h is still dimensions [h*d, (h+1)*d) of ``o_proj``'s input."""
+        block = self.blocks("text")[layer]
+        if name == "resid":
+            return Site(block, "output")
+        if name == "mlp":
+            return Site(block.mlp, "output")
+        if name in ("attn", "head"):
+            return Site(block.self_attn.o_proj, "input", self.config.text_config.num_attention_heads if name == "head" else None)
+        raise ValueError(f"site {name!r} is not one of the {tower} tower's {self.probe_sites(tower)}")
+
+    def decision_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, modality: Modality,
+                        **model_inputs: Tensor) -> dict:
+        """Sample 0: its image inputs and its real prompt tokens (padding dropped, so every position is a token)."""
+        one = self.sample_inputs({"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
+                                  **model_inputs}, 0)
+        real = one["attention_mask"][0].bool()
+        return {**one, "input_ids": one["input_ids"][:, real], "attention_mask": one["attention_mask"][:, real]}
+
+    def _prompt_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        extra = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
+        return self.sequence_inputs(ids, torch.ones_like(ids) if mask is None else mask, inputs["pixel_values"], **extra)
+
+    def prompt_embeddings(self, inputs: dict[str, Tensor]) -> Tensor:
+        """The language model's input embeddings of a prompt (image features in place), as the model's own forward
+        makes them; the language model itself does not run."""
+        def take(module: Any, args: Any, kwargs: dict) -> None:
+            raise _Embedded(kwargs["inputs_embeds"])
+
+        handle = self._language_model().register_forward_pre_hook(take, with_kwargs=True)
+        try:
+            self.module(**inputs, logits_to_keep=1, use_cache=False)
+        except _Embedded as taken:
+            return taken.embeds
+        finally:
+            handle.remove()
+        raise RuntimeError("the language model was not called with inputs_embeds")
+
+    def decision_logits(self, inputs: dict[str, Tensor], rows: int, tower: str) -> Tensor:
+        """(rows, vocab) logits of the first answer token (after the prompt's last position). Language-model sites:
+        the vision tower and the projector run once, their embeddings repeated; vision sites: the whole model per row."""
+        prompt = self._prompt_inputs(inputs)
+        if tower != "language":
+            return self.module(**self.repeat_inputs(prompt, rows), logits_to_keep=1, use_cache=False).logits[:, -1]
+        embeds = self.prompt_embeddings(prompt)
+        text = {k: v for k, v in prompt.items() if k not in ("input_ids", "pixel_values", "image_grid_thw")}
+        repeated = self.repeat_inputs({**text, "inputs_embeds": embeds}, rows)
+        return self.module(**repeated, logits_to_keep=1, use_cache=False).logits[:, -1]
+
+    def pooled_position(self, tower: str, inputs: dict[str, Tensor]) -> int:
+        """The prompt's last position, whose output predicts the answer's first token."""
+        if tower != "language":
+            raise ValueError(f"the {tower} tower does not pool: use positions='each' or 'all'")
+        return inputs["input_ids"].shape[-1] - 1
+
+    def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
+        """Per layer, the self-attention probabilities (1, heads, T, T) of the tower (eager attention meanwhile)."""
+        modules = [block.self_attn for block in self.blocks("text" if tower == "language" else "image")]
+        with torch.no_grad(), eager_attention(self.module):
+            return attention_probabilities(modules, lambda: self.decision_logits(inputs, 1, tower))

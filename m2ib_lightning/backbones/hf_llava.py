@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import ImageLayout, Modality, one_image_per_sample, resolve_layer, square_patch_grid
-from .decoder import HFDecoderAnswerer
+from .capabilities import Site
+from .decoder import LANGUAGE_SITES, HFDecoderAnswerer
 from .questions import HFQuestions
 
 
@@ -38,6 +39,38 @@ class HFLlavaAnswerer(HFQuestions, HFDecoderAnswerer):
     @classmethod
     def accepts(cls, model: Any) -> bool:
         return is_hf_llava(model)
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return (*super().capabilities, "probing")
+
+    # ------------------------------------------------------------------ probing
+    #: the language model's layers, and the vision tower's blocks (CLIP's or SigLIP's site names)
+    probe_towers = ("language", "vision")
+
+    def probe_sites(self, tower: str) -> tuple[str, ...]:
+        return ("resid", "mlp", "self_attn", "self_head") if tower == "vision" else LANGUAGE_SITES
+
+    def probe_layers(self, tower: str) -> int:
+        """Language-model layers; vision blocks up to the last one whose output the language model reads."""
+        if tower != "vision":
+            return super().probe_layers(tower)
+        read = self.config.vision_feature_layer
+        count = self.num_layers("image")
+        return max(f % (count + 1) for f in (read if isinstance(read, (list, tuple)) else [read]))
+
+    def probe_site(self, tower: str, name: str, layer: int) -> Site:
+        if tower != "vision":
+            return super().probe_site(tower, name, layer)
+        block = self.blocks("image")[layer]
+        if name == "resid":
+            return Site(block, "output")
+        if name == "mlp":
+            return Site(block.mlp, "output")
+        if name in ("self_attn", "self_head"):
+            attention = block.self_attn
+            return Site(attention.out_proj, "input", attention.num_heads if name == "self_head" else None)
+        raise ValueError(f"site {name!r} is not one of the vision tower's {self.probe_sites(tower)}")
 
     # ------------------------------------------------------------------ layout
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:

@@ -111,6 +111,11 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
     def accepts(cls, model: Any) -> bool:
         return is_hf_qwen2_vl(model)
 
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """Probing: the language model's sites (its vision transformer's packed sequence is not probed yet)."""
+        return (*super().capabilities, "probing")
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, hub: Any = None) -> "HFQwen2VLAnswerer":
         """The model and its processor's image and text parts (:func:`image_processor_class`)."""

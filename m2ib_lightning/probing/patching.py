@@ -79,7 +79,9 @@ def _activation(output_or_args: Any) -> Tensor:
 
 @contextlib.contextmanager
 def site_hooks(sites: list[Site], edit: Callable[[int, Tensor], None]) -> Iterator[None]:
-    """``edit(layer, activation)`` sees, and may change in place, each layer's site activation (N, T, D)."""
+    """``edit(layer, activation)`` sees, and may change in place, each layer's site activation (N, T, D), ahead of
+    every other hook on the module (transformers 5.x records hidden states, which LLaVA's projector reads, by
+    hooks of its own: they see the patched activation)."""
     handles = []
     for layer, site in enumerate(sites):
         if site.where == "input":
@@ -88,14 +90,14 @@ def site_hooks(sites: list[Site], edit: Callable[[int, Tensor], None]) -> Iterat
                 edit(layer, activation)
                 return (activation, *args[1:])
 
-            handles.append(site.module.register_forward_pre_hook(pre))
+            handles.append(site.module.register_forward_pre_hook(pre, prepend=True))
         else:
             def post(module, args, output, layer=layer):
                 activation = _activation(output).clone()
                 edit(layer, activation)
                 return (activation, *output[1:]) if isinstance(output, tuple) else activation
 
-            handles.append(site.module.register_forward_hook(post))
+            handles.append(site.module.register_forward_hook(post, prepend=True))
     try:
         yield
     finally:
@@ -203,7 +205,6 @@ class ActivationPatching:
         one for ``clean`` first); the tower is the corrupted one.
         ``positions``: each position in turn, all at once, or the tower's ``pooled`` one (CLIP).
         """
-        site = SITE_ALIASES.get(site, site)
         if modality not in ("image", "text"):
             raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
         if positions not in ("each", "all", "pooled"):
@@ -213,6 +214,8 @@ class ActivationPatching:
         tower = tower or self.adapter.default_probe_tower(modality)
         if tower not in self.adapter.probe_towers:
             raise ValueError(f"tower must be one of {self.adapter.probe_towers}, got {tower!r}")
+        if site not in self.adapter.probe_sites(tower) and SITE_ALIASES.get(site) in self.adapter.probe_sites(tower):
+            site = SITE_ALIASES[site]
         if site not in self.adapter.probe_sites(tower):
             raise ValueError(f"site must be one of {self.adapter.probe_sites(tower)} for the {tower} tower, got {site!r}")
         clean, corrupt, answers = self._inputs(clean, corrupt, choices, answers, modality)
@@ -267,7 +270,8 @@ class ActivationPatching:
         key = "pixel_values" if modality == "image" else "input_ids"
         if key not in clean or key not in corrupt:
             raise ValueError(f"clean and corrupt must hold {key!r} when modality={modality!r}")
-        if clean[key].shape != corrupt[key].shape or clean[key].shape[0] != 1:
+        samples = clean["input_ids" if "input_ids" in clean else key].shape[0]  # Qwen2-VL packs an image's patches
+        if clean[key].shape != corrupt[key].shape or samples != 1:
             raise ValueError(
                 f"clean and corrupt must be one sample of the same shape, got {tuple(clean[key].shape)} "
                 f"and {tuple(corrupt[key].shape)} (text corruption must keep the token count)"
