@@ -33,8 +33,8 @@ _ABSENT = object()  # an override not given at all; `key=null` is given, as None
 
 
 #: the sites each probing task can patch
-PROBE_SITES = {"probe": ("resid", "mlp", "self_attn", "self_head"),
-               "probe_vqa": ("resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head")}
+PROBE_SITES = {"probe": ("resid", "mlp", "self_attn", "self_head"),  # CLIP's; probe_vqa: BLIP VQA's, then the decoders'
+               "probe_vqa": ("resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head", "attn", "head")}
 
 
 class ConfigError(ValueError):
@@ -70,7 +70,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "model.patch_size": _at_least(1), "model.width": _at_least(1), "model.layers": _at_least(1), "model.heads": _at_least(1),
     "model.projection_dim": _at_least(1), "model.vision_layers": _at_least(1), "model.text_layers": _at_least(1),
     "optim.lr": _above(0), "optim.weight_decay": _at_least(0), "optim.warmup_steps": _at_least(0),
-    "probe.modalities": _subset_of("image", "text"), "probe.towers": _subset_of("text", "vision"),
+    "probe.modalities": _subset_of("image", "text"),  # probe.towers: checked against the adapter when it loads
     "probe.direction": _one_of("denoise", "noise"), "probe.vision_positions": _one_of("all", "each"),
     "probe.batch_size": _at_least(1), "probe.min_gap": _at_least(0), "probe.top_heads": _at_least(0),
     "probe.head_ranking": _one_of("notice", "effect"),
@@ -138,7 +138,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
 
         sites = [SITE_ALIASES.get(site, site) if task == "probe" else site for site in config.probe.sites]
         unknown = [site for site in sites if site not in PROBE_SITES[task]]
-        if unknown or not sites:
+        if unknown or (not sites and task == "probe"):  # probe_vqa: none named, every site of the adapter's towers
             raise ConfigError(f"bad config value probe.sites={list(config.probe.sites)!r}: must be a non-empty list of "
                               f"{list(PROBE_SITES[task])}" + (" (or 'head' for self_head)" if task == "probe" else ""))
         config.probe.sites = sites

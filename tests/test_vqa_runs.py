@@ -238,3 +238,40 @@ def test_qwen2_vl_runs_keep_each_pictures_aspect_ratio_and_maps_go_back_to_the_o
     assert tuple(record.image_capacity.shape) == (4, 8) and tuple(record.image_map.shape) == (16, 32)
     (original,) = read_attributions(out, original_size=True)
     assert tuple(original.image_map.shape) == (20, 30)
+
+
+@pytest.mark.parametrize("family", ["hf_llava", "hf_qwen2_vl"])
+def test_a_probe_run_on_a_decoder_vlm_writes_role_maps_image_token_maps_and_head_overlays(tmp_path, capsys, family):
+    """NOTICE through train.py on a decoder VLM: every language-model site (and LLaVA's vision tower), effects by
+    prompt role (the image tokens one role), each image token's effect on the image's token grid, heads ranked."""
+    from safetensors.torch import load_file
+
+    checkpoint = FAMILIES[family](tmp_path / family)
+    out = tmp_path / "probe"
+    result = _main(capsys, "configs/probe_decoder_vqa.yaml", f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
+                   f"output_dir={out}", "data.num_pairs=2", "data.kinds=[colour,shape]", "probe.top_heads=1",
+                   "trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 2 and summary["config"]["probe"]["sites"] == ["resid", "attn", "head", "mlp", "self_attn", "self_head"][
+        : 4 if family == "hf_qwen2_vl" else 6]
+    effects = load_file(out / "effects.safetensors")
+    layers = 2
+    grid = (4, 4)  # 32 px: LLaVA's patch 8, or Qwen2-VL's patch 4 merged 2x2
+    maps = effects["image/language/resid/image_token_effect"]
+    assert maps.shape == (2, layers, *grid) and float(maps.abs().sum()) > 0
+    raw = effects["image/language/resid/raw"]
+    model = load_backbone(str(checkpoint))
+    ids = model.question_inputs(Image.new("RGB", (SIZE, SIZE)), "is the circle red or blue?").ids
+    first_image = ids.index(model.image_token_id)  # after the chat template's first tokens
+    assert first_image >= 3
+    assert bool((raw[:, :, :first_image] == 0).all())  # before the image: the same tokens, exactly no effect
+    assert "image/language/resid/colour/mean_by_role" in effects and effects["image/language/head/mean"].shape == (layers, 2)
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"image_language_resid_image_tokens.png", "image_language_resid_colour.png", "image_language_head.png"} <= figures
+    import csv
+
+    rows = list(csv.DictReader((out / "heads.csv").open()))
+    assert {(r["tower"], r["site"]) for r in rows} >= {("language", "head")} and len([r for r in rows if r["site"] == "head"]) == 2 * 4
+    if family == "hf_llava":
+        assert effects["image/vision/resid/mean"].shape == (2, 1) and "text/vision/resid/raw" not in effects

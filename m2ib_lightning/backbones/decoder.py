@@ -250,6 +250,21 @@ class HFDecoderAnswerer(HFAnswerLayout):
             raise ValueError(f"the {tower} tower does not pool: use positions='each' or 'all'")
         return inputs["input_ids"].shape[-1] - 1
 
+    def image_keys(self, tower: str, inputs: dict[str, Tensor]) -> tuple[Tensor, tuple[int, int]]:
+        """Where the image's cells sit among the tower's positions (the keys its heads attend to), in raster order of
+        the image's token grid, and that grid: the prompt's image tokens for the language model."""
+        if tower != "language":
+            raise ValueError(f"image_keys: the {tower} tower is not this adapter's language model")
+        positions = (inputs["input_ids"][0] == self.image_token_id).nonzero()[:, 0]
+        rows, cols = self.language_image_grid(inputs)
+        if len(positions) != rows * cols:
+            raise ValueError(f"the prompt holds {len(positions)} image tokens, the image gives {rows} x {cols}")
+        return positions, (rows, cols)
+
+    def language_image_grid(self, inputs: dict[str, Tensor]) -> tuple[int, int]:
+        """(rows, cols) of the image tokens the language model reads, in raster order."""
+        raise NotImplementedError
+
     def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
         """Per layer, the self-attention probabilities (1, heads, T, T) of the tower (eager attention meanwhile)."""
         modules = [block.self_attn for block in self.blocks("text" if tower == "language" else "image")]

@@ -218,6 +218,11 @@ class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
     def pooled_position(self, tower: str, inputs: dict[str, Tensor]) -> int:
         raise ValueError(f"BLIP VQA's {tower} tower does not pool: use positions='each' or 'all'")
 
+    def image_keys(self, tower: str, inputs: dict[str, Tensor]) -> tuple[Tensor, tuple[int, int]]:
+        """The vision tokens after CLS: the keys of the text encoder's cross-attention and of the vision tower."""
+        rows, cols = self.patch_grid(inputs["pixel_values"])
+        return torch.arange(1, 1 + rows * cols), (rows, cols)
+
     def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
         """The text encoder's cross-attention (question tokens over image tokens), or the vision tower's
         self-attention (BLIP's attention modules always return their probabilities)."""

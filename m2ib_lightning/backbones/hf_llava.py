@@ -59,6 +59,17 @@ class HFLlavaAnswerer(HFQuestions, HFDecoderAnswerer):
         count = self.num_layers("image")
         return max(f % (count + 1) for f in (read if isinstance(read, (list, tuple)) else [read]))
 
+    def language_image_grid(self, inputs: dict[str, Tensor]) -> tuple[int, int]:
+        """One image token per patch of the square grid (CLS dropped under the ``default`` strategy)."""
+        return square_patch_grid(self.config, inputs["pixel_values"])
+
+    def image_keys(self, tower: str, inputs: dict[str, Tensor]) -> tuple[Tensor, tuple[int, int]]:
+        """The prompt's image tokens (language model), or the vision tower's patch tokens after its CLS."""
+        if tower != "vision":
+            return super().image_keys(tower, inputs)
+        rows, cols = square_patch_grid(self.config, inputs["pixel_values"])
+        return torch.arange(self.num_prefix_tokens, self.num_prefix_tokens + rows * cols), (rows, cols)
+
     def probe_site(self, tower: str, name: str, layer: int) -> Site:
         if tower != "vision":
             return super().probe_site(tower, name, layer)

@@ -146,6 +146,11 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
         """(rows, cols) of one image's patches, from its (3, H, W) pixel values."""
         return pixel_values.shape[-2] // self.patch, pixel_values.shape[-1] // self.patch
 
+    def language_image_grid(self, inputs: dict[str, Tensor]) -> tuple[int, int]:
+        """One language-model token per 2x2 merge window, windows in raster order."""
+        _, rows, cols = inputs["image_grid_thw"][0].tolist()
+        return rows // self.merge, cols // self.merge
+
     def raster_patches(self, tokens: Tensor, pixel_values: Tensor) -> Tensor:
         """A vision block's packed (patches, ...) values for (B, 3, H, W) pictures of one size -> (B, rows * cols, ...)
         in raster order (the baselines' maps)."""

@@ -25,7 +25,7 @@ class VQAProbing(L.LightningModule):
     def _inputs(self, item: dict[str, Any], corruption: str) -> tuple[dict, dict] | str:
         clean = {k: v.to(self.device) for k, v in item["clean"].items()}
         if corruption == "image":
-            return clean, {**clean, "pixel_values": item["corrupt_pixels"].to(self.device)}
+            return clean, {**clean, **{k: v.to(self.device) for k, v in item["corrupt_image"].items()}}
         if corruption == "noise":
             return clean, {**clean, "pixel_values": gaussian_noise(clean["pixel_values"], self.noise_std, self.seed + item["index"])}
         if "text_failure" in item:
@@ -39,7 +39,9 @@ class VQAProbing(L.LightningModule):
                 out.append({"index": item["index"], "id": item["id"], "failure": item["failure"]})
                 continue
             record = {"index": item["index"], "id": item["id"], "kind": item["kind"], "roles": item["roles"], "results": {},
-                      "skipped": {}, "answer_position": item["answer_position"]}
+                      "skipped": {}, "answer_position": item["answer_position"],
+                      **{k: item[k] for k in ("image_cells", "image_grid") if k in item}}
+            prompt_tower = self.adapter.default_probe_tower("text")
             with torch.no_grad():
                 clean = {k: v.to(self.device) for k, v in item["clean"].items()}
                 logits = self.adapter.decision_logits(clean, 1, self.adapter.default_probe_tower("image"))
@@ -51,15 +53,15 @@ class VQAProbing(L.LightningModule):
                     continue
                 modality = "text" if corruption == "text" else "image"
                 for tower in self.settings.towers:
-                    if tower == "vision" and modality == "text":
+                    if tower != prompt_tower and modality == "text":
                         continue  # text corruption cannot reach the vision tower
                     for site in self.settings.sites:
                         if site not in self.adapter.probe_sites(tower):
                             continue
-                        if site.endswith("head"):  # NOTICE ranks text-encoder heads one token at a time
-                            each = tower == "text" and self.settings.head_ranking == "notice"
+                        if site.endswith("head"):  # NOTICE ranks the prompt tower's heads one token at a time
+                            each = tower == prompt_tower and self.settings.head_ranking == "notice"
                         else:
-                            each = tower == "text" or self.settings.vision_positions == "each"
+                            each = tower == prompt_tower or self.settings.vision_positions == "each"
                         positions = "each" if each else "all"
                         result = self.probe.run(*inputs, answers=tuple(item["answers"]), modality=modality, site=site,
                                                 tower=tower, positions=positions, direction=self.settings.direction)

@@ -1,4 +1,5 @@
-"""NOTICE on BLIP VQA: activation patching over minimal pairs, through Lightning ``predict``.
+"""NOTICE on a VLM that answers (BLIP VQA, LLaVA, Qwen2-VL): activation patching over minimal pairs, through
+Lightning ``predict``, on the probe sites the family adapter declares.
 
 Pairs shard across devices (each pair is probed whole by one rank); each pair's
 record is saved (``parts/``) as soon as it is probed, so a killed run resumes with
@@ -60,8 +61,8 @@ class ProbeVQAData:
 
 @dataclass
 class ProbeVQASettings:
-    towers: List[str] = field(default_factory=lambda: ["text", "vision"])
-    sites: List[str] = field(default_factory=lambda: ["resid", "mlp", "self_attn", "cross_attn", "self_head", "cross_head"])
+    towers: List[str] = field(default_factory=list)  # none named: every probe tower of the model's adapter
+    sites: List[str] = field(default_factory=list)  # none named: every site of each tower
     direction: str = "denoise"
     vision_positions: str = "all"  # image tokens one at a time (each: one forward of the whole model per token) or all
     batch_size: int = 256
@@ -111,21 +112,25 @@ class PairItems(Dataset):
         adapter = self.adapter
         try:
             clean = adapter.question_inputs(pair.clean_image(), pair.question)
-            corrupt_pixels = adapter.question_inputs(pair.corrupt_image(), pair.question).image["pixel_values"][None]
+            corrupt = adapter.question_inputs(pair.corrupt_image(), pair.question)
+            if corrupt.ids != clean.ids:
+                raise ValueError("the corrupted image gives another prompt than the clean one (another size: Qwen2-VL "
+                                 "gives each picture its own number of image tokens); patching needs equal prompts")
             answers = [adapter.answer_inputs(w)[0] for w in (pair.answer, pair.wrong)]
         except (ValueError, OSError) as err:
             return {"index": index, "id": pair.id, "failure": str(err)}
         ids = torch.tensor([clean.ids])
+        pieces = adapter.token_strings(clean.ids)
         item = {
             "index": index, "id": pair.id, "kind": pair.kind, "question": pair.question, "answers": answers,
-            "clean": {"pixel_values": clean.image["pixel_values"][None], "input_ids": ids, "attention_mask": torch.ones_like(ids)},
-            "corrupt_pixels": corrupt_pixels,
-            "roles": ["[CLS]", *pair.roles, "[SEP]"],
+            "clean": {**adapter.join_inputs([clean.image]), "input_ids": ids, "attention_mask": torch.ones_like(ids)},
+            "corrupt_image": adapter.join_inputs([corrupt.image]),
+            "roles": prompt_roles(adapter, clean, pieces, pair.roles),
         }
-        pieces = adapter.token_strings(clean.ids)
         item["answer_position"] = answer_position(pieces, adapter.token_strings(adapter.answer_inputs(pair.answer)))
-        if len(item["roles"]) != len(clean.ids):
-            item["roles"] = [f"pos{i}" for i in range(len(clean.ids))]  # words split into pieces
+        if IMAGE_ROLE in item["roles"]:  # a decoder: the image's tokens are prompt positions, drawn on its grid
+            cells, grid = adapter.image_keys(adapter.default_probe_tower("text"), item["clean"])
+            item["image_cells"], item["image_grid"] = cells.tolist(), list(grid)
         words = OPTION_WORDS.get(pair.kind, [])
         try:
             question = symmetric_token_replacement(
@@ -135,6 +140,28 @@ class PairItems(Dataset):
         except ValueError as err:
             item["text_failure"] = str(err)
         return item
+
+
+IMAGE_ROLE = "IMAGE"
+
+
+def prompt_roles(adapter: Any, question: Any, pieces: list[str], word_roles: tuple[str, ...]) -> list[str]:
+    """One role per prompt token, what effects are averaged by: the question's words take their template roles
+    (``NOUN``, ``OPTION_A``, ...; their own text where the words split into pieces or the pair has no roles), image
+    tokens ``IMAGE``, and every other token (chat template, [CLS], [SEP]) its own text, numbered from its second
+    time on (``:`` after ``user`` and ``:#2`` after ``assistant``, the position that predicts the answer)."""
+    words = [i for i, shown in enumerate(question.visible) if shown]
+    named = dict(zip(words, word_roles)) if len(words) == len(word_roles) else {}
+    image = getattr(adapter, "image_token_id", None)
+    roles, seen = [], {}
+    for i, token in enumerate(question.ids):
+        role = named.get(i) or (IMAGE_ROLE if token == image else None)
+        if role is None:
+            text = clean_token(pieces[i])
+            seen[text] = seen.get(text, 0) + 1
+            role = text if seen[text] == 1 else f"{text}#{seen[text]}"
+        roles.append(role)
+    return roles
 
 
 def _pairs(cfg: DictConfig) -> tuple[list[VQAPair], list[dict], int]:
@@ -168,6 +195,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     adapter = backbone_of(cfg, "questions")
     with loading(cfg):
         require(adapter, "probing", f"a train.py {cfg.task} run")
+    cfg.probe.towers, cfg.probe.sites = probed_towers_and_sites(cfg, adapter)
     out = Path(cfg.output_dir)
     pairs, upfront_failures, passed_over = _pairs(cfg)
     module = VQAProbing(adapter, cfg.probe, list(cfg.data.corruption), cfg.data.noise_std, cfg.seed)
@@ -188,6 +216,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return _merge(cfg, out, trainer, parts, upfront_failures, adapter, pairs, passed_over, start, len(items))
     finally:
         owner.release()
+
+
+def probed_towers_and_sites(cfg: DictConfig, adapter: Any) -> tuple[list[str], list[str]]:
+    """``probe.towers`` and ``probe.sites``, each the adapter's all where none is named; a tower the adapter lacks,
+    or a site none of the towers has, is a config error naming what the adapter offers."""
+    towers = list(cfg.probe.towers) or list(adapter.probe_towers)
+    unknown = [t for t in towers if t not in adapter.probe_towers]
+    if unknown:
+        raise ConfigError(f"probe.towers: {unknown} are not probe towers of {type(adapter).__name__}; it has "
+                          f"{list(adapter.probe_towers)}")
+    offered = list(dict.fromkeys(site for t in towers for site in adapter.probe_sites(t)))
+    sites = list(cfg.probe.sites) or offered
+    unknown = [site for site in sites if site not in offered]
+    if unknown:
+        raise ConfigError(f"probe.sites: {unknown} are sites of none of the towers {towers} of "
+                          f"{type(adapter).__name__}; they have {offered}")
+    return towers, sites
 
 
 def part_path(parts: Path, pair_id: str, failed: bool = False) -> Path:
@@ -237,6 +282,7 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], adapter
         for key, result in r["results"].items():
             groups.setdefault(key, []).append((r, result))
     figures = {}
+    prompt_tower = adapter.default_probe_tower("text")  # the tower whose positions are the prompt's tokens
     for key, entries in sorted(groups.items()):
         corruption, tower, site = key.split("/")
         results = [_as_result(res, site) for _, res in entries]
@@ -244,7 +290,7 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], adapter
         flagged[key] = [r["id"] for r, res in entries if res["flagged"]]
         tensors[f"{key}/raw"] = raw.contiguous()
         if site.endswith("head"):
-            ranking, scored = head_ranking(cfg, tower, entries)
+            ranking, scored = head_ranking(cfg, tower == prompt_tower, entries)
             if not scored:
                 continue
             ranked[key] = (ranking, scored)
@@ -255,13 +301,17 @@ def _aggregate(cfg, out: Path, records: list[dict], upfront: list[dict], adapter
                 important[(kind, corruption, tower, site)] = important_heads(torch.stack(kept).mean(0))
             figures[key] = labelled_heatmap(mean, [f"h{h}" for h in range(mean.shape[1])], f"{key}: {RANKING_LABELS[ranking]}, "
                                     "layers x heads", "head")
-        elif tower == "text":  # one template per task: positions are averaged by their role in it
+        elif tower == prompt_tower:  # one template per task: positions are averaged by their role in it
             for kind in sorted({r["kind"] for r, _ in entries}):
                 of_kind = [(r, res) for r, res in entries if r["kind"] == kind]
                 by_role, roles = effect_by_role([res["effect"] for _, res in of_kind], [r["roles"] for r, _ in of_kind],
                                                 [res["flagged"] for _, res in of_kind])
                 tensors[f"{key}/{kind}/mean_by_role"] = by_role.contiguous()
-                figures[f"{key}/{kind}"] = labelled_heatmap(by_role, roles, f"{key}, {kind} questions: mean effect", "question role")
+                figures[f"{key}/{kind}"] = labelled_heatmap(by_role, roles, f"{key}, {kind} questions: mean effect", "prompt role")
+            if corruption != "text" and "image_cells" in entries[0][0]:  # the image's tokens in the prompt
+                maps = image_token_effects(entries)
+                tensors[f"{key}/image_token_effect"] = maps.contiguous()
+                figures[f"{key}/image_tokens"] = image_token_figure(key, maps, entries, pairs)
         else:
             tensors[f"{key}/mean"] = mean.contiguous()
             columns = [str(i) for i in range(mean.shape[1])] if mean.shape[1] > 1 else ["all tokens"]
@@ -299,15 +349,15 @@ RANKING_LABELS = {"notice": "mean restoration probability at the answer token (N
                   "effect": "mean |effect|, all positions patched"}
 
 
-def head_ranking(cfg: DictConfig, tower: str, entries: list) -> tuple[str, list[tuple[dict, torch.Tensor]]]:
+def head_ranking(cfg: DictConfig, prompt: bool, entries: list) -> tuple[str, list[tuple[dict, torch.Tensor]]]:
     """The statistic heads of one group are ranked by, and each pair's (layers, heads) scores under it.
 
-    NOTICE's (``probe.head_ranking=notice``) for text-encoder heads, over the pairs that have an answer token
-    (NOTICE also chose its pairs among those the model answers correctly: the summary's accuracy says how many
-    are); ours (|effect| with every position patched) for vision-tower heads, which have no answer token, and
-    when asked.
+    NOTICE's (``probe.head_ranking=notice``) for the heads of the tower that reads the prompt (``prompt``: BLIP's
+    text encoder, a decoder's language model), over the pairs that have an answer token (NOTICE also chose its
+    pairs among those the model answers correctly: the summary's accuracy says how many are); ours (|effect| with
+    every position patched) for vision-tower heads, which have no answer token, and when asked.
     """
-    ranking = cfg.probe.head_ranking if tower == "text" else "effect"
+    ranking = cfg.probe.head_ranking if prompt else "effect"
     scored = []
     for record, result in entries:
         score = head_scores(result, ranking, record.get("answer_position"))
@@ -334,14 +384,39 @@ def _write_heads_csv(out: Path, ranked: dict, important: dict) -> None:
     atomic_write(out / "heads.csv", buffer.getvalue())
 
 
+def image_token_effects(entries: list) -> torch.Tensor:
+    """(pairs, layers, rows, cols): each pair's effect of patching each of the prompt's image tokens, on the image's
+    token grid."""
+    maps = []
+    for record, result in entries:
+        rows, cols = record["image_grid"]
+        maps.append(result["effect"][:, record["image_cells"]].reshape(-1, rows, cols))
+    return torch.stack(maps)
+
+
+def image_token_figure(key: str, maps: torch.Tensor, entries: list, pairs: list) -> bytes:
+    """The first pair of each kind: its picture under the effect of patching each image token, one tile per layer."""
+    from ..viz.figures import image_token_effect_figure
+
+    rows = []
+    for kind in sorted({r["kind"] for r, _ in entries}):
+        index = next(i for i, (r, _) in enumerate(entries) if r["kind"] == kind)
+        record = entries[index][0]
+        rows.append((f"{kind}: {pairs[record['index']].question}", pairs[record["index"]].clean_image(), maps[index]))
+    return image_token_effect_figure(rows, f"{key}: effect of patching each image token (where the decision is read)")
+
+
 def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> dict[str, bytes]:
-    """For the top cross-attention heads: the attention of the question's noun over the image, minus the mean over
-    heads, on the first pair of each task (NOTICE's reading of head functions)."""
+    """For the top heads of the tower that reads the prompt (BLIP VQA's cross-attention heads, a decoder's
+    language-model heads): the attention of the question's noun over the image, minus the mean over heads, on the
+    first pair of each task (NOTICE's reading of head functions)."""
     from ..viz.figures import overlay
 
+    tower = adapter.default_probe_tower("text")
+    site = [s for s in adapter.probe_sites(tower) if s.endswith("head")][-1]  # the heads head_attention returns
     ranked: dict[tuple[int, int], int] = {}
-    for (kind, corruption, tower, site), heads in important.items():
-        if tower == "text" and site == "cross_head":
+    for (kind, corruption, at, of), heads in important.items():
+        if (at, of) == (tower, site):
             for h in heads:
                 ranked[tuple(h)] = ranked.get(tuple(h), 0) + 1
     top = sorted(ranked, key=lambda h: (-ranked[h], h))[: cfg.probe.top_heads]
@@ -357,16 +432,15 @@ def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> di
         image = pair.clean_image()
         question = adapter.question_inputs(image, pair.question)
         ids = torch.tensor([question.ids])
-        pixels = question.image["pixel_values"][None]
-        inputs = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        probs = adapter.head_attention("text", inputs)
-        roles = record["roles"]  # the object's noun, else its colour naming it ("the red object"), else [CLS]
+        inputs = {**adapter.join_inputs([question.image]), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        probs = adapter.head_attention(tower, inputs)
+        roles = record["roles"]  # the object's noun, else its colour naming it ("the red object"), else the first token
         position = next((roles.index(r) for r in ("NOUN", "NOUN_COLOUR") if r in roles), 0)
         word = clean_token(adapter.token_strings(question.ids)[position])  # the query token the attention is read at
-        rows, cols = adapter.patch_grid(pixels)
+        keys, (rows, cols) = adapter.image_keys(tower, inputs)
         picture = np.asarray(image.convert("RGB").resize((cols * 24, rows * 24), Image.NEAREST))
         for layer, head in top:
-            attention = probs[layer][0, :, position, -rows * cols:]  # (heads, patches), CLS dropped
+            attention = probs[layer][0, :, position, keys.to(probs[layer].device)]  # (heads, image cells)
             difference = (attention[head] - attention.mean(0)).view(1, 1, rows, cols)
             heat = torch.nn.functional.interpolate(difference, size=picture.shape[:2], mode="nearest")[0, 0].clamp_min(0)
             heat = heat / (heat.max() + 1e-12)  # where the head looks more than the heads do on average; 0 elsewhere
@@ -390,7 +464,8 @@ def _log_figures(trainer: L.Trainer, figures: dict[str, bytes]) -> None:
 
 
 def _print(summary: dict[str, Any]) -> None:
-    print(f"\nNOTICE probing of BLIP VQA: {summary['output_dir']} ({summary['pairs']} pairs, {summary['wall_time_s']} s)")
+    print(f"\nNOTICE probing of {summary['config']['model']['name_or_path']}: {summary['output_dir']} "
+          f"({summary['pairs']} pairs, {summary['wall_time_s']} s)")
     print(f"  accuracy on the clean pairs: {summary['accuracy_on_clean_pairs']}")
     print(f"  universal heads (layer, head) per tower/site: {summary['universal_heads']}")
     print(f"  failed or skipped: {len(summary['failed'])}; flagged groups: {list(summary['flagged_pairs'])}")

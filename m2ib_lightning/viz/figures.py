@@ -210,3 +210,41 @@ def tile_figures(tiles: list[tuple[str, Image.Image]], columns: int, scale: str 
         sheet.paste(bar, (0, rows * height + 2))
     return sheet
 
+
+
+def image_token_effect_figure(rows: list[tuple[str, Image.Image, torch.Tensor]], title: str) -> bytes:
+    """One row per (title, picture, (layers, grid rows, grid cols) effects): the picture under each layer's effect of
+    patching each image token (the token's cell of the grid), one colour scale for the whole figure (diverging and
+    centred on 0 for signed effects), as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = max(maps.shape[0] for _, _, maps in rows)
+    cmap, vmin, vmax = heatmap_scale(np.concatenate([maps.float().numpy().ravel() for _, _, maps in rows]))
+    figure, axes = plt.subplots(len(rows), layers, figsize=(1.9 * layers + 1.2, 2.1 * len(rows) + 0.6), squeeze=False)
+    shown = None
+    for r, (label, picture, maps) in enumerate(rows):
+        pixels = np.asarray(picture.convert("RGB"))
+        height, width = pixels.shape[:2]
+        for layer in range(layers):
+            ax = axes[r, layer]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer >= maps.shape[0]:
+                ax.set_axis_off()
+                continue
+            ax.imshow(pixels)
+            shown = ax.imshow(np.ma.masked_invalid(maps[layer].float().numpy()), cmap=cmap, vmin=vmin, vmax=vmax,
+                              alpha=0.6, extent=(0, width, height, 0), interpolation="nearest")
+            ax.set_title(f"layer {layer}", fontsize=7)
+        axes[r, 0].set_ylabel(label[:48], fontsize=6)
+    signed = vmin < 0
+    figure.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02).set_label(
+        "effect" + (" (signed, 0 white)" if signed else " (from 0)"), fontsize=7)
+    figure.suptitle(title, fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
