@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_runs.py
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_probe.py
+	$(PY) benchmarks/bench_probe.py --family llava
 	$(PY) benchmarks/bench_manifest.py
 	$(PY) benchmarks/bench_gpu.py
 

@@ -146,6 +146,13 @@ def test_batched_cells_equal_one_cell_at_a_time_for_every_site(family, modality)
                                                              site=site, tower=tower)
         torch.testing.assert_close(batched.patched_ld, single.patched_ld, atol=1e-10, rtol=0, msg=f"{tower} {site}")
         assert float(batched.effect.abs().sum()) > 0, (tower, site)
+        model.decision_prefix = None  # every batch from position 0: the key/value cache of the prefix changes nothing
+        try:
+            whole = ActivationPatching(model, batch_size=5).run(clean, corrupt, answers=ANSWERS, modality=modality,
+                                                                 site=site, tower=tower)
+        finally:
+            del model.decision_prefix
+        torch.testing.assert_close(batched.patched_ld, whole.patched_ld, atol=1e-10, rtol=0, msg=f"{tower} {site}")
 
 
 def test_hooks_are_gone_after_a_run_and_after_an_error(family):

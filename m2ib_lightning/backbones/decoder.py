@@ -13,7 +13,9 @@ family's adapter says.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -243,6 +245,31 @@ class HFDecoderAnswerer(HFAnswerLayout):
         text = {k: v for k, v in prompt.items() if k not in ("input_ids", "pixel_values", "image_grid_thw")}
         repeated = self.repeat_inputs({**text, "inputs_embeds": embeds}, rows)
         return self.module(**repeated, logits_to_keep=1, use_cache=False).logits[:, -1]
+
+    def decision_prefix(self, inputs: dict[str, Tensor], tower: str, start: int) -> dict[str, Any] | None:
+        """For cells that change only positions ``start`` and later (causal attention: nothing before them moves):
+        the language model run once over the first ``start`` positions, its key/value cache kept, so that
+        :meth:`decision_logits_after` computes only the rest. None where that does not apply (another tower)."""
+        if tower != "language" or start <= 0:
+            return None
+        prompt = self._prompt_inputs(inputs)
+        embeds = self.prompt_embeddings(prompt)
+        text = {k: v for k, v in prompt.items() if k not in ("input_ids", "pixel_values", "image_grid_thw")}
+        head = {k: v if k == "attention_mask" else v[..., :start] for k, v in text.items()}
+        head["attention_mask"] = text["attention_mask"][:, :start]
+        out = self.module(**head, inputs_embeds=embeds[:, :start], use_cache=True, logits_to_keep=1)
+        tail = {k: v if k == "attention_mask" else v[..., start:] for k, v in text.items()}
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 names it cache
+        return {"cache": cache, "inputs": {**tail, "inputs_embeds": embeds[:, start:]}}
+
+    def decision_logits_after(self, prefix: dict[str, Any], rows: int) -> Tensor:
+        """(rows, vocab) first-answer-token logits from :meth:`decision_prefix`'s cache: the positions after it alone
+        run (in the site hooks, position ``start`` is position 0)."""
+        cache = copy.deepcopy(prefix["cache"])  # the forward appends to it
+        cache.batch_repeat_interleave(rows)
+        inputs = self.repeat_inputs(prefix["inputs"], rows)
+        named = "cache" if "cache" in inspect.signature(self.module.forward).parameters else "past_key_values"
+        return self.module(**inputs, **{named: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def pooled_position(self, tower: str, inputs: dict[str, Tensor]) -> int:
         """The prompt's last position, whose output predicts the answer's first token."""

@@ -143,10 +143,21 @@ class ActivationPatching:
 
     def _patched(self, sites: list[Site], base: dict[str, Tensor], cache: dict[int, Tensor], cells: list[Cell],
                  tower: str, answers: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """(P(correct), LD) of ``base`` with each cell patched from ``cache`` in its own batch row."""
-        probs, lds = [], []
-        for start in range(0, len(cells), self.batch_size):
-            chunk = cells[start : start + self.batch_size]
+        """(P(correct), LD) of ``base`` with each cell patched from ``cache`` in its own batch row.
+
+        Cells go in position order, so a batch whose cells all lie at or after position ``s`` can start there from
+        the base run's key/value cache of the positions before (an adapter's ``decision_prefix``, for causal
+        towers: a patch changes nothing before its position)."""
+        order = sorted(range(len(cells)), key=lambda i: -1 if cells[i].position is None else cells[i].position)
+        prefixes = getattr(self.adapter, "decision_prefix", None)
+        probs = torch.empty(len(cells), dtype=torch.float64)
+        lds = torch.empty(len(cells), dtype=torch.float64)
+        for begin in range(0, len(cells), self.batch_size):
+            rows = order[begin : begin + self.batch_size]
+            chunk = [cells[i] for i in rows]
+            first = chunk[0].position or 0
+            prefix = prefixes(base, tower, first) if prefixes is not None and first > 0 else None
+            offset = first if prefix is not None else 0
             by_layer: dict[int, list[tuple[int, Cell]]] = {}
             for row, cell in enumerate(chunk):
                 by_layer.setdefault(cell.layer, []).append((row, cell))
@@ -154,19 +165,20 @@ class ActivationPatching:
             def edit(layer: int, act: Tensor) -> None:
                 source = cache[layer]
                 for row, cell in by_layer.get(layer, ()):
-                    where = slice(None) if cell.position is None else cell.position
+                    at, where = (slice(None), slice(None)) if cell.position is None else (cell.position - offset, cell.position)
                     if cell.head is None:
-                        act[row, where] = source[where]
+                        act[row, at] = source[where]
                     else:
                         width = act.shape[-1] // sites[layer].heads
                         dims = slice(cell.head * width, (cell.head + 1) * width)
-                        act[row, where, dims] = source[where, dims]
+                        act[row, at, dims] = source[where, dims]
 
             with site_hooks(sites, edit):
-                p, ld = self._scores(self.adapter.decision_logits(base, len(chunk), tower), answers)
-            probs.append(p)
-            lds.append(ld)
-        return torch.cat(probs), torch.cat(lds)
+                logits = (self.adapter.decision_logits(base, len(chunk), tower) if prefix is None
+                          else self.adapter.decision_logits_after(prefix, len(chunk)))
+            p, ld = self._scores(logits, answers)
+            probs[rows], lds[rows] = p.double().cpu(), ld.double().cpu()
+        return probs, lds
 
     @staticmethod
     def _same(cache: dict[int, Tensor], base_cache: dict[int, Tensor], cell: Cell, heads: int | None) -> bool:
@@ -248,7 +260,7 @@ class ActivationPatching:
                       if cell.position not in padding and not self._same(cache, base_cache, cell, heads)]
             if active:
                 p, ld = self._patched(sites, base, cache, [cells[i] for i in active], tower, answers)
-                probs[active], lds[active] = p.double(), ld.double()
+                probs[active], lds[active] = p, ld
             dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
 
         gap = clean_ld - corrupt_ld
