@@ -106,7 +106,7 @@ SMALL = {  # sizes appended to a command so that it ends in seconds; the command
     "evaluate_vqa": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "methods=[m2ib,saliency,random]",
                      "metrics.steps=2", "answers.max_new_tokens=2"],
     "probe": ["data.num_pairs=2"],
-    "probe_vqa": ["data.num_pairs=2", "probe.sites=[resid,cross_head]"],
+    "probe_vqa": ["data.num_pairs=2", "probe.sites=[resid]"],  # a site of BLIP VQA's and of the decoders' towers
 }
 
 
@@ -114,6 +114,7 @@ def _small_data(args: list[str], data: dict[str, Path], out: Path) -> tuple[list
     """The command's arguments with its paths pointed at small data here; whether the model is the plain example."""
     config = args[0] if args and args[0].endswith(".yaml") else None
     questions = config is not None and "_vqa" in config and "probe" not in config  # a VQA run: questions, a VQA model
+    decoder = config is not None and "probe_decoder" in config  # probing a LLaVA or a Qwen2-VL checkpoint
     replaced, plain = [], False
     for arg in args[1:] if config else args:
         key, _, value = arg.partition("=")
@@ -121,7 +122,7 @@ def _small_data(args: list[str], data: dict[str, Path], out: Path) -> tuple[list
             value = str(out / key)
         elif key == "data.manifest" and value != "null":
             value = str(data["questions"] if questions else data["manifest"])
-        elif key == "model.name_or_path" and questions and not value.startswith("builtin:"):
+        elif key == "model.name_or_path" and (questions or decoder) and not value.startswith("builtin:"):
             value = str(data["llava"])
         elif key == "data.webdataset":
             value = str(data["webdataset"])

@@ -413,7 +413,10 @@ def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> di
     from ..viz.figures import overlay
 
     tower = adapter.default_probe_tower("text")
-    site = [s for s in adapter.probe_sites(tower) if s.endswith("head")][-1]  # the heads head_attention returns
+    heads = [s for s in adapter.probe_sites(tower) if s.endswith("head")]
+    if not heads or not hasattr(adapter, "image_keys"):  # an adapter of one's own may not say where the image is
+        return {}
+    site = heads[-1]  # the heads head_attention returns
     ranked: dict[tuple[int, int], int] = {}
     for (kind, corruption, at, of), heads in important.items():
         if (at, of) == (tower, site):
