@@ -45,3 +45,32 @@ def test_a_short_fit_saves_a_llava_that_loads_and_answers(tmp_path):
                                      torch.ones_like(answer))
         logits = model(**inputs).logits[0, -1]
         assert torch.allclose(adapter.answer_log_likelihood(batch), torch.log_softmax(logits, -1)[answer[0, 0]], atol=1e-5)
+
+
+def test_a_conversation_sample_asks_its_first_question_as_the_model_is_used_then_answers_each_turn():
+    from m2ib_lightning.shapes.datasets import ImageToTensor
+    from m2ib_lightning.shapes.models.shapes_llava import build_llava_processor, build_llava_tokenizer
+    from m2ib_lightning.shapes.questions import ShapesVQA
+    from m2ib_lightning.tasks.fit_llava import IGNORE, LlavaQuestions, collate_llava
+
+    tokenizer = build_llava_tokenizer()
+    to_tensor = ImageToTensor(build_llava_processor(tokenizer, 64, 8).image_processor, 64)
+    vqa = ShapesVQA(ShapesWorld(seed=2))
+    single = LlavaQuestions(vqa, 8, tokenizer, to_tensor, 64)
+    talk = LlavaQuestions(vqa, 8, tokenizer, to_tensor, 64, turns=4)
+    scene, questions = vqa.conversation(3, 4)
+    assert len({q.text for q in questions}) == len(questions) >= 2 and vqa.conversation(3, 4)[1] == questions
+    item = talk[3]
+    eos, ids, labels = tokenizer.eos_token_id, item["ids"], item["labels"]
+    ends = [i for i, t in enumerate(ids) if t == eos]
+    assert len(ends) == len(questions) and ends[-1] == len(ids) - 1
+    answers = [tokenizer.convert_tokens_to_ids(q.answer) for q in questions]
+    assert [ids[e - 1] for e in ends] == answers  # each turn: its answer word, then </s>
+    assert [(i, t) for i, t in enumerate(labels) if t != IGNORE] == [p for e in ends for p in ((e - 1, ids[e - 1]), (e, eos))]
+    first = tokenizer(f"<s>user: {'<image>' * 64} {questions[0].text} assistant:", add_special_tokens=False)["input_ids"]
+    assert ids[:len(first)] == first  # the first turn is the prompt the model is asked with
+    later = tokenizer(f"user: {questions[1].text} assistant:", add_special_tokens=False)["input_ids"]
+    assert ids[ends[0] + 1: ends[0] + 1 + len(later)] == later
+    batch = collate_llava([single[0], item], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(ids)) and int(batch["attention_mask"][0].sum()) == len(single[0]["ids"])
+    assert bool((batch["labels"][0, :-2] == IGNORE).all()) and batch["labels"][0, -2:].tolist() == single[0]["ids"][-2:]

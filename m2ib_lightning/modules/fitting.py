@@ -135,16 +135,17 @@ class VQATraining(AnswerFit):
 class LlavaTraining(AnswerFit):
     """Fits an injected ``LlavaForConditionalGeneration`` on one-word answers."""
 
-    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """The logits at the positions that predict the answer word and ``</s>`` (the last two of each row)."""
+    def _forward(self, batch: dict[str, Tensor], logits_to_keep: int) -> Tensor:
         return self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-                          position_ids=batch["position_ids"], logits_to_keep=3).logits[:, :2]
+                          position_ids=batch["position_ids"], logits_to_keep=logits_to_keep).logits
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self._logits(batch)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, -2:].flatten())
+        """Every answer of the batch's conversations (the vocabulary is small: every position's logits are cheap)."""
+        logits = self._forward(batch, 0)[:, :-1]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return self._logits(batch)[:, 0]
+        """One question per prompt (held-out batches): the position before the answer word and ``</s>``."""
+        return self._forward(batch, 3)[:, 0]

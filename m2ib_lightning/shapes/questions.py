@@ -169,6 +169,30 @@ class ShapesVQA:
                     return scene_index, question
         raise ValueError(f"no scene for a {kind!r} question near sample {index}")  # never seen in practice
 
+    def conversation(self, index: int, turns: int) -> tuple[int, list[Question]]:
+        """A scene and up to ``turns`` different questions about it (at least one), for training a model that reads
+        the image once for several questions: the kinds in a random order, each asked about a random object."""
+        for attempt in range(self.ATTEMPTS):
+            scene_index = index * self.ATTEMPTS + attempt
+            scene = self.world.scene(scene_index)
+            rng = random.Random(f"vqa-conversation:{self.world.seed}:{scene_index}")
+            kinds, asked = list(self.kinds), {}
+            rng.shuffle(kinds)
+            for kind in kinds:
+                order = list(range(len(scene.objects)))
+                rng.shuffle(order)
+                for target in order:
+                    others = [o for o in order if o != target]
+                    question = ask(scene, target, kind, rng, others[0] if others else None)
+                    if question is not None and question.text not in asked:
+                        asked[question.text] = question
+                        break
+                if len(asked) == turns:
+                    break
+            if asked:
+                return scene_index, list(asked.values())
+        raise ValueError(f"no scene for a conversation near sample {index}")  # never seen in practice
+
     def sample(self, index: int) -> VQASample:
         scene_index, question = self.question(index)
         sample = self.world.sample(scene_index)

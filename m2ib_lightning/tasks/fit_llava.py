@@ -1,7 +1,11 @@
 """Train the small LLaVA of the shapes world with Lightning ``fit`` and save it in the hub layout.
 
-The loss is the answer's (one word, then ``</s>``) cross-entropy under teacher forcing,
-the prompt's positions masked out, as LLaVA's instruction tuning does.
+The loss is the answers' (one word, then ``</s>``) cross-entropy under teacher forcing,
+the prompt's positions masked out, as LLaVA's instruction tuning does. A training sample
+is a conversation about one image (``data.turns`` questions, each answered before the
+next is asked, as LLaVA's instruction data holds several turns): the language model reads
+the image's tokens once for several answers. Held-out questions are asked one per prompt,
+as the model is used.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from ..shapes.models.shapes_llava import (
     set_vision_trainable,
 )
 from .schema import FitOptim, FitVQAData, WorldConfig
+
+
+@dataclass
+class FitLlavaData(FitVQAData):
+    turns: int = 1  # questions about one image in a training sample, each answered before the next
 from .common import prepare_output, world_of
 from ..modules import LlavaTraining
 from .fit_vqa import fit_on_questions
@@ -49,7 +58,7 @@ class FitLlavaConfig:
     save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
     vision_from: str = "builtin:shapes-clip"  # the CLIP whose vision tower becomes the LLaVA's
     world: WorldConfig = field(default_factory=WorldConfig)
-    data: FitVQAData = field(default_factory=FitVQAData)
+    data: FitLlavaData = field(default_factory=FitLlavaData)
     model: FitLlavaModel = field(default_factory=FitLlavaModel)
     optim: FitOptim = field(default_factory=FitOptim)
     trainer: Dict[str, Any] = field(default_factory=dict)
@@ -61,37 +70,54 @@ SCHEMAS = {"fit_llava": FitLlavaConfig}
 
 class LlavaQuestions(Dataset):
     """Samples ``0 .. count`` of a :class:`ShapesVQA` as LLaVA inputs: the chat prompt with ``<image>`` expanded to
-    ``image_tokens`` ids, then the answer word and ``</s>``; labels only on the answer."""
+    ``image_tokens`` ids, then the answer word and ``</s>``, labels only on the answer; with ``turns`` > 1, a
+    conversation: each further question as ``user: QUESTION assistant:`` after the last answer, answered in turn.
+    ``answer``, ``wrong`` and ``kind`` are the first question's."""
 
-    def __init__(self, vqa: ShapesVQA, count: int, tokenizer: Any, to_tensor: ImageToTensor, image_tokens: int):
+    def __init__(self, vqa: ShapesVQA, count: int, tokenizer: Any, to_tensor: ImageToTensor, image_tokens: int,
+                 turns: int = 1):
         self.vqa, self.count, self.tokenizer, self.to_tensor = vqa, count, tokenizer, to_tensor
-        self.image_tokens = image_tokens
+        self.image_tokens, self.turns = image_tokens, turns
         self.kind_ids = {kind: i for i, kind in enumerate(QUESTION_KINDS)}
+        self.eos = tokenizer.eos_token_id
 
     def __len__(self) -> int:
         return self.count
 
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.vqa.sample(index)
-        q = item.question
-        prompt = self.tokenizer(prompt_text(q.text).replace(IMAGE, IMAGE * self.image_tokens), add_special_tokens=False)["input_ids"]
-        (answer,) = self.tokenizer(q.answer, add_special_tokens=False)["input_ids"]
-        wrong = self.tokenizer(q.wrong, add_special_tokens=False)["input_ids"][0] if q.wrong else -1
-        return {"pixel_values": self.to_tensor(item.sample.image), "prompt": prompt, "answer": answer, "wrong": wrong,
-                "kind": self.kind_ids[q.kind]}
+        if self.turns == 1:
+            item = self.vqa.sample(index)
+            image, questions = item.sample.image, [item.question]
+        else:
+            scene_index, questions = self.vqa.conversation(index, self.turns)
+            image = self.vqa.world.sample(scene_index).image
+        ids, labels = [], []
+        for turn, q in enumerate(questions):
+            text = prompt_text(q.text).replace(IMAGE, IMAGE * self.image_tokens) if turn == 0 else f"user: {q.text} assistant:"
+            prompt, (answer,) = self._ids(text), self._ids(q.answer)
+            ids += [*prompt, answer, self.eos]
+            labels += [IGNORE] * len(prompt) + [answer, self.eos]
+        first = questions[0]
+        wrong = self._ids(first.wrong)[0] if first.wrong else -1
+        return {"pixel_values": self.to_tensor(image), "ids": ids, "labels": labels, "answer": self._ids(first.answer)[0],
+                "wrong": wrong, "kind": self.kind_ids[first.kind]}
 
 
-def collate_llava(items: list[dict[str, Any]], pad_id: int, eos_id: int) -> dict[str, Tensor]:
-    """Left-padded prompt + answer + ``</s>``; ``prompt_end`` is where the answer starts (the same for every row)."""
-    sequences = [item["prompt"] + [item["answer"], eos_id] for item in items]
-    width = max(map(len, sequences))
+def collate_llava(items: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    """Left-padded sequences and their labels (the answers and their ``</s>``, IGNORE elsewhere); a one-question
+    sample ends with its answer and ``</s>``."""
+    width = max(len(item["ids"]) for item in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-        labels[row, -2:] = ids[row, -2:]
+    for row, item in enumerate(items):
+        length = len(item["ids"])
+        ids[row, width - length:] = torch.tensor(item["ids"])
+        labels[row, width - length:] = torch.tensor(item["labels"])
+        mask[row, width - length:] = 1
     return {
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "input_ids": ids, "attention_mask": mask, "labels": labels,
@@ -123,9 +149,9 @@ def run(cfg: DictConfig) -> Path | None:
     to_tensor = ImageToTensor(processor.image_processor, cfg.world.image_size)
 
     train = LlavaQuestions(ShapesVQA(world_of(cfg, cfg.world.seed), tuple(cfg.data.kinds)), cfg.data.train_samples,
-                           tokenizer, to_tensor, image_tokens)
+                           tokenizer, to_tensor, image_tokens, turns=cfg.data.turns)
     heldout = LlavaQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor,
                              image_tokens)
-    collate = partial(collate_llava, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    collate = partial(collate_llava, pad_id=tokenizer.pad_token_id)
     module = LlavaTraining(model, **cfg.optim, lr_scales={VISION_TOWER: vision_lr_scale})
     return fit_on_questions(cfg, out, module, train, heldout, collate, processor)
