@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib_lightning.viz.figures import heat_colours, heatmap_scale, labelled_heatmap, method_grid, pair_figure, tile_figures
+from m2ib_lightning.viz.figures import heat_colours, heatmap_scale, labelled_heatmap, method_grid, prediction_figure, tile_figures
 
 GREY = np.full((8, 8, 3), 128, dtype=np.uint8)
 
@@ -29,17 +29,36 @@ def _is_cold(pixel) -> bool:
     return pixel[2] > pixel[0] + 30  # the blue end
 
 
-def test_a_pair_figure_has_its_title_colour_bar_legend_and_the_hot_patch_where_it_is():
-    figure = pair_figure(GREY, hot_map(), ["a", "red", "circle"], [0.0, 1.0, 0.5], scale=3, footer="answer (given): red",
-                         title="shapes-1-0")
-    width = 2 * 8 * 3
-    assert figure.width == width and figure.height > 24 + 60  # title, image row, bar, words, legend, footer
-    pixels = np.asarray(figure)
-    top = 16  # the title's row
-    assert _is_hot(pixels[top + 3 * 3 + 1, 24 + 3 * 6 - 1]) and _is_cold(pixels[top + 3 * 7, 24 + 3 * 1])
-    assert tuple(pixels[top + 5, 5]) == (128, 128, 128)  # the image itself, untouched
-    bar_row = pixels[top + 24 + 2]  # the colour bar under the overlay: cold on its left, hot on its right
-    assert _is_cold(bar_row[24 + 1]) and _is_hot(bar_row[width - 2])
+def test_a_run_overlay_is_drawn_by_show_map_with_the_hot_patch_where_it_is(monkeypatch):
+    """The overlays runs write (and TensorBoard shows) are viz.show_map's figure: title with the answer, both colour
+    bars, and in the saved pixels the hot patch over its place in the picture, the cold rest dark."""
+    import matplotlib.figure
+
+    import m2ib_lightning.viz as viz
+
+    drawn = {}
+    original = viz.show_map
+
+    def keep(*args, **kwargs):
+        drawn["figure"] = original(*args, **kwargs)
+        return drawn["figure"]
+
+    monkeypatch.setattr(viz, "show_map", keep)
+    capacity = torch.zeros(4, 4)
+    capacity[1, 2] = 1.0  # the patch at rows 8-15, columns 16-23 of a 32 px picture
+    prediction = {"image_capacity": capacity[None], "lengths": torch.tensor([3]), "image_size": (32, 32),
+                  "pixel_values": torch.zeros(1, 3, 32, 32), "tokens": [["<s>", "red", "circle"]],
+                  "special": [[True, False, False]], "text_maps": torch.tensor([[0.0, 1.0, 0.5]]), "id": ["shapes-1-0"],
+                  "answer": ["red"], "answer_source": ["given"]}
+    image = prediction_figure(prediction, 0, lambda pixels: np.full((32, 32, 3), 128, dtype=np.uint8))
+    figure = drawn["figure"]
+    assert isinstance(figure, matplotlib.figure.Figure) and image.size == (720, 460)
+    assert figure._suptitle.get_text() == "shapes-1-0 | answer (given): red"
+    assert [a.get_label() for a in figure.axes].count("<colorbar>") == 2
+    x0, y0, x1, y1 = figure.axes[1].get_window_extent().extents  # the overlay's axes, in the saved pixels
+    pixels = np.asarray(image).astype(int)
+    at = lambda row, col: pixels[int(image.height - y1 + (row + 0.5) / 32 * (y1 - y0)), int(x0 + (col + 0.5) / 32 * (x1 - x0))]  # noqa: E731
+    assert at(11, 19).mean() > 150 and at(27, 4).mean() < 90  # bilinear upsampling peaks on the hot patch
 
 
 def test_the_evaluation_grid_names_each_method_captions_each_row_and_has_its_colour_bar():

@@ -4,7 +4,7 @@ heat maps of probing effects (matplotlib)."""
 from __future__ import annotations
 
 import io
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -13,6 +13,9 @@ from torch import Tensor
 
 from ..backbones.base import clean_token
 from ..engine import image_maps_from_capacity, minmax
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _FONT = ImageFont.load_default(size=12)
 _SMALL = ImageFont.load_default(size=10)
@@ -51,53 +54,6 @@ def colour_bar(width: int, label: str = MAP_SCALE) -> Image.Image:
     return bar
 
 
-def text_strip(tokens: list[str], weights: list[float], width: int) -> Image.Image:
-    """Tokens on a white strip, each on a red background as strong as its weight, wrapped to ``width``."""
-    pad, line = 4, 14
-    boxes, x, y = [], pad, pad
-    for token, weight in zip(tokens, weights):
-        w = int(_FONT.getlength(token)) + 2 * pad
-        if x + w > width and x > pad:
-            x, y = pad, y + line + pad
-        boxes.append((token, weight, x, y, w))
-        x += w + 2
-    strip = Image.new("RGB", (width, y + line + 2 * pad), "white")
-    draw = ImageDraw.Draw(strip)
-    for token, weight, x, y, w in boxes:
-        shade = int(255 * (1 - float(np.clip(weight, 0, 1))))
-        draw.rectangle((x, y, x + w - 2, y + line), fill=(255, shade, shade))
-        draw.text((x + pad, y + 1), token, fill="black", font=_FONT)
-    return strip
-
-
-def pair_figure(image: np.ndarray, heat: np.ndarray, tokens: list[str], weights: list[float], scale: int = 3,
-                footer: str | None = None, title: str | None = None) -> Image.Image:
-    """``title`` (the sample), the image and its overlay side by side, the map's colour bar, the coloured caption (or
-    question) with the words' scale, and ``footer`` (the answer) last."""
-    h, w = image.shape[:2]
-    size = (w * scale, h * scale)
-    left = Image.fromarray(image, "RGB").resize(size, Image.NEAREST)
-    right = overlay(image, heat).resize(size, Image.NEAREST)
-    bar = colour_bar(size[0], "image map (min-max)")
-    strip = text_strip(tokens, weights, 2 * size[0])
-    legend = "words: white 0, red 1 (text map, min-max over the words)"
-    top = 16 if title else 0
-    footer_height = 16 if footer else 0
-    figure = Image.new("RGB", (2 * size[0], top + size[1] + bar.height + strip.height + 14 + footer_height), "white")
-    draw = ImageDraw.Draw(figure)
-    if title:
-        draw.text((4, 1), title[: 2 * size[0] // 6], fill="black", font=_FONT)
-    figure.paste(left, (0, top))
-    figure.paste(right, (size[0], top))
-    figure.paste(bar, (size[0], top + size[1]))
-    draw.text((4, top + size[1] + 2), "image", fill="black", font=_SMALL)
-    figure.paste(strip, (0, top + size[1] + bar.height))
-    draw.text((4, top + size[1] + bar.height + strip.height), legend, fill="dimgray", font=_SMALL)
-    if footer:
-        draw.text((4, top + size[1] + bar.height + strip.height + 14), footer, fill="black", font=_FONT)
-    return figure
-
-
 def display_text(tokens: list[str], special: list[bool], weights: Tensor) -> tuple[list[str], list[float]]:
     """The text map as the official plots show it: special tokens (BOS/EOS/CLS/SEP/padding) left out, markers
     (``</w>``, ``##``) stripped, and the remaining weights min-maxed again."""
@@ -108,18 +64,32 @@ def display_text(tokens: list[str], special: list[bool], weights: Tensor) -> tup
     return [clean_token(tokens[i]) for i in keep], kept.tolist()
 
 
+def figure_image(figure: "Figure", dpi: int = 100) -> Image.Image:
+    """A matplotlib figure rendered to an RGB image (and closed)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return Image.open(buffer).convert("RGB")
+
+
 def prediction_figure(prediction: dict, row: int, display_image: Callable[[Tensor], np.ndarray]) -> Image.Image:
-    """The pair figure of one row of an ``M2IBModule`` (or ``AnswerM2IBModule``) ``predict_step`` output, with the
-    answer printed for a question; ``display_image`` is the adapter's."""
+    """The overlay of one row of an ``M2IBModule`` (or ``AnswerM2IBModule``) ``predict_step`` output, drawn by
+    :func:`m2ib_lightning.viz.show_map` (what ``viz.show`` draws for a stored record): the sample's id (and, for a
+    question, the answer explained) as its title; ``display_image`` is the adapter's."""
+    from . import show_map
+
     capacity, length = prediction["image_capacity"][row], int(prediction["lengths"][row])
     heat = image_maps_from_capacity(capacity.flatten()[None], tuple(capacity.shape), prediction["image_size"])[0]
     image = display_image(prediction["pixel_values"][row])
     tokens, weights = display_text(
         prediction["tokens"][row][:length], prediction["special"][row][:length], prediction["text_maps"][row, :length]
     )
-    answer = prediction["answer"][row] if "answer" in prediction else None
-    footer = None if answer is None else f"answer ({prediction['answer_source'][row]}): {answer}"
-    return pair_figure(image, heat.numpy(), tokens, weights, footer=footer, title=str(prediction["id"][row]))
+    title = str(prediction["id"][row])
+    if "answer" in prediction:
+        title += f" | answer ({prediction['answer_source'][row]}): {prediction['answer'][row]}"
+    return figure_image(show_map(image, heat.numpy(), tokens, weights, title=title))
 
 
 def grid(figures: list[Image.Image], columns: int = 4) -> Image.Image:
