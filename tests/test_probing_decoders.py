@@ -187,3 +187,18 @@ def test_the_pooled_position_is_the_prompts_last_which_predicts_the_answer(famil
     pooled = probe.run(clean, corrupt, answers=ANSWERS, modality="image", site="resid", positions="pooled")
     each = probe.run(clean, corrupt, answers=ANSWERS, modality="image", site="resid")
     torch.testing.assert_close(pooled.patched_ld[:, 0], each.patched_ld[:, -1], atol=1e-10, rtol=0)
+
+
+def test_answer_words_of_several_tokens_are_decided_at_their_first_differing_token():
+    from types import SimpleNamespace
+
+    from m2ib_lightning.tasks.probe_vqa import decision_tokens
+
+    pieces = {"blue": [7, 8], "black": [7, 9], "red": [5]}
+    decoder = SimpleNamespace(answer_inputs=pieces.__getitem__, image_token_id=3)
+    assert decision_tokens(decoder, "blue", "black") == ([7], (8, 9))  # "bl" read after the prompt, then decided
+    assert decision_tokens(decoder, "red", "blue") == ([], (5, 7))
+    with pytest.raises(ValueError, match="start with the same token"):
+        decision_tokens(SimpleNamespace(answer_inputs=pieces.__getitem__), "blue", "black")  # BLIP: the first step
+    with pytest.raises(ValueError, match="no token where they differ"):
+        decision_tokens(decoder, "blue", "blue")

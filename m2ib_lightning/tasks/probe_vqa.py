@@ -116,16 +116,17 @@ class PairItems(Dataset):
             if corrupt.ids != clean.ids:
                 raise ValueError("the corrupted image gives another prompt than the clean one (another size: Qwen2-VL "
                                  "gives each picture its own number of image tokens); patching needs equal prompts")
-            answers = [adapter.answer_inputs(w)[0] for w in (pair.answer, pair.wrong)]
+            shared, answers = decision_tokens(adapter, pair.answer, pair.wrong)
         except (ValueError, OSError) as err:
             return {"index": index, "id": pair.id, "failure": str(err)}
-        ids = torch.tensor([clean.ids])
-        pieces = adapter.token_strings(clean.ids)
+        prompt = [*clean.ids, *shared]  # a decoder reads the answers' shared first tokens, then decides
+        ids = torch.tensor([prompt])
+        pieces = adapter.token_strings(prompt)
         item = {
             "index": index, "id": pair.id, "kind": pair.kind, "question": pair.question, "answers": answers,
             "clean": {**adapter.join_inputs([clean.image]), "input_ids": ids, "attention_mask": torch.ones_like(ids)},
             "corrupt_image": adapter.join_inputs([corrupt.image]),
-            "roles": prompt_roles(adapter, clean, pieces, pair.roles),
+            "roles": [*prompt_roles(adapter, clean, pieces, pair.roles), *["ANSWER_PREFIX"] * len(shared)],
         }
         item["answer_position"] = answer_position(pieces, adapter.token_strings(adapter.answer_inputs(pair.answer)))
         if IMAGE_ROLE in item["roles"]:  # a decoder: the image's tokens are prompt positions, drawn on its grid
@@ -136,13 +137,27 @@ class PairItems(Dataset):
             question = symmetric_token_replacement(
                 adapter.tokenizer, pair.question, [pair.answer, pair.wrong], [w for w in words if w not in (pair.answer, pair.wrong)]
             )
-            item["corrupt_ids"] = torch.tensor([adapter.question_inputs(pair.clean_image(), question).ids])
+            item["corrupt_ids"] = torch.tensor([[*adapter.question_inputs(pair.clean_image(), question).ids, *shared]])
         except ValueError as err:
             item["text_failure"] = str(err)
         return item
 
 
 IMAGE_ROLE = "IMAGE"
+
+
+def decision_tokens(adapter: Any, answer: str, wrong: str) -> tuple[list[int], tuple[int, int]]:
+    """(the tokens both answer words start with, (the first token where they differ, right then wrong)). A decoder
+    VLM reads the shared tokens after the prompt and decides at the next one; BLIP VQA decides at its answer
+    decoder's first step, so there the words must differ in their first token."""
+    right, other = adapter.answer_inputs(answer), adapter.answer_inputs(wrong)
+    shared = next((i for i, (a, b) in enumerate(zip(right, other)) if a != b), None)
+    if shared is None:
+        raise ValueError(f"the answers {answer!r} and {wrong!r} have no token where they differ")
+    if shared and getattr(adapter, "image_token_id", None) is None:
+        raise ValueError(f"the answers {answer!r} and {wrong!r} start with the same token, and this model decides at "
+                         "its answer's first token")
+    return list(right[:shared]), (right[shared], other[shared])
 
 
 def prompt_roles(adapter: Any, question: Any, pieces: list[str], word_roles: tuple[str, ...]) -> list[str]:
