@@ -114,7 +114,7 @@ def _small_data(args: list[str], data: dict[str, Path], out: Path) -> tuple[list
     """The command's arguments with its paths pointed at small data here; whether the model is the plain example."""
     config = args[0] if args and args[0].endswith(".yaml") else None
     questions = config is not None and "_vqa" in config and "probe" not in config  # a VQA run: questions, a VQA model
-    decoder = config is not None and "probe_decoder" in config  # probing a LLaVA or a Qwen2-VL checkpoint
+    decoder = config is not None and "probe_shapes_llava" in config  # probing a LLaVA or a Qwen2-VL checkpoint
     replaced, plain = [], False
     for arg in args[1:] if config else args:
         key, _, value = arg.partition("=")

@@ -126,10 +126,10 @@ def test_probe_sites_are_resolved_once_and_an_unknown_one_is_refused(tmp_path):
     cfg = load_config(CONFIG_DIR / "probe_shapes_vqa.yaml", ["probe.sites=[head]"])  # a decoder's site: BLIP has none
     with pytest.raises(ConfigError, match=r"probe.sites: \['head'\] are sites of none of the towers \['text', 'vision'\]"):
         probed_towers_and_sites(cfg, blip)
-    cfg = load_config(CONFIG_DIR / "probe_decoder_vqa.yaml", ["model.name_or_path=x", "probe.towers=[text]"])
+    cfg = load_config(CONFIG_DIR / "probe_shapes_llava.yaml", ["model.name_or_path=x", "probe.towers=[text]"])
     with pytest.raises(ConfigError, match=r"\['text'\] are not probe towers of HFLlavaAnswerer; it has \['language', 'vision'\]"):
         probed_towers_and_sites(cfg, llava)
-    cfg = load_config(CONFIG_DIR / "probe_decoder_vqa.yaml", ["model.name_or_path=x"])
+    cfg = load_config(CONFIG_DIR / "probe_shapes_llava.yaml", ["model.name_or_path=x"])
     assert probed_towers_and_sites(cfg, llava) == (["language", "vision"],
                                                    ["resid", "attn", "head", "mlp", "self_attn", "self_head"])
 

@@ -248,7 +248,7 @@ def test_a_probe_run_on_a_decoder_vlm_writes_role_maps_image_token_maps_and_head
 
     checkpoint = FAMILIES[family](tmp_path / family)
     out = tmp_path / "probe"
-    result = _main(capsys, "configs/probe_decoder_vqa.yaml", f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
+    result = _main(capsys, "configs/probe_shapes_llava.yaml", f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
                    f"output_dir={out}", "data.num_pairs=2", "data.kinds=[colour,shape]", "probe.top_heads=1",
                    "trainer.enable_progress_bar=false")
     assert result.returncode == 0, result.stderr
