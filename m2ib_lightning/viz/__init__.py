@@ -65,6 +65,7 @@ def show_map(image: Any, image_map: Any, tokens: Sequence[str] | None = None, we
         x, y = 0.0, 0.8
         for token, value in zip(tokens, values):
             text = strip.text(x, y, token, fontsize=9, va="center", transform=strip.transAxes,
+                              color="white" if value > 0.6 else "black",  # readable on the darkest reds
                               bbox={"facecolor": colours(float(value)), "edgecolor": "none", "pad": 2})
             width = text.get_window_extent(renderer).width / span + 0.012
             if x > 0 and x + width > 1:  # wrap: the word starts the next line
