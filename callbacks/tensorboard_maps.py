@@ -26,7 +26,7 @@ class TensorBoardAttributionLogger(L.Callback):
     ``step_offset``: gives the samples already in the output directory when predict starts.
     """
 
-    def __init__(self, every_n_batches: int = 10, max_figures: int = 8, display_image: Callable | None = None,
+    def __init__(self, every_n_batches: int = 10, max_figures: int = 4, display_image: Callable | None = None,
                  step_offset: Callable[[], int] = lambda: 0):
         if every_n_batches < 1:
             raise ValueError(f"every_n_batches must be >= 1, got {every_n_batches}")

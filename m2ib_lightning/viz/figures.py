@@ -64,14 +64,14 @@ def display_text(tokens: list[str], special: list[bool], weights: Tensor) -> tup
     return [clean_token(tokens[i]) for i in keep], kept.tolist()
 
 
-def figure_image(figure: "Figure", dpi: int = 100) -> Image.Image:
-    """A matplotlib figure rendered to an RGB image (and closed)."""
+def figure_image(figure: "Figure") -> Image.Image:
+    """A matplotlib figure rendered to an RGB image (and closed), without a PNG round trip."""
     import matplotlib.pyplot as plt
 
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    figure.canvas.draw()
+    image = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
     plt.close(figure)
-    return Image.open(buffer).convert("RGB")
+    return image
 
 
 def prediction_figure(prediction: dict, row: int, display_image: Callable[[Tensor], np.ndarray]) -> Image.Image:
