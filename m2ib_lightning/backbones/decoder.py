@@ -255,10 +255,9 @@ class HFDecoderAnswerer(HFAnswerLayout):
         prompt = self._prompt_inputs(inputs)
         embeds = self.prompt_embeddings(prompt)
         text = {k: v for k, v in prompt.items() if k not in ("input_ids", "pixel_values", "image_grid_thw")}
-        head = {k: v if k == "attention_mask" else v[..., :start] for k, v in text.items()}
-        head["attention_mask"] = text["attention_mask"][:, :start]
+        head = {k: v[..., :start] for k, v in text.items()}  # positions last in every input (Qwen2-VL's 3-D ones too)
         out = self.module(**head, inputs_embeds=embeds[:, :start], use_cache=True, logits_to_keep=1)
-        tail = {k: v if k == "attention_mask" else v[..., start:] for k, v in text.items()}
+        tail = {k: v if k == "attention_mask" else v[..., start:] for k, v in text.items()}  # the mask spans the cache
         cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.24 names it cache
         return {"cache": cache, "inputs": {**tail, "inputs_embeds": embeds[:, start:]}}
 
