@@ -27,6 +27,9 @@ from .base import (
 )
 from .capabilities import Site
 
+#: the inputs that carry the image into a forward (Qwen2-VL's grid with its packed patches)
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+
 #: the probe sites of a language-model layer: the residual stream after it, the attention output (the input of
 #: ``o_proj``, where the heads are still apart) whole or split into query heads, and the MLP's output proper
 LANGUAGE_SITES = ("resid", "attn", "head", "mlp")
@@ -109,7 +112,7 @@ class HFDecoderAnswerer(HFAnswerLayout):
             self.module(**batch.inputs, logits_to_keep=1)
         finally:
             handle.remove()
-        inputs = {k: v for k, v in batch.inputs.items() if k not in ("input_ids", "pixel_values", "image_grid_thw")}
+        inputs = {k: v for k, v in batch.inputs.items() if k not in ("input_ids", *IMAGE_INPUTS)}
         return dataclasses.replace(batch, inputs={**inputs, "inputs_embeds": captured["inputs_embeds"]})
 
     def _language_model(self) -> Any:
@@ -172,7 +175,7 @@ class HFDecoderAnswerer(HFAnswerLayout):
         if modality == "text":
             logits = self.module.lm_head(self._language_model().norm(hidden[:, batch.score_positions]))
             return self._answer_scores(logits, batch, copies)
-        text_inputs = {k: v for k, v in batch.inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+        text_inputs = {k: v for k, v in batch.inputs.items() if k not in IMAGE_INPUTS}
         inputs = self.repeat_inputs(text_inputs, copies)  # the image comes from ``hidden``: never repeated here
         ids = inputs.pop("input_ids")
         embeds = self.module.get_input_embeddings()(ids)
@@ -235,14 +238,17 @@ class HFDecoderAnswerer(HFAnswerLayout):
             handle.remove()
         raise RuntimeError("the language model was not called with inputs_embeds")
 
+    def _embedded_prompt(self, prompt: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """A laid-out prompt's input embeddings, and its other inputs (mask, positions) without ids and image."""
+        return self.prompt_embeddings(prompt), {k: v for k, v in prompt.items() if k not in ("input_ids", *IMAGE_INPUTS)}
+
     def decision_logits(self, inputs: dict[str, Tensor], rows: int, tower: str) -> Tensor:
         """(rows, vocab) logits of the first answer token (after the prompt's last position). Language-model sites:
         the vision tower and the projector run once, their embeddings repeated; vision sites: the whole model per row."""
         prompt = self._prompt_inputs(inputs)
         if tower != "language":
             return self.module(**self.repeat_inputs(prompt, rows), logits_to_keep=1, use_cache=False).logits[:, -1]
-        embeds = self.prompt_embeddings(prompt)
-        text = {k: v for k, v in prompt.items() if k not in ("input_ids", "pixel_values", "image_grid_thw")}
+        embeds, text = self._embedded_prompt(prompt)
         repeated = self.repeat_inputs({**text, "inputs_embeds": embeds}, rows)
         return self.module(**repeated, logits_to_keep=1, use_cache=False).logits[:, -1]
 
@@ -252,9 +258,7 @@ class HFDecoderAnswerer(HFAnswerLayout):
         :meth:`decision_logits_after` computes only the rest. None where that does not apply (another tower)."""
         if tower != "language" or start <= 0:
             return None
-        prompt = self._prompt_inputs(inputs)
-        embeds = self.prompt_embeddings(prompt)
-        text = {k: v for k, v in prompt.items() if k not in ("input_ids", "pixel_values", "image_grid_thw")}
+        embeds, text = self._embedded_prompt(self._prompt_inputs(inputs))
         head = {k: v[..., :start] for k, v in text.items()}  # positions last in every input (Qwen2-VL's 3-D ones too)
         out = self.module(**head, inputs_embeds=embeds[:, :start], use_cache=True, logits_to_keep=1)
         tail = {k: v if k == "attention_mask" else v[..., start:] for k, v in text.items()}  # the mask spans the cache

@@ -21,6 +21,7 @@ class VQAProbing(L.LightningModule):
         self.model, self.adapter = adapter.module, adapter
         self.probe = ActivationPatching(adapter, batch_size=probe.batch_size, min_gap=probe.min_gap)
         self.settings, self.corruptions, self.noise_std, self.seed = probe, corruptions, noise_std, seed
+        self.prompt_tower = adapter.default_probe_tower("text")  # the tower whose positions are the prompt's tokens
 
     def _inputs(self, item: dict[str, Any], corruption: str) -> tuple[dict, dict] | str:
         clean = {k: v.to(self.device) for k, v in item["clean"].items()}
@@ -41,7 +42,7 @@ class VQAProbing(L.LightningModule):
             record = {"index": item["index"], "id": item["id"], "kind": item["kind"], "roles": item["roles"], "results": {},
                       "skipped": {}, "answer_position": item["answer_position"],
                       **{k: item[k] for k in ("image_cells", "image_grid") if k in item}}
-            prompt_tower = self.adapter.default_probe_tower("text")
+            prompt_tower = self.prompt_tower
             with torch.no_grad():
                 clean = {k: v.to(self.device) for k, v in item["clean"].items()}
                 logits = self.adapter.decision_logits(clean, 1, self.adapter.default_probe_tower("image"))

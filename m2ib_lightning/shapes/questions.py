@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 from .world import COLOURS, SHAPES, SIZES, Scene, ShapeObject, ShapesWorld, WorldSample, _relation_holds
 
@@ -131,6 +132,18 @@ def ask(scene: Scene, target: int, kind: str, rng: random.Random, other: int | N
     raise ValueError(f"kind must be one of {QUESTION_KINDS}, got {kind!r}")
 
 
+def _askable(scene: Scene, kind: str, rng: random.Random) -> Iterator[Question]:
+    """The questions of ``kind`` the scene's objects allow, the objects in a random order (the first other one of
+    that order is a side question's second object)."""
+    order = list(range(len(scene.objects)))
+    rng.shuffle(order)
+    for target in order:
+        others = [o for o in order if o != target]
+        question = ask(scene, target, kind, rng, others[0] if others else None)
+        if question is not None:
+            yield question
+
+
 @dataclass
 class VQASample:
     id: str
@@ -160,13 +173,9 @@ class ShapesVQA:
             scene_index = index * self.ATTEMPTS + attempt
             scene = self.world.scene(scene_index)
             rng = random.Random(f"vqa:{self.world.seed}:{scene_index}:{kind}")
-            order = list(range(len(scene.objects)))
-            rng.shuffle(order)
-            for target in order:
-                others = [o for o in order if o != target]
-                question = ask(scene, target, kind, rng, others[0] if others else None)
-                if question is not None:
-                    return scene_index, question
+            question = next(_askable(scene, kind, rng), None)
+            if question is not None:
+                return scene_index, question
         raise ValueError(f"no scene for a {kind!r} question near sample {index}")  # never seen in practice
 
     def conversation(self, index: int, turns: int) -> tuple[int, list[Question]]:
@@ -179,14 +188,9 @@ class ShapesVQA:
             kinds, asked = list(self.kinds), {}
             rng.shuffle(kinds)
             for kind in kinds:
-                order = list(range(len(scene.objects)))
-                rng.shuffle(order)
-                for target in order:
-                    others = [o for o in order if o != target]
-                    question = ask(scene, target, kind, rng, others[0] if others else None)
-                    if question is not None and question.text not in asked:
-                        asked[question.text] = question
-                        break
+                question = next((q for q in _askable(scene, kind, rng) if q.text not in asked), None)
+                if question is not None:
+                    asked[question.text] = question
                 if len(asked) == turns:
                     break
             if asked:

@@ -28,11 +28,6 @@ from ..shapes.models.shapes_llava import (
     set_vision_trainable,
 )
 from .schema import FitOptim, FitVQAData, WorldConfig
-
-
-@dataclass
-class FitLlavaData(FitVQAData):
-    turns: int = 1  # questions about one image in a training sample, each answered before the next
 from .common import prepare_output, world_of
 from ..modules import LlavaTraining
 from .fit_vqa import fit_on_questions
@@ -40,6 +35,11 @@ from .fit_vqa import fit_on_questions
 IGNORE = -100  # the label of a position the loss skips (transformers' convention)
 
 # ------------------------------------------------------------------ schema (checked by load_config)
+@dataclass
+class FitLlavaData(FitVQAData):
+    turns: int = 1  # questions about one image in a training sample, each answered before the next
+
+
 @dataclass
 class FitLlavaModel:
     width: int = 128  # the Llama's hidden size

@@ -48,6 +48,7 @@ RESULT_KEYS = ("seed", "model", "world", "data", "probe")
 OPTION_WORDS = {"colour": ["red", "green", "blue", "yellow", "purple", "orange", "cyan"],
                 "shape": ["circle", "square", "triangle", "diamond", "cross"], "size": ["small", "large"],
                 "side": ["left", "right", "above", "below"], "place": ["left", "right", "above", "below"]}
+IMAGE_ROLE = "IMAGE"  # the role of every image token of a decoder's prompt
 
 # ------------------------------------------------------------------ schema (checked by load_config)
 @dataclass
@@ -141,9 +142,6 @@ class PairItems(Dataset):
         except ValueError as err:
             item["text_failure"] = str(err)
         return item
-
-
-IMAGE_ROLE = "IMAGE"
 
 
 def decision_tokens(adapter: Any, answer: str, wrong: str) -> tuple[list[int], tuple[int, int]]:
@@ -428,10 +426,10 @@ def _head_overlays(cfg, adapter, pairs, done, important, figure_dir: Path) -> di
     from ..viz.figures import overlay
 
     tower = adapter.default_probe_tower("text")
-    heads = [s for s in adapter.probe_sites(tower) if s.endswith("head")]
-    if not heads or not hasattr(adapter, "image_keys"):  # an adapter of one's own may not say where the image is
+    head_sites = [s for s in adapter.probe_sites(tower) if s.endswith("head")]
+    if not head_sites or not hasattr(adapter, "image_keys"):  # an adapter of one's own may not say where the image is
         return {}
-    site = heads[-1]  # the heads head_attention returns
+    site = head_sites[-1]  # the heads head_attention returns
     ranked: dict[tuple[int, int], int] = {}
     for (kind, corruption, at, of), heads in important.items():
         if (at, of) == (tower, site):
