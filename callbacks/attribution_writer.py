@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,12 +13,18 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import save_file
 
+from m2ib_lightning.amortised.fidelity import AGREEMENT_KEYS
 from m2ib_lightning.engine import minmax
 from m2ib_lightning.results import (
     OVERLAY_DIR, SHARD_DIR, append_lines, atomic_write, cut_partial_line, failures_path, index_path, pending_path,
     pending_ranks, safe_name, settle_pending,
 )
 from m2ib_lightning.viz.figures import prediction_figure
+
+
+def _finite_or_none(value: torch.Tensor) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -142,9 +149,13 @@ class AttributionWriter(RollingShardWriter):
                 "image_size": list(prediction["image_size"]),
                 "patch_grid": list(prediction["patch_grid"]),
                 "geometry": prediction["geometry"][row],
-                "image_fit": float(prediction["image_fit"][row]),
-                "text_fit": float(prediction["text_fit"][row]),
+                "image_fit": _finite_or_none(prediction["image_fit"][row]),  # None: an amortised explainer ran no fit
+                "text_fit": _finite_or_none(prediction["text_fit"][row]),
             }
+            audit = prediction.get("audit")
+            if audit is not None and row in audit["rows"]:  # also fitted exactly: how well the explainer agreed
+                at = audit["rows"].index(row)
+                entry["audit"] = {k: _finite_or_none(audit[k][at]) for k in AGREEMENT_KEYS}
             if "answer" in prediction:  # a VQA run: the answer explained, and whether it was given or the model's own
                 entry["answer"], entry["answer_source"] = prediction["answer"][row], prediction["answer_source"][row]
             target_class = prediction.get("target_class", [None] * (row + 1))[row]

@@ -13,8 +13,9 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from torchmetrics.aggregation import MaxMetric, SumMetric
+from torchmetrics.aggregation import MaxMetric, MeanMetric, SumMetric
 
+from m2ib_lightning.amortised.fidelity import AGREEMENT_KEYS
 from m2ib_lightning.baselines import random_image_maps
 from m2ib_lightning.data.attribution import sample_seed
 from m2ib_lightning.engine import image_maps_from_capacity
@@ -103,6 +104,8 @@ class RunSummary(L.Callback):
         self.counts = {name: SumMetric() for name in ("done", "failed", "warnings")}
         self.wall = MaxMetric()
         self.maps = {name: (PointingGame(), MaskEnergy()) for name in ("m2ib", "random")}
+        self.audit = {name: MeanMetric(nan_strategy="ignore") for name in AGREEMENT_KEYS}  # amortised vs exact
+        self.audited = SumMetric()
         self.result: dict[str, Any] | None = None
         self.start = 0.0
 
@@ -111,11 +114,13 @@ class RunSummary(L.Callback):
         yield self.wall
         for pair in self.maps.values():
             yield from pair
+        yield from self.audit.values()
+        yield self.audited
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for metric in self._metrics():
             metric.to(pl_module.device)  # states must live where the process group syncs (NCCL: on the GPU)
-        for count in self.counts.values():
+        for count in (*self.counts.values(), self.audited):
             count.update(0.0)  # a rank with nothing left to do (a finished run, rerun) still has its counts
         self.start = time.perf_counter()
 
@@ -127,6 +132,10 @@ class RunSummary(L.Callback):
         self.counts["done"].update(len(outputs["id"]))
         self.counts["failed"].update(severities.count("error"))
         self.counts["warnings"].update(severities.count("warning"))
+        if "audit" in outputs:
+            self.audited.update(len(outputs["audit"]["rows"]))
+            for name, metric in self.audit.items():
+                metric.update(outputs["audit"][name].to(pl_module.device))
         if "target_mask" not in outputs or not outputs["has_target"].any():
             return
         rows = outputs["has_target"]
@@ -152,6 +161,9 @@ class RunSummary(L.Callback):
                 name: {"pointing_game": round(p.compute().item(), 4), "energy": round(e.compute().item(), 4)}
                 for name, (p, e) in self.maps.items()
             }
+        audited = int(self.audited.compute().item())
+        audit = {"samples": audited, **{f"{name}_mean": round(m.compute().item(), 4) for name, m in self.audit.items()}
+                 } if audited else None
         progress = run_progress(trainer)
         settled = counts["done"] + counts["failed"]
         total = None if progress is None else progress.total
@@ -163,6 +175,7 @@ class RunSummary(L.Callback):
             "samples_per_s": round((counts["done"] + counts["failed"]) / wall, 3) if wall > 0 else None,
             "localisation": localisation,
             "localisation_pairs": with_truth,
+            "audit": audit,  # an amortised run with m2ib.audit_every: its agreement with the exact fit
         }
 
 

@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from m2ib_lightning.amortised.fidelity import AGREEMENT_KEYS
 from m2ib_lightning.viz.figures import display_text, grid, prediction_figure
 
 from .run_summary import RunProgress, processed, run_progress
@@ -58,6 +59,12 @@ class TensorBoardAttributionLogger(L.Callback):
             for k, value in enumerate(curve.mean(1).tolist()):  # spread over the batch's samples on the step axis
                 writer.add_scalar(f"fit/{name}", value, first + k * settled // steps)
             writer.add_scalar(f"final/{name}", curve[-1].mean().item(), self.step)
+        if "audit" in outputs:  # an audited amortised run: the explainer's agreement with the exact fit, as it goes
+            for name in AGREEMENT_KEYS:
+                values = outputs["audit"][name]
+                values = values[~values.isnan()]
+                if values.numel():
+                    writer.add_scalar(f"audit/{name}", values.mean().item(), self.step)
         if pl_module.last_batch_seconds > 0:
             writer.add_scalar("throughput/batch_samples_per_s", len(outputs["id"]) / pl_module.last_batch_seconds, self.step)
         writer.add_scalar("throughput/rank0_samples_per_s", self.samples / (time.perf_counter() - self.start), self.step)

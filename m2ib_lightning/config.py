@@ -77,6 +77,9 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "metrics.steps": _at_least(1), "metrics.unit": _at_least(1), "metrics.top_k_fraction": (lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
     "metrics.deletion_baseline": _one_of("zero", "mean", "blur"), "metrics.insertion_baseline": _one_of("zero", "mean", "blur"),
     "export.grid_samples": _at_least(0),
+    "data.held_out_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "data.shuffle_buffer": _at_least(1),
+    "network.width": _at_least(1), "network.depth": _at_least(1), "network.heads": _at_least(1),
+    "optim.rank_weight": _at_least(0),
     "metrics.confidence_drop": _one_of("absolute", "relative"), "metrics.pointing_ties": _one_of("share", "any"),
     "metrics.pointing_tolerance": _at_least(0),
     "model.dtype": (lambda v: v is None or v in DTYPES, f"one of {list(DTYPES)}"),
@@ -143,8 +146,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
                               f"{list(PROBE_SITES[task])}" + (" (or 'head' for self_head)" if task == "probe" else ""))
         config.probe.sites = sites
     if "m2ib" in config:
+        from .tasks.schema import RunM2IB
+
         try:
-            M2IBConfig(**config.m2ib)
+            (RunM2IB if "explainer" in config.m2ib else M2IBConfig)(**config.m2ib)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"bad config value in m2ib: {err}") from err
     # A merge keeps the schema default under a "???" of the file: ask the file itself what it leaves unset.

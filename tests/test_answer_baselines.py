@@ -78,7 +78,7 @@ def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouche
     px, ids, mask, answers, answer_mask = example()
     special = (mask == 0) | (ids == getattr(model.config, "image_token_id", -1)) | (ids < 7) * (family == "hf_qwen2_vl")
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    for name in sorted(set(METHODS) - ATTENTION_METHODS):
+    for name in sorted(set(METHODS) - ATTENTION_METHODS - {"m2ib_amortised"}):
         method = make_method(name, model, **SETTINGS.get(name, {}))
         assert isinstance(method.scorer, AnswerScorer)
         maps = method.attribute(px, ids, mask, torch.tensor([1, 2]), special, answers=(answers, answer_mask))
@@ -91,6 +91,8 @@ def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouche
     for name in ATTENTION_METHODS:
         with pytest.raises(MissingCapabilityError, match="attention capability"):
             make_method(name, model)
+    with pytest.raises(ValueError, match="m2ib_amortised explains image-text pairs"):
+        make_method("m2ib_amortised", model)
 
 
 def test_saliency_on_answers_is_the_gradient_of_log_p_of_the_answer():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import GREY_SEVEN, ROOT, make_images, make_texts, tiny_blip_itc, tiny_clip, tiny_siglip
 from m2ib_lightning.baselines import METHODS, Maps, make_method
 from m2ib_lightning.config import ConfigError, load_config
+from m2ib_lightning.engine import M2IBConfig
 from m2ib_lightning.evaluation import Evaluator, MetricSettings
 from m2ib_lightning.metrics import curve_auc, perturbation_curve
 from m2ib_lightning.results import read_evaluation
@@ -23,6 +24,15 @@ SETTINGS = {
     "integrated_gradients": {"steps": 3, "replacement_id": 0},
     "rise": {"masks": 24, "chunk": 10},
 }
+
+
+def settings_for(name, model, pixels, ids, mask):
+    """SETTINGS, and for the amortised method an untrained explainer made for this very model."""
+    if name != "m2ib_amortised":
+        return SETTINGS.get(name, {})
+    from m2ib_lightning.amortised import new_explainer
+
+    return {"explainer": new_explainer(model, M2IBConfig(**SETTINGS["m2ib"]), pixels, ids, mask, width=16, depth=1, heads=2)}
 
 
 def _batch(model_name: str):
@@ -47,7 +57,7 @@ def test_every_method_on_every_shipped_adapter_gives_finite_maps_and_leaves_the_
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     attention = (model.config._attn_implementation, model.config.vision_config._attn_implementation)
     model.train()
-    method = make_method(name, model, **SETTINGS.get(name, {}))
+    method = make_method(name, model, **settings_for(name, model, pixels, ids, mask))
     maps = method.attribute(pixels, ids, mask, torch.tensor([1, 2]), special)
     size = pixels.shape[-1]
     assert maps.image.shape == (2, size, size) and torch.isfinite(maps.image).all()

@@ -19,14 +19,20 @@ BUILTIN_PREFIX = "builtin:"
 
 def resolve_model_path(name_or_path: str) -> str:
     """``builtin:NAME`` names a model shipped in the package; anything else goes to ``from_pretrained`` as it is."""
+    return resolve_shipped(name_or_path, SHIPPED_MODELS, "model")
+
+
+def resolve_shipped(name_or_path: str, shipped: dict[str, tuple[Path, str]], what: str) -> str:
+    """The directory of ``builtin:NAME`` among ``shipped`` ({name: (directory, the config that trains it)}), or
+    ``name_or_path`` as it is."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     name = name_or_path[len(BUILTIN_PREFIX) :]
-    if name not in SHIPPED_MODELS:
-        raise ValueError(f"model.name_or_path={name_or_path!r}: no shipped model {name!r}; have {sorted(SHIPPED_MODELS)}")
-    path, recipe = SHIPPED_MODELS[name]
+    if name not in shipped:
+        raise ValueError(f"{name_or_path!r}: no shipped {what} {name!r}; have {sorted(shipped)}")
+    path, recipe = shipped[name]
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"the shipped model {name!r} is missing from {path}; train it with {recipe}")
+        raise FileNotFoundError(f"the shipped {what} {name!r} is missing from {path}; train it with {recipe}")
     return str(path)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..amortised.explainer import AmortisedM2IB
 from ..engine import M2IB, M2IBConfig
 from .base import AttributionMethod, Maps, register_method
 from .scoring import AnswerScorer
@@ -36,4 +37,26 @@ class M2IBMethod(AttributionMethod):
                                        config=self.config, seed=seeds)
             return Maps(result.image_maps, result.text_maps)
         result = self.explainer.attribute(pixel_values, input_ids, attention_mask, seed=seeds)
+        return Maps(result.image_maps, result.text_maps)
+
+
+@register_method
+class AmortisedM2IBMethod(AttributionMethod):
+    """M2IB's maps predicted in one forward pass by an amortised explainer (``explainer``: a directory or
+    ``builtin:NAME``) trained on exact fits of this backbone; pairs only."""
+
+    name = "m2ib_amortised"
+    has_text_map = True
+
+    def __init__(self, backbone: Any, explainer: str = "builtin:shapes-clip-amortised"):
+        AttributionMethod.__init__(self, backbone)
+        if isinstance(self.scorer, AnswerScorer):
+            raise ValueError("m2ib_amortised explains image-text pairs; an answer model's M2IB is fitted exactly (m2ib)")
+        self.explainer = AmortisedM2IB(self.backbone, explainer)
+
+    def attribute(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None,
+        answers: tuple[Tensor, Tensor] | None = None, ids: list[str] | None = None,
+    ) -> Maps:
+        result = self.explainer.attribute(pixel_values, input_ids, attention_mask)
         return Maps(result.image_maps, result.text_maps)

@@ -117,11 +117,14 @@ class PairStream(IterableDataset):
         self.source, self.backbone, self.run_seed, self.skip_ids = source, backbone, run_seed, skip_ids
         self.rank, self.world_size = 0, 1
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def records(self) -> Iterator[PairRecord | Failure]:
+        """This (rank, loader worker)'s share of the source, minus the ids already done."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        for entry in self.source.split(slot, slots, self.skip_ids):
+        return self.source.split(self.rank * workers + worker, self.world_size * workers, self.skip_ids)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for entry in self.records():
             if isinstance(entry, Failure):
                 yield {"id": entry.id, "failure": entry}
             else:

@@ -7,12 +7,15 @@ masks are never averaged across ranks; each rank fits its own shard.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
 import lightning as L
 import torch
 
+from ..amortised.explainer import AmortisedM2IB
+from ..amortised.fidelity import map_agreement
 from ..answers import answer_fields, attribute_answers, complete_answers, unanswerable
 from ..engine import M2IB, M2IBConfig
 
@@ -20,15 +23,28 @@ from ..engine import M2IB, M2IBConfig
 class M2IBModule(L.LightningModule):
     """Fits M2IB for every pair of a batch; the backbone (a model or an adapter) is injected and frozen.
 
+    ``explainer``: None fits every sample exactly; an amortised explainer (a directory, ``builtin:NAME`` or an
+    :class:`~m2ib_lightning.amortised.ExplainerNetwork`) predicts the maps in one forward pass instead, and with
+    ``audit_every`` N every N-th sample (by a hash of its id: the same ones on any topology) is also fitted
+    exactly and the prediction's ``audit`` holds how well the two agree.
     A sample the engine would refuse (non-finite pixels, no end-of-text token,
     too long) is reported in ``failures`` and the rest of its batch is attributed.
     """
 
-    def __init__(self, backbone: Any, m2ib: M2IBConfig | None = None, *, adapter: str = "auto"):
+    def __init__(self, backbone: Any, m2ib: M2IBConfig | None = None, *, adapter: str = "auto", explainer: Any = None,
+                 audit_every: int = 0):
         super().__init__()
-        self.explainer = M2IB(backbone, m2ib or M2IBConfig(), adapter=adapter)
-        self.model = self.explainer.backbone.module  # registered, so that Lightning moves it to the device
-        self.save_hyperparameters({"m2ib": vars(self.explainer.config)})
+        config = m2ib or M2IBConfig()
+        self.exact = M2IB(backbone, config, adapter=adapter)
+        self.explainer = self.exact if explainer is None else AmortisedM2IB(self.exact.backbone, explainer, m2ib=config)
+        if audit_every and explainer is None:
+            raise ValueError("audit_every: an audit compares an amortised explainer with the exact fit; give an explainer")
+        self.audit_every = audit_every
+        self.model = self.exact.backbone.module  # registered, so that Lightning moves it to the device
+        if explainer is not None:
+            self.network = self.explainer.network  # ... and the explainer's network with it
+        self.save_hyperparameters({"m2ib": vars(config), "explainer": None if explainer is None else str(explainer),
+                                   "audit_every": audit_every})
         self.last_batch_seconds = 0.0
 
     @property
@@ -52,14 +68,31 @@ class M2IBModule(L.LightningModule):
                 batch["pixel_values"][rows], batch["input_ids"][rows, :width], mask[:, :width], seed=batch["seed"][rows.cpu()]
             )
         self.last_batch_seconds = time.perf_counter() - start
-        return prediction_of(batch, keep, failures, {
+        fields = {
             "pixel_values": batch["pixel_values"][rows],
             "image_size": tuple(batch["pixel_values"].shape[-2:]),
             "patch_grid": result.patch_grid,
             **maps_of(result),
             "lengths": mask.sum(1),
             "curves": {k: v.detach().cpu() for k, v in result.curves.items()},
-        })
+        }
+        audited = [r for r, b in enumerate(keep) if self.audit_every and audited_sample(batch["id"][b], self.audit_every)]
+        if audited:
+            fields["audit"] = self._audit(batch, [keep[r] for r in audited], result, audited, width)
+        return prediction_of(batch, keep, failures, fields)
+
+    def _audit(self, batch: dict[str, Any], rows: list[int], predicted: Any, kept_rows: list[int], width: int) -> dict[str, Any]:
+        """The exact fit of the audited samples, and per sample its agreement with the amortised maps."""
+        index = torch.tensor(rows, device=batch["input_ids"].device)
+        mask = batch["attention_mask"][index, :width]
+        with torch.enable_grad():
+            exact = self.exact.attribute(batch["pixel_values"][index], batch["input_ids"][index, :width], mask,
+                                         seed=batch["seed"][index.cpu()])
+        picked = torch.tensor(kept_rows)
+        agreement = map_agreement(predicted.image_patch_capacity[picked].flatten(1).cpu(),
+                                  exact.image_patch_capacity.flatten(1).cpu(), predicted.text_capacity[picked].cpu(),
+                                  exact.text_capacity.cpu(), mask.sum(1).cpu())
+        return {"rows": kept_rows, **agreement}
 
 
 class AnswerM2IBModule(L.LightningModule):
@@ -111,6 +144,12 @@ class AnswerM2IBModule(L.LightningModule):
             "lengths": mask.sum(1),
             "curves": {},
         })
+
+
+def audited_sample(sample_id: str, every: int) -> bool:
+    """Whether an audited run also fits this sample exactly: one in ``every``, by a hash of its id."""
+    digest = hashlib.sha256(f"audit\x00{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % every == 0
 
 
 def kept(batch: dict[str, Any], reasons: list[str | None], failures: list[dict]) -> list[int]:

@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import AttributionWriter, RunSummary, TensorBoardAttributionLogger
 from ..data.attribution import PairDataModule, QuestionWorldSource, WorldSource
-from ..engine import M2IBConfig
 from ..modules import AnswerM2IBModule, M2IBModule
 from ..results import FAILURES_FILE, atomic_write, merged_failures
-from .schema import AnswerSettings, ExportConfig, ModelConfig, RunData, WorldConfig
+from .schema import AnswerSettings, ExportConfig, ModelConfig, RunData, RunM2IB, WorldConfig, engine_config
+from ..config import ConfigError
 from .common import backbone_of, check_layers, output_owner, owned_trainer, source_of
 
 #: Settings that change the maps: a rerun into the same output_dir must keep them.
@@ -39,7 +39,7 @@ class AttributeConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     data: RunData = field(default_factory=RunData)
     model: ModelConfig = field(default_factory=ModelConfig)
-    m2ib: M2IBConfig = field(default_factory=M2IBConfig)  # the engine's own settings
+    m2ib: RunM2IB = field(default_factory=RunM2IB)  # the engine's own settings, and the explainer
     export: ExportConfig = field(default_factory=ExportConfig)
     trainer: Dict[str, Any] = field(default_factory=dict)
 
@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     questions = cfg.task == "attribute_vqa"
     backbone = backbone_of(cfg, "questions" if questions else "preprocessing")
     check_layers(cfg, backbone)  # before anything is written
+    module = _module(cfg, backbone, questions)  # ... and an explainer that does not fit the backbone is refused
     source = source_of(cfg, questions=questions)
     world_run = isinstance(source, (WorldSource, QuestionWorldSource))
     out = Path(cfg.output_dir)
@@ -88,10 +89,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         source, backbone, run_seed=cfg.seed, batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers, skip_ids=lambda: owner.done, questions=questions,
     )
-    if questions:
-        module = AnswerM2IBModule(backbone, M2IBConfig(**cfg.m2ib), max_new_tokens=cfg.answers.max_new_tokens)
-    else:
-        module = M2IBModule(backbone, M2IBConfig(**cfg.m2ib))
     try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         if trainer.global_rank != 0:
@@ -100,6 +97,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return _finish(cfg, trainer, writer.run_token, summary_callback.result, owner.done_count, phases, time.perf_counter())
     finally:
         owner.release()
+
+
+def _module(cfg: DictConfig, backbone: Any, questions: bool) -> L.LightningModule:
+    """The run's module: exact fits, or an amortised explainer (refused here if it was trained for another
+    backbone or other settings), of pairs or of questions."""
+    m2ib = engine_config(cfg.m2ib)
+    if cfg.m2ib.explainer == "exact":
+        return (AnswerM2IBModule(backbone, m2ib, max_new_tokens=cfg.answers.max_new_tokens) if questions
+                else M2IBModule(backbone, m2ib))
+    if questions:
+        raise ConfigError("m2ib.explainer: amortised explainers explain image-text pairs; answer models are fitted exactly "
+                          "(m2ib.explainer=exact)")
+    try:
+        return M2IBModule(backbone, m2ib, explainer=cfg.m2ib.explainer, audit_every=cfg.m2ib.audit_every)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"m2ib.explainer={cfg.m2ib.explainer!r}: {err}") from err
 
 
 def _finish(

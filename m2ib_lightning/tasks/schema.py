@@ -3,8 +3,10 @@ optimiser, the answers of VQA runs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Optional
+
+from ..engine import M2IBConfig
 
 
 @dataclass
@@ -73,3 +75,25 @@ class AnswerSettings:
 class FitVQAData(FitData):
     # the training mix, kind i of sample j = kinds[j % len(kinds)]: repeat a kind to weigh it more
     kinds: List[str] = field(default_factory=lambda: ["colour", "shape", "size", "side", "place", "what_colour", "what_shape", "what_size"])
+
+
+@dataclass(frozen=True)
+class RunM2IB(M2IBConfig):
+    """The engine's settings, plus where an attribution run's maps come from."""
+
+    explainer: str = "exact"  # exact: fit every sample; a directory or builtin:NAME: an amortised explainer predicts them
+    audit_every: int = 0  # with an explainer: every N-th sample (by a hash of its id) is also fitted exactly and compared
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.audit_every, bool) or not isinstance(self.audit_every, int) or self.audit_every < 0:
+            raise ValueError(f"audit_every must be an int >= 0, got {self.audit_every!r}")
+        if not self.explainer:
+            raise ValueError("explainer must be 'exact', a directory or builtin:NAME, got an empty string")
+        if self.audit_every and self.explainer == "exact":
+            raise ValueError("audit_every compares an amortised explainer with the exact fit: set explainer too")
+
+
+def engine_config(m2ib: Any) -> M2IBConfig:
+    """The engine's own settings out of a config's ``m2ib`` group (which may hold a run's settings besides)."""
+    return M2IBConfig(**{f.name: m2ib[f.name] for f in fields(M2IBConfig) if f.name in m2ib})

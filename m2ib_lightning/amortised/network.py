@@ -1,0 +1,130 @@
+"""The amortised explainer's network: per tower, a small transformer over the frozen backbone's tokens at the
+bottleneck's block, conditioned on both towers' embeddings, that predicts each token's log capacity; saved and
+loaded in hub layout (``config.json``, ``model.safetensors``) with the backbone it was trained for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..backbones import MODALITIES, Modality
+from ..backbones.loading import resolve_shipped
+
+EXPLAINER_FORMAT = 1
+#: added to a capacity (nats) before its log: capacities of a token are >= 0 and rarely under 0.1
+LOG_EPSILON = 0.01
+#: the settings of the exact fit an explainer imitates: another setting gives other maps
+IMITATED_SETTINGS = ("vision_layer", "text_layer", "beta", "steps", "lr", "num_noise")
+#: explainers shipped in the package, and the config that trains each
+SHIPPED_EXPLAINERS = {
+    "shapes-clip-amortised": (Path(__file__).resolve().parent.parent / "shapes" / "assets" / "shapes-clip-amortised",
+                              "configs/fit_explainer.yaml"),
+}
+
+
+def backbone_fingerprint(module: nn.Module) -> str:
+    """A short hash of a backbone's weights (names, shapes and a strided sample of every tensor, rounded to
+    bfloat16 so that a bfloat16 load of the same checkpoint has the same print): what an explainer checks."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 64)][:64]
+        if sample.is_floating_point():
+            sample = sample.to(torch.bfloat16).float()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.cpu().double().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class ExplainerConfig:
+    """What an explainer is: the backbone and exact-fit settings it imitates, and its network's shape."""
+
+    backbone: str  # the name_or_path it was trained with (for messages)
+    fingerprint: str  # backbone_fingerprint of that backbone
+    m2ib: dict[str, Any]  # the exact fit's settings (IMITATED_SETTINGS)
+    feature_dims: dict[str, int]  # per tower: width of the block output the bottleneck sits on
+    embed_dim: int  # width of the towers' embeddings
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    training: dict[str, Any] = field(default_factory=dict)  # where it was trained from and how well it did
+    format: int = EXPLAINER_FORMAT
+
+
+class TowerHead(nn.Module):
+    """One tower's predictor: tokens (B, T, D) and the pair's embeddings (B, 2E) to log capacities (B, T)."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, width: int, depth: int, heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(feature_dim)
+        self.tokens = nn.Linear(feature_dim, width)
+        self.shift = nn.Linear(2 * embed_dim, width)  # FiLM: the other tower's embedding says what a token must keep
+        self.scale = nn.Linear(2 * embed_dim, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, hidden: Tensor, token_mask: Tensor, embeddings: Tensor) -> Tensor:
+        x = self.tokens(self.norm(hidden))
+        x = x * (1 + self.scale(embeddings)[:, None]) + self.shift(embeddings)[:, None]
+        x = self.blocks(x, src_key_padding_mask=~token_mask)
+        return self.out(x).squeeze(-1)
+
+
+class ExplainerNetwork(nn.Module):
+    """Both towers' heads; :meth:`forward` returns per tower the predicted log(capacity + LOG_EPSILON)."""
+
+    def __init__(self, config: ExplainerConfig):
+        super().__init__()
+        self.config = config
+        self.heads = nn.ModuleDict({
+            m: TowerHead(config.feature_dims[m], config.embed_dim, config.width, config.depth, config.heads) for m in MODALITIES
+        })
+
+    def forward(self, hidden: dict[Modality, Tensor], token_mask: dict[Modality, Tensor], embeddings: dict[Modality, Tensor]
+                ) -> dict[Modality, Tensor]:
+        unit = {m: nn.functional.normalize(embeddings[m].float(), dim=-1) for m in MODALITIES}
+        pair = torch.cat([unit["image"], unit["text"]], dim=-1)
+        return {m: self.heads[m](hidden[m].float(), token_mask[m], pair) for m in MODALITIES}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "ExplainerNetwork":
+        """An explainer directory (``config.json``, ``model.safetensors``) or ``builtin:NAME``."""
+        path = Path(resolve_shipped(str(name_or_path), SHIPPED_EXPLAINERS, "explainer"))
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"explainer {str(name_or_path)!r}: {path} holds no config.json and model.safetensors "
+                                    "(train one with configs/fit_explainer.yaml)")
+        raw = json.loads((path / "config.json").read_text())
+        if raw.get("format") != EXPLAINER_FORMAT:
+            raise ValueError(f"explainer {str(name_or_path)!r} is of format {raw.get('format')}, this version reads "
+                             f"{EXPLAINER_FORMAT}: retrain it")
+        network = cls(ExplainerConfig(**raw))
+        network.load_state_dict(load_file(str(path / "model.safetensors")))  # safetensors: no code runs at load
+        return network.eval()
+
+    def check_backbone(self, module: nn.Module, m2ib: dict[str, Any] | None = None) -> None:
+        """Refuse a backbone (or exact-fit settings) other than the one this explainer was trained to imitate."""
+        config = self.config
+        if backbone_fingerprint(module) != config.fingerprint:
+            raise ValueError(f"this explainer was trained for the backbone {config.backbone!r} (fingerprint "
+                             f"{config.fingerprint}); the model given has other weights: train an explainer for it "
+                             "(configs/fit_explainer.yaml) or use m2ib.explainer=exact")
+        if m2ib is not None:
+            differ = [f"{k}={m2ib[k]!r} (explainer: {config.m2ib[k]!r})" for k in IMITATED_SETTINGS if m2ib.get(k) != config.m2ib[k]]
+            if differ:
+                raise ValueError(f"m2ib settings {', '.join(differ)}: this explainer imitates the exact fit at its own "
+                                 "settings; set them as it has them, or train one for yours")

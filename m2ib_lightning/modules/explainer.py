@@ -1,0 +1,84 @@
+"""Training the amortised explainer on an exact run: the backbone is injected and frozen, only the explainer's
+network learns; validation reports its agreement with the exact maps on held-out ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import CatMetric
+
+from ..amortised.explainer import tower_features
+from ..amortised.fidelity import map_agreement
+from ..amortised.network import LOG_EPSILON, ExplainerNetwork
+from ..backbones import MODALITIES
+from ..engine import eval_mode
+from .fitting import adamw_with_warmup_cosine
+
+
+def explainer_loss(predicted: Tensor, capacity: Tensor, token_mask: Tensor, rank_weight: float) -> Tensor:
+    """Squared error of log(capacity + eps) over real tokens, plus ``rank_weight`` x the KL divergence from the
+    exact capacity distribution over each sample's tokens to the predicted one (what a min-max map's order
+    depends on: the peaks)."""
+    target = (capacity.float() + LOG_EPSILON).log()
+    squared = ((predicted - target) ** 2 * token_mask).sum() / token_mask.sum()
+    masked = lambda t: t.masked_fill(~token_mask, float("-inf"))  # noqa: E731
+    kl = torch.nn.functional.kl_div(masked(predicted).log_softmax(-1).masked_fill(~token_mask, 0),
+                                    masked(target).log_softmax(-1).masked_fill(~token_mask, 0),
+                                    log_target=True, reduction="none").sum(-1).mean()
+    return squared + rank_weight * kl
+
+
+class ExplainerFit(L.LightningModule):
+    """Fits an :class:`ExplainerNetwork` to the exact capacities of batches from an
+    :class:`~m2ib_lightning.amortised.data.ExplainerDataModule`."""
+
+    def __init__(self, backbone: Any, network: ExplainerNetwork, layers: dict[str, int], *, lr: float = 1e-3,
+                 weight_decay: float = 0.01, warmup_steps: int = 100, rank_weight: float = 1.0):
+        super().__init__()
+        self.backbone, self.network, self.layers = backbone, network, layers
+        self.model = backbone.module  # registered, so that Lightning moves it to the device; frozen below
+        self.model.requires_grad_(False)
+        self.save_hyperparameters(ignore=["backbone", "network"])
+        self.agreement = torch.nn.ModuleDict({k: CatMetric() for k in ("image_spearman", "text_spearman", "image_peak_in_top")})
+
+    def predict_logs(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        with torch.no_grad(), eval_mode(self.model):
+            states, embeddings = tower_features(self.backbone, self.layers, batch["pixel_values"], batch["input_ids"],
+                                                batch["attention_mask"])
+        masks = {m: states[m].token_mask.bool() for m in MODALITIES}
+        return self.network({m: states[m].hidden for m in MODALITIES}, masks, embeddings), masks
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logs, masks = self.predict_logs(batch)
+        targets = {"image": batch["target_image"], "text": batch["target_text"]}
+        losses = {m: explainer_loss(logs[m], targets[m], masks[m], self.hparams.rank_weight) for m in MODALITIES}
+        for m, value in losses.items():
+            self.log(f"train/loss_{m}", value, batch_size=len(batch["id"]))
+        loss = losses["image"] + losses["text"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logs, masks = self.predict_logs(batch)
+        rows, cols = self.backbone.patch_grid(batch["pixel_values"])
+        patches = rows * cols  # the map's tokens: the prefix (CLS) is left out
+        values = map_agreement(logs["image"][:, -patches:], batch["target_image"][:, -patches:], logs["text"],
+                               batch["target_text"], masks["text"].sum(1))
+        for name, metric in self.agreement.items():
+            metric.update(values[name][~values[name].isnan()])
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.agreement.items():
+            values = metric.compute() if metric.update_count else torch.zeros(0)
+            if values.numel():
+                self.log(f"val/{name}_median" if "spearman" in name else f"val/{name}", values.median() if "spearman" in name
+                         else values.mean(), prog_bar=name != "image_peak_in_top", sync_dist=False)
+            metric.reset()
+
+    def configure_optimizers(self):
+        return adamw_with_warmup_cosine(self.network, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
+                                        int(self.trainer.estimated_stepping_batches))
+
