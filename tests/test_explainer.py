@@ -53,7 +53,7 @@ def explainer_dir(exact_run) -> Path:
 
 
 def test_the_training_data_streams_from_the_shards_one_at_a_time_with_the_exact_capacities(exact_run, tiny_bundle, monkeypatch, tmp_path):
-    import m2ib_lightning.amortised.data as data
+    import m2ib_lightning.data.explainer as data
     import m2ib_lightning.results.readers as readers
     from m2ib_lightning.tasks.common import backbone_of, source_of
     from m2ib_lightning.tasks.fit_explainer import exact_run_config

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 #: the Lightning shell: every other module of the package is the pure-torch core
 SHELL = ("m2ib_lightning.modules", "m2ib_lightning.tasks", "m2ib_lightning.config",
-         "m2ib_lightning.data.attribution", "m2ib_lightning.callbacks")
+         "m2ib_lightning.data.attribution", "m2ib_lightning.data.explainer", "m2ib_lightning.callbacks")
 
 WITHOUT_LIGHTNING = f"""
 import importlib, pkgutil, sys

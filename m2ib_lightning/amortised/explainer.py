@@ -59,7 +59,8 @@ class AmortisedM2IB:
     >>> result = explainer.attribute(pixel_values, input_ids, attention_mask)
 
     The explainer refuses a backbone other than the one it was trained for, and, given ``m2ib``, exact-fit
-    settings other than those it imitates. ``seed`` is accepted (and ignored) so it stands where
+    settings other than those it imitates; ``m2ib.precision="bf16"`` runs the backbone and the network under
+    bfloat16 autocast (about twice the pairs/s on CPUs with bf16 units). ``seed`` is accepted (and ignored) so it stands where
     :class:`~m2ib_lightning.engine.M2IB` does: the prediction draws no noise.
     """
 
@@ -85,10 +86,11 @@ class AmortisedM2IB:
         input_ids, attention_mask = input_ids.to(parameter.device), attention_mask.to(parameter.device)
         self.network.to(parameter.device)  # where the backbone is now (a no-op once it is there)
         self.backbone.validate_inputs(pixel_values, input_ids, attention_mask)
-        with eval_mode(self.backbone.module), eval_mode(self.network):
+        bf16 = torch.autocast(pixel_values.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        with eval_mode(self.backbone.module), eval_mode(self.network), bf16:
             states, embeddings = tower_features(self.backbone, self.layers, pixel_values, input_ids, attention_mask)
             masks = {m: states[m].token_mask.bool() for m in MODALITIES}
-            logs = self.network({m: states[m].hidden for m in MODALITIES}, masks, embeddings)
+            logs = {m: log.float() for m, log in self.network({m: states[m].hidden for m in MODALITIES}, masks, embeddings).items()}
         image, text = (capacity_of(logs[m], masks[m]) for m in MODALITIES)
         grid = self.backbone.patch_grid(pixel_values)
         nan = torch.full((pixel_values.shape[0],), float("nan"), device=image.device)  # no fit was run

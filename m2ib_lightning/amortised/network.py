@@ -122,7 +122,7 @@ class ExplainerNetwork(nn.Module):
         if backbone_fingerprint(module) != config.fingerprint:
             raise ValueError(f"this explainer was trained for the backbone {config.backbone!r} (fingerprint "
                              f"{config.fingerprint}); the model given has other weights: train an explainer for it "
-                             "(configs/fit_explainer.yaml) or use m2ib.explainer=exact")
+                             "(configs/fit_explainer.yaml) or fit it exactly")
         if m2ib is not None:
             differ = [f"{k}={m2ib[k]!r} (explainer: {config.m2ib[k]!r})" for k in IMITATED_SETTINGS if m2ib.get(k) != config.m2ib[k]]
             if differ:

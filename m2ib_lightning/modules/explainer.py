@@ -33,7 +33,7 @@ def explainer_loss(predicted: Tensor, capacity: Tensor, token_mask: Tensor, rank
 
 class ExplainerFit(L.LightningModule):
     """Fits an :class:`ExplainerNetwork` to the exact capacities of batches from an
-    :class:`~m2ib_lightning.amortised.data.ExplainerDataModule`."""
+    :class:`~m2ib_lightning.data.explainer.ExplainerDataModule`."""
 
     def __init__(self, backbone: Any, network: ExplainerNetwork, layers: dict[str, int], *, lr: float = 1e-3,
                  weight_decay: float = 0.01, warmup_steps: int = 100, rank_weight: float = 1.0):

@@ -9,7 +9,7 @@ import importlib
 TASK_MODULES = {
     "attribute": "attribute", "attribute_vqa": "attribute", "fit_clip": "fit_clip", "fit_vqa": "fit_vqa",
     "fit_llava": "fit_llava", "probe": "probe", "probe_vqa": "probe_vqa", "evaluate": "evaluate", "evaluate_vqa": "evaluate",
-    "fit_explainer": "fit_explainer",
+    "fit_explainer": "fit_explainer", "sweep": "sweep",
 }
 
 

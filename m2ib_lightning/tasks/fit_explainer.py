@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..amortised.data import ExplainerDataModule
+from ..data.explainer import ExplainerDataModule
 from ..amortised.explainer import new_explainer
 from ..backbones import MODALITIES, resolve_layer
 from ..config import ConfigError
@@ -36,7 +36,7 @@ class ExplainerData:
 
 @dataclass
 class ExplainerShape:
-    width: int = 128
+    width: int = 64
     depth: int = 2
     heads: int = 4
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from ..data.attribution import PairSource, PairStream, collate_attribution
-from ..data.records import Failure
+from .attribution import PairSource, PairStream, collate_attribution
+from .records import Failure
 from ..results import SHARD_DIR, atomic_write, index_entries
 
 #: shards kept in memory per loader worker: a run of R ranks interleaves R shards in its source's order
