@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_probe.py
 	$(PY) benchmarks/bench_probe.py --family llava
 	$(PY) benchmarks/bench_manifest.py
+	$(PY) benchmarks/bench_explainer.py
 	$(PY) benchmarks/bench_gpu.py
 
 # The engine's tests against transformers 4.4x (block outputs are tuples there), in a venv of its own.

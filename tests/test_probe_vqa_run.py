@@ -107,3 +107,38 @@ def test_a_rerun_probes_only_the_pairs_without_a_record_and_gives_the_same_array
         torch.testing.assert_close(one[key], resumed[key], rtol=0, atol=0, equal_nan=True)
     proc = _probe(out, tiny_vqa_bundle)  # nothing left to probe
     assert proc.returncode == 0 and json.loads((out / "summary.json").read_text())["probed_now"] == 0
+
+
+def test_a_decoder_probe_killed_and_resumed_and_on_two_processes_gives_the_arrays_of_one(tmp_path):
+    """The LLaVA probe (prefix-cached cells, image-token groups) through train.py: SIGKILL once its first pair is
+    recorded, then resumed, equals 2 uninterrupted DDP processes."""
+    import signal
+    import time
+
+    from test_vqa_runs import SIZE, _save_llava
+
+    checkpoint = _save_llava(tmp_path / "llava")
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "train.py", "configs/probe_shapes_llava.yaml", f"output_dir={out}",
+                f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}", "data.num_pairs=3",
+                "data.kinds=[colour,shape]", "probe.top_heads=1", "probe.batch_size=4", "trainer.enable_progress_bar=false", *extra]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args(killed), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not list((killed / "parts").glob("*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the probe ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "effects.safetensors").exists()
+    for out, extra in ((killed, ()), (tmp_path / "two", ("trainer.strategy=ddp", "trainer.devices=2"))):
+        done = subprocess.run(args(out, *extra), cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((killed / "summary.json").read_text())["probed_before"] >= 1
+    resumed, two = load_file(killed / "effects.safetensors"), load_file(tmp_path / "two" / "effects.safetensors")
+    assert resumed.keys() == two.keys() and float(resumed["image/language/resid/raw"].abs().sum()) > 0
+    for key in two:  # a killed and resumed single process against two uninterrupted ones: each is the same arrays
+        torch.testing.assert_close(resumed[key], two[key], rtol=0, atol=1e-6, equal_nan=True, msg=key)

@@ -154,7 +154,9 @@ class ExplainerDataModule(L.LightningDataModule):
                                      shuffle_buffer=self.shuffle_buffer if split == "train" else 1, seed=self.seed)
         if self.trainer is not None:
             examples.rank, examples.world_size = self.trainer.global_rank, self.trainer.world_size
-        return DataLoader(examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate)
+        # persistent: a worker keeps its copy of the stream, whose pass count gives each epoch its own order
+        return DataLoader(examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
