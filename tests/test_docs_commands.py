@@ -105,6 +105,8 @@ SMALL = {  # sizes appended to a command so that it ends in seconds; the command
     "attribute_vqa": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "export.overlays=1", "answers.max_new_tokens=2"],
     "evaluate_vqa": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "methods=[m2ib,saliency,random]",
                      "metrics.steps=2", "answers.max_new_tokens=2"],
+    "sweep": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "metrics.steps=2", "sweep.vision_layer=[0]",
+              "sweep.text_layer=[1]", "sweep.beta=[0.1]"],
     "probe": ["data.num_pairs=2"],
     "probe_vqa": ["data.num_pairs=2", "probe.sites=[resid]"],  # a site of BLIP VQA's and of the decoders' towers
 }
@@ -161,4 +163,5 @@ def test_a_command_of_the_docs_runs_as_written(where, args, small_data, tmp_path
         small = [a for a in small if not a.startswith(("m2ib.steps=", "m2ib.num_noise="))]
     code = train.main([*([str(ROOT / config)] if config else []), *overrides, *small, "trainer.enable_progress_bar=false"])
     assert code == 0, where
-    assert Path(cfg.output_dir).is_dir() and (Path(cfg.output_dir) / "run.json").exists()
+    run_file = Path(cfg.output_dir) / ("sweep.json" if cfg.task == "sweep" else "run.json")  # a sweep's cells are runs
+    assert Path(cfg.output_dir).is_dir() and run_file.exists()

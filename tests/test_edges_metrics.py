@@ -189,8 +189,7 @@ def test_an_evaluation_with_a_structural_replacement_id_exits_2(openai_style_bun
     eos = len(__import__("json").loads((openai_style_bundle / "tokenizer.json").read_text())["model"]["vocab"]) - 1
     proc = subprocess.run([sys.executable, "train.py", "configs/evaluate_shapes.yaml", f"output_dir={tmp_path / 'x'}",
                            f"model.name_or_path={openai_style_bundle}", f"metrics.replacement_id={eos}",
-                           "m2ib.vision_layer=0", "m2ib.text_layer=0", "methods=[m2ib,random]"], cwd=ROOT, capture_output=True,
-                          text=True)
+                           "m2ib.vision_layer=0", "m2ib.text_layer=0"], cwd=ROOT, capture_output=True, text=True)
     last = proc.stderr.rstrip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: metrics.replacement_id:") and "structural token" in last
     assert not (tmp_path / "x").exists()

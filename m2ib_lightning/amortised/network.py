@@ -96,10 +96,14 @@ class ExplainerNetwork(nn.Module):
         return {m: self.heads[m](hidden[m].float(), token_mask[m], pair) for m in MODALITIES}
 
     def save_pretrained(self, path: str | Path) -> None:
+        """Weights first, then the config that makes the directory loadable; each file whole or not at all."""
+        from ..results import atomic_write
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path / "config.json", json.dumps(asdict(self.config), indent=2))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> "ExplainerNetwork":

@@ -8,6 +8,7 @@ masks are never averaged across ranks; each rank fits its own shard.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from typing import Any
 
@@ -43,8 +44,8 @@ class M2IBModule(L.LightningModule):
         self.model = self.exact.backbone.module  # registered, so that Lightning moves it to the device
         if explainer is not None:
             self.network = self.explainer.network  # ... and the explainer's network with it
-        self.save_hyperparameters({"m2ib": vars(config), "explainer": None if explainer is None else str(explainer),
-                                   "audit_every": audit_every})
+        named = None if explainer is None else str(explainer) if isinstance(explainer, (str, os.PathLike)) else type(explainer).__name__
+        self.save_hyperparameters({"m2ib": vars(config), "explainer": named, "audit_every": audit_every})
         self.last_batch_seconds = 0.0
 
     @property
@@ -81,18 +82,20 @@ class M2IBModule(L.LightningModule):
             fields["audit"] = self._audit(batch, [keep[r] for r in audited], result, audited, width)
         return prediction_of(batch, keep, failures, fields)
 
-    def _audit(self, batch: dict[str, Any], rows: list[int], predicted: Any, kept_rows: list[int], width: int) -> dict[str, Any]:
-        """The exact fit of the audited samples, and per sample its agreement with the amortised maps."""
-        index = torch.tensor(rows, device=batch["input_ids"].device)
+    def _audit(self, batch: dict[str, Any], batch_rows: list[int], predicted: Any, result_rows: list[int], width: int
+               ) -> dict[str, Any]:
+        """The exact fit of the audited samples (``batch_rows`` of the batch, ``result_rows`` of the amortised
+        result), and per sample its agreement with the amortised maps."""
+        index = torch.tensor(batch_rows, device=batch["input_ids"].device)
         mask = batch["attention_mask"][index, :width]
         with torch.enable_grad():
             exact = self.exact.attribute(batch["pixel_values"][index], batch["input_ids"][index, :width], mask,
                                          seed=batch["seed"][index.cpu()])
-        picked = torch.tensor(kept_rows)
+        picked = torch.tensor(result_rows)
         agreement = map_agreement(predicted.image_patch_capacity[picked].flatten(1).cpu(),
                                   exact.image_patch_capacity.flatten(1).cpu(), predicted.text_capacity[picked].cpu(),
                                   exact.text_capacity.cpu(), mask.sum(1).cpu())
-        return {"rows": kept_rows, **agreement}
+        return {"rows": result_rows, **agreement}
 
 
 class AnswerM2IBModule(L.LightningModule):

@@ -23,7 +23,7 @@ from . import evaluate
 from .evaluate import EvaluateConfig
 
 IMAGE_COLUMNS = ("image_confidence_drop", "image_confidence_increase", "image_deletion_auc", "image_insertion_auc",
-                 "pointing_game", "energy", "top_k_iou")
+                 "pointing_game", "pointing_game_class_mean", "energy", "top_k_iou")
 
 
 # ------------------------------------------------------------------ schema (checked by load_config)
