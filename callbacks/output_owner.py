@@ -42,6 +42,7 @@ class OutputOwner(L.Callback):
         self.done: set[str] = set()
         self.done_count = 0  # samples in the output on every rank (``done`` may hold this rank's share only)
         self.decision: tuple[str, str] | dict[str, Any] | None = None
+        self.threads_before: int | None = None
 
     def _claim(self) -> tuple[str, str] | dict[str, Any]:
         """Rank 0: the lock and the identity, or the refusal (class name, message)."""
@@ -55,6 +56,7 @@ class OutputOwner(L.Callback):
     def _own(self, decision: tuple[str, str] | dict[str, Any], rank: int, world_size: int = 1) -> None:
         if isinstance(decision, (tuple, list)):
             raise _REFUSALS[decision[0]](decision[1])
+        self.threads_before = torch.get_num_threads()  # given back at release: a run in a notebook leaves it as it was
         torch.set_num_threads(int(decision["threads"]))
         if rank == 0:
             for orphan in self.output_dir.glob(".*.tmp"):  # temporary files of a killed run's atomic writes
@@ -90,11 +92,15 @@ class OutputOwner(L.Callback):
             self._own(self._claim(), 0)
             yield
         finally:
-            self.lock.release()
+            self.release()
 
     def release(self) -> None:
-        """End of the run (the task calls it after its last write; predict's end is too early)."""
+        """End of the run (the task calls it after its last write, also on errors; predict's end is too early):
+        the lock, and the process's intra-op thread count as it was before the run."""
         self.lock.release()
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.lock.release()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_images, make_texts, tiny_clip
+from test_edges_runs import _main
 from m2ib_lightning.amortised import AmortisedM2IB, ExplainerNetwork, map_agreement, new_explainer
 from m2ib_lightning.engine import M2IBConfig
 from m2ib_lightning.results import index_entries, read_attributions
@@ -24,11 +25,17 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 M2IB_ARGS = ("m2ib.vision_layer=0", "m2ib.text_layer=1", "m2ib.steps=2", "m2ib.num_noise=2")
 
 
-def _train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _train(*args: str) -> None:
     proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _in_process(*args: str) -> None:
+    """train.py's main in this process (no interpreter start-up), for the fixtures."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    assert train.main(list(args)) == 0
 
 
 def _run_args(out: Path, bundle: Path, *extra: str) -> tuple[str, ...]:
@@ -39,14 +46,14 @@ def _run_args(out: Path, bundle: Path, *extra: str) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory, tiny_bundle) -> Path:
     out = tmp_path_factory.mktemp("explainer") / "exact"
-    _train(*_run_args(out, tiny_bundle, "data.num_samples=16", "data.batch_size=4", "export.samples_per_shard=4"))
+    _in_process(*_run_args(out, tiny_bundle, "data.num_samples=16", "data.batch_size=4", "export.samples_per_shard=4"))
     return out
 
 
 @pytest.fixture(scope="module")
 def explainer_dir(exact_run) -> Path:
     out = exact_run.parent / "fit"
-    _train("configs/fit_explainer.yaml", f"exact_run={exact_run}", f"output_dir={out}", "data.batch_size=4",
+    _in_process(str(ROOT / "configs/fit_explainer.yaml"), f"exact_run={exact_run}", f"output_dir={out}", "data.batch_size=4", "data.num_workers=0",
            "data.held_out_fraction=0.25", "network.width=16", "network.depth=1", "network.heads=2", "trainer.max_steps=6",
            "trainer.val_check_interval=3", "optim.warmup_steps=2", "trainer.enable_progress_bar=false")
     return out / "explainer"
@@ -133,8 +140,8 @@ def _amortised_args(out: Path, bundle: Path, explainer: Path, *extra: str) -> tu
                      "data.num_samples=12", "data.batch_size=3", *extra)
 
 
-def test_an_audited_amortised_run_on_two_processes_gives_the_maps_and_audits_of_one(explainer_dir, tiny_bundle, tmp_path):
-    _train(*_amortised_args(tmp_path / "one", tiny_bundle, explainer_dir))
+def test_an_audited_amortised_run_on_two_processes_gives_the_maps_and_audits_of_one(explainer_dir, tiny_bundle, tmp_path, capsys):
+    assert _main(capsys, *_amortised_args(tmp_path / "one", tiny_bundle, explainer_dir)).returncode == 0
     _train(*_amortised_args(tmp_path / "two", tiny_bundle, explainer_dir, "trainer.strategy=ddp", "trainer.devices=2",
                             "trainer.accelerator=cpu"))
     entries = {name: {e["id"]: e for e in index_entries(tmp_path / name)} for name in ("one", "two")}
@@ -155,7 +162,7 @@ def test_an_audited_amortised_run_on_two_processes_gives_the_maps_and_audits_of_
     assert summary["audit"]["image_spearman_mean"] == pytest.approx(mean, abs=1e-4)
 
 
-def test_an_amortised_run_killed_and_resumed_equals_an_uninterrupted_one(explainer_dir, tiny_bundle, tmp_path):
+def test_an_amortised_run_killed_and_resumed_equals_an_uninterrupted_one(explainer_dir, tiny_bundle, tmp_path, capsys):
     extra = ("data.batch_size=1", "export.samples_per_shard=1", "m2ib.audit_every=1")  # every sample fitted: slow enough
     args = _amortised_args(tmp_path / "killed", tiny_bundle, explainer_dir, *extra)
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -169,8 +176,11 @@ def test_an_amortised_run_killed_and_resumed_equals_an_uninterrupted_one(explain
     proc.wait()
     done_before = len(index.read_text().splitlines())
     assert 2 <= done_before < 12
-    _train(*args)
-    _train(*_amortised_args(tmp_path / "full", tiny_bundle, explainer_dir, *extra))
+    threads = torch.get_num_threads()
+    assert _main(capsys, *args).returncode == 0  # resumed with the killed run's 1 intra-op thread ...
+    assert torch.get_num_threads() == threads  # ... and this process's own count given back after it
+    full_args = _amortised_args(tmp_path / "full", tiny_bundle, explainer_dir, *extra, "threads=1")  # the killed run's count
+    assert _main(capsys, *full_args).returncode == 0
     killed = {r.id: r for r in read_attributions(tmp_path / "killed")}
     full = {r.id: r for r in read_attributions(tmp_path / "full")}
     assert len([e["id"] for e in index_entries(tmp_path / "killed")]) == len(killed) == len(full) == 12
@@ -179,7 +189,7 @@ def test_an_amortised_run_killed_and_resumed_equals_an_uninterrupted_one(explain
         assert torch.equal(killed[sample_id].text_capacity, record.text_capacity)
 
 
-def test_an_explainer_of_another_backbone_is_refused_before_anything_is_written(explainer_dir, tiny_bundle, tmp_path):
+def test_an_explainer_of_another_backbone_is_refused_before_anything_is_written(explainer_dir, tiny_bundle, tmp_path, capsys):
     from transformers import CLIPModel
 
     other = tmp_path / "other-clip"  # the same architecture and processor, other weights
@@ -188,10 +198,11 @@ def test_an_explainer_of_another_backbone_is_refused_before_anything_is_written(
     with torch.no_grad():
         model.visual_projection.weight.mul_(2)
     model.save_pretrained(other)
-    proc = _train(*_run_args(tmp_path / "run", other, f"m2ib.explainer={explainer_dir}"), check=False)
-    assert proc.returncode == 2 and "the model given has other weights" in proc.stderr, proc.stderr[-2000:]
+    proc = _main(capsys, *_run_args(tmp_path / "run", other, f"m2ib.explainer={explainer_dir}"))
+    assert proc.returncode == 2 and "the model given has other weights" in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
-    proc = _train(*_run_args(tmp_path / "run", tiny_bundle, "m2ib.audit_every=2"), check=False)
+    proc = _main(capsys, *_run_args(tmp_path / "run", tiny_bundle, "m2ib.audit_every=2"))
     assert proc.returncode == 2 and "audit_every compares an amortised explainer" in proc.stderr
-    proc = _train(*_run_args(tmp_path / "run", tiny_bundle, f"m2ib.explainer={explainer_dir}", "m2ib.text_layer=0"), check=False)
+    proc = _main(capsys, *_run_args(tmp_path / "run", tiny_bundle, f"m2ib.explainer={explainer_dir}", "m2ib.text_layer=0"))
     assert proc.returncode == 2 and "text_layer=0 (explainer: 1)" in proc.stderr
+    assert not (tmp_path / "run").exists()

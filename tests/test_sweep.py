@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from test_edges_runs import _main
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 SMALL = ("data.num_samples=6", "data.batch_size=3", "m2ib.steps=2", "m2ib.num_noise=2", "metrics.steps=4",
@@ -22,7 +23,7 @@ def _args(config: str, out, bundle, *extra: str) -> list[str]:
     return [sys.executable, "train.py", config, f"output_dir={out}", f"model.name_or_path={bundle}", *SMALL, *extra]
 
 
-def test_a_sweep_killed_and_resumed_has_the_cells_of_plain_runs_and_names_the_best(tmp_path, tiny_bundle):
+def test_a_sweep_killed_and_resumed_has_the_cells_of_plain_runs_and_names_the_best(tmp_path, tiny_bundle, capsys):
     grid = ("sweep.vision_layer=[0]", "sweep.text_layer=[0,1]", "sweep.beta=[0.1,1.0]")
     sweep = _args("configs/sweep_shapes.yaml", tmp_path / "sweep", tiny_bundle, *grid)
     proc = subprocess.Popen(sweep, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -35,14 +36,13 @@ def test_a_sweep_killed_and_resumed_has_the_cells_of_plain_runs_and_names_the_be
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "sweep" / "sweep.json").exists()
-    done = subprocess.run(sweep, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _main(capsys, *sweep[2:])  # resumed in this process: no interpreter start-up
+    assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert list(result["cells"]) == ["vision0-text0-beta0.1", "vision0-text0-beta1", "vision0-text1-beta0.1", "vision0-text1-beta1"]
-    plain = subprocess.run(_args("configs/evaluate_shapes.yaml", tmp_path / "plain", tiny_bundle, "methods=[m2ib]",
-                                 "m2ib.vision_layer=0", "m2ib.text_layer=1", "m2ib.beta=1.0"),
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    plain = _main(capsys, *_args("configs/evaluate_shapes.yaml", tmp_path / "plain", tiny_bundle, "methods=[m2ib]",
+                                 "m2ib.vision_layer=0", "m2ib.text_layer=1", "m2ib.beta=1.0")[2:])
+    assert plain.returncode == 0, plain.stderr
     expected = json.loads((tmp_path / "plain" / "summary.json").read_text())["methods"]["m2ib"]
     cell = result["cells"]["vision0-text1-beta1"]
     for metric, value in expected.items():
