@@ -236,7 +236,7 @@ def test_unknown_methods_and_settings_exit_2(tmp_path, tiny_bundle, capsys):
 
 def test_on_the_shipped_clip_m2ib_beats_random_by_more_than_twice_the_standard_error(tmp_path):
     summary = run(load_config(ROOT / "configs" / "evaluate_shapes.yaml", [
-        f"output_dir={tmp_path / 'run'}", "data.num_samples=48", "methods=[m2ib,random]", "baselines={}",
+        f"output_dir={tmp_path / 'run'}", "data.num_samples=32", "methods=[m2ib,random]", "baselines={}",
         "metrics.steps=8", "trainer.enable_progress_bar=false", "m2ib.batch_invariant=false",
     ]))
     m2ib, random = summary["methods"]["m2ib"], summary["methods"]["random"]
