@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics import CatMetric
 
 from ..amortised.explainer import tower_features
-from ..amortised.fidelity import map_agreement
+from ..amortised.fidelity import AGREEMENT_KEYS, map_agreement
 from ..amortised.network import LOG_EPSILON, ExplainerNetwork
 from ..backbones import MODALITIES
 from ..engine import eval_mode
@@ -42,7 +42,7 @@ class ExplainerFit(L.LightningModule):
         self.model = backbone.module  # registered, so that Lightning moves it to the device; frozen below
         self.model.requires_grad_(False)
         self.save_hyperparameters(ignore=["backbone", "network"])
-        self.agreement = torch.nn.ModuleDict({k: CatMetric() for k in ("image_spearman", "text_spearman", "image_peak_in_top")})
+        self.agreement = torch.nn.ModuleDict({k: CatMetric() for k in AGREEMENT_KEYS})
 
     def predict_logs(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         with torch.no_grad(), eval_mode(self.model):
