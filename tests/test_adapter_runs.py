@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,6 @@ from m2ib_lightning.config import load_config
 from m2ib_lightning.data.manifest import read_pairs
 from m2ib_lightning.tasks.attribute import run
 from test_edges_runs import _main
-
-ENV_PATH = {"PYTHONPATH": str(ROOT / "tests")}
-
 
 def _manifest(tmp_path: Path, count: int = 5) -> Path:
     images = tmp_path / "images"
@@ -38,15 +33,6 @@ def _manifest(tmp_path: Path, count: int = 5) -> Path:
     return path
 
 
-def _train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )
-
-
 def _run_args(out: Path, manifest: Path, model: Path | str, *extra: str) -> list[str]:
     return [
         str(ROOT / "configs" / "clip_manifest.yaml"), f"output_dir={out}", f"data.manifest={manifest}",
@@ -57,9 +43,9 @@ def _run_args(out: Path, manifest: Path, model: Path | str, *extra: str) -> list
 
 
 @pytest.mark.parametrize("bundle", ["siglip_bundle", "blip_itc_bundle"])
-def test_manifest_run_end_to_end_on_another_family(request, tmp_path, bundle):
+def test_manifest_run_end_to_end_on_another_family(request, tmp_path, bundle, capsys):
     out = tmp_path / "run"
-    proc = _train(*_run_args(out, _manifest(tmp_path), request.getfixturevalue(bundle), "export.overlays=5"))
+    proc = _main(capsys, *_run_args(out, _manifest(tmp_path), request.getfixturevalue(bundle), "export.overlays=5"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == 5 and summary["failed"] == 0
@@ -72,14 +58,15 @@ def test_manifest_run_end_to_end_on_another_family(request, tmp_path, bundle):
     assert list((out / "tensorboard").rglob("events.out.tfevents*"))
 
 
-def test_a_users_own_adapter_by_dotted_path(tmp_path):
+def test_a_users_own_adapter_by_dotted_path(tmp_path, capsys):
+    """tests/ is on this process's path (conftest), as PYTHONPATH puts a user's module on theirs."""
     from safetensors.torch import save_file
 
     model_dir = tmp_path / "plain"
     model_dir.mkdir()
     save_file(tiny_plain(seed=1).state_dict(), str(model_dir / "weights.safetensors"))
     out = tmp_path / "run"
-    proc = _train(*_run_args(out, _manifest(tmp_path, 4), model_dir, "model.adapter=plain_dual_encoder:PlainAdapter"), env=ENV_PATH)
+    proc = _main(capsys, *_run_args(out, _manifest(tmp_path, 4), model_dir, "model.adapter=plain_dual_encoder:PlainAdapter"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = list(read_attributions(out))
     assert len(records) == 4 and all(r.image_map.shape == (16, 16) for r in records)

@@ -5,6 +5,7 @@ DDP runs in subprocesses of train.py, never inside pytest.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -38,6 +39,16 @@ def _train(*args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def _train_here(capsys, *args: str) -> None:
+    """A one-process run of train.py in this process (no interpreter start-up), on one intra-op thread as the
+    subprocesses: ``args`` as for :func:`_train`."""
+    from test_edges_runs import _main
+
+    assert list(args[:2]) == [sys.executable, "train.py"]
+    proc = _main(capsys, *args[2:], "threads=1")
+    assert proc.returncode == 0, proc.stderr
+
+
 def _maps(out: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     records = list(read_attributions(out))
     assert len(records) == len({r.id for r in records})
@@ -59,10 +70,10 @@ def _ddp(processes: int) -> tuple[str, ...]:
     return ("trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu") if processes == 2 else ()
 
 
-def test_two_ddp_processes_give_the_maps_of_one(tmp_path, tiny_bundle):
-    _train(*_args(tmp_path / "one", tiny_bundle, "data.num_samples=10", "data.batch_size=4"))
+def test_two_ddp_processes_give_the_maps_of_one(tmp_path, tiny_bundle, capsys):
+    _train_here(capsys, *_args(tmp_path / "one", tiny_bundle, "data.num_samples=10", "data.batch_size=4"))
     _train(*_args(tmp_path / "two", tiny_bundle, "data.num_samples=10", "data.batch_size=4", *_ddp(2)))
-    _train(*_args(tmp_path / "bs3", tiny_bundle, "data.num_samples=10", "data.batch_size=3"))
+    _train_here(capsys, *_args(tmp_path / "bs3", tiny_bundle, "data.num_samples=10", "data.batch_size=3"))
     one, two, bs3 = _maps(tmp_path / "one"), _maps(tmp_path / "two"), _maps(tmp_path / "bs3")
     assert len(one) == 10
     assert sorted(p.name for p in (tmp_path / "two").glob("index-rank*.jsonl")) == ["index-rank0.jsonl", "index-rank1.jsonl"]
@@ -75,7 +86,7 @@ def test_two_ddp_processes_give_the_maps_of_one(tmp_path, tiny_bundle):
     assert summaries[1]["done"] == 10
 
 
-def test_a_live_run_is_refused_naming_it_and_a_stale_lock_is_taken_over(tmp_path, tiny_bundle):
+def test_a_live_run_is_refused_naming_it_and_a_stale_lock_is_taken_over(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "run"
     out.mkdir()
     with RunLock(out):  # this process is the live run
@@ -87,13 +98,13 @@ def test_a_live_run_is_refused_naming_it_and_a_stale_lock_is_taken_over(tmp_path
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs
     (out / "run.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
-    _train(*_args(out, tiny_bundle, "data.num_samples=2"))
+    _train_here(capsys, *_args(out, tiny_bundle, "data.num_samples=2"))
     assert len(_ids(out)) == 2 and not (out / "run.lock").exists()
 
 
-def test_an_evaluation_on_two_processes_gives_the_table_of_one(tmp_path, tiny_bundle):
+def test_an_evaluation_on_two_processes_gives_the_table_of_one(tmp_path, tiny_bundle, capsys):
     def evaluate(out: Path, *extra: str) -> dict:
-        _train(sys.executable, "train.py", "configs/evaluate_shapes.yaml", f"output_dir={out}", f"model.name_or_path={tiny_bundle}",
+        (_train if extra else functools.partial(_train_here, capsys))(sys.executable, "train.py", "configs/evaluate_shapes.yaml", f"output_dir={out}", f"model.name_or_path={tiny_bundle}",
                "data.num_samples=6", "data.batch_size=2", "m2ib.vision_layer=0", "m2ib.text_layer=1", "m2ib.steps=2",
                "m2ib.num_noise=2", "metrics.steps=4", "methods=[m2ib,saliency,rise,chefer,random]",
                "baselines={rise: {masks: 16, chunk: 8}}", "trainer.enable_progress_bar=false", *extra)
@@ -125,7 +136,7 @@ def test_records_failing_on_any_rank_are_listed_in_failures_jsonl(tmp_path, tiny
     assert summary["done"] == 4 and summary["failed"] == 2
 
 
-def test_six_kills_at_random_moments_alternating_1_and_2_processes_lose_and_duplicate_nothing(tmp_path, tiny_bundle):
+def test_six_kills_at_random_moments_alternating_1_and_2_processes_lose_and_duplicate_nothing(tmp_path, tiny_bundle, capsys):
     """SIGKILL of the whole process group at 6 seeded random moments, resuming under 1, then 2, then 1 ...
     processes (so every resume changes the topology: 1 -> 2 and 2 -> 1, three times each), with no thread count
     in the environment (the run's identity pins it): every id once, maps bitwise those of an uninterrupted
@@ -148,8 +159,10 @@ def test_six_kills_at_random_moments_alternating_1_and_2_processes_lose_and_dupl
     assert finished < 3, f"{finished} of 6 runs ended before their kill: the moments are too late to test anything"
     proc = subprocess.run(_args(out, tiny_bundle, *extra, *_ddp(2)), cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from test_edges_runs import _main
+
     threads = json.loads((out / "run.json").read_text())["threads"]
-    _train(*_args(tmp_path / "full", tiny_bundle, *extra, f"threads={threads}"))
+    assert _main(capsys, *_args(tmp_path / "full", tiny_bundle, *extra, f"threads={threads}")[2:]).returncode == 0
 
     lines = [json.loads(line) for path in sorted(out.glob("index-rank*.jsonl")) for line in path.read_text().splitlines()]
     ids = [line["id"] for line in lines]
@@ -160,7 +173,7 @@ def test_six_kills_at_random_moments_alternating_1_and_2_processes_lose_and_dupl
     assert not list(out.glob(".*.tmp")) and not (out / "run.lock").exists()
 
 
-def test_a_manifest_run_resumed_on_two_ranks_reads_only_its_share_of_the_done_ids(tmp_path, tiny_bundle):
+def test_a_manifest_run_resumed_on_two_ranks_reads_only_its_share_of_the_done_ids(tmp_path, tiny_bundle, capsys):
     from PIL import Image
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
@@ -168,7 +181,7 @@ def test_a_manifest_run_resumed_on_two_ranks_reads_only_its_share_of_the_done_id
     (tmp_path / "six.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
     (tmp_path / "ten.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    _train(*_args(out, tiny_bundle, f"data.manifest={tmp_path / 'six.jsonl'}", f"data.root={tmp_path}"))
+    _train_here(capsys, *_args(out, tiny_bundle, f"data.manifest={tmp_path / 'six.jsonl'}", f"data.root={tmp_path}"))
     _train(*_args(out, tiny_bundle, f"data.manifest={tmp_path / 'ten.jsonl'}", f"data.root={tmp_path}", *_ddp(2)))
     ids = _ids(out)
     assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
@@ -191,7 +204,7 @@ def test_a_fit_on_two_ddp_processes_saves_one_loadable_model_and_one_summary(tmp
 
 
 @pytest.mark.parametrize("family", ["hf_qwen2_vl"])  # packed images: the family whose batches ranks split most differently
-def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path, family):
+def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path, family, capsys):
     from test_vqa_runs import FAMILIES, SIZE
 
     checkpoint = FAMILIES[family](tmp_path / family)
@@ -199,7 +212,7 @@ def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path, family):
             "m2ib.steps=2", "m2ib.num_noise=2", "data.num_samples=6", "data.batch_size=2", "export.overlays=0",
             "trainer.enable_progress_bar=false")
     config = ("train.py", "configs/attribute_shapes_vqa.yaml")
-    _train(sys.executable, *config, f"output_dir={tmp_path / 'one'}", *args)
+    _train_here(capsys, sys.executable, *config, f"output_dir={tmp_path / 'one'}", *args)
     _train(sys.executable, *config, f"output_dir={tmp_path / 'two'}", *args, *_ddp(2))
     one, two = _maps(tmp_path / "one"), _maps(tmp_path / "two")
     assert len(one) == 6 and sorted(_ids(tmp_path / "two")) == sorted(one)

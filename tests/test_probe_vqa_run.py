@@ -18,20 +18,30 @@ from conftest import ROOT
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+def _arguments(out: Path, bundle: Path, *extra: str) -> list[str]:
+    return ["configs/probe_shapes_vqa.yaml", f"output_dir={out}", f"model.name_or_path={bundle}", "data.num_pairs=4",
+            "probe.sites=[resid,cross_attn,cross_head]", "probe.top_heads=2", "trainer.enable_progress_bar=false", *extra]
+
+
 def _probe(out: Path, bundle: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", "configs/probe_shapes_vqa.yaml", f"output_dir={out}", f"model.name_or_path={bundle}",
-         "data.num_pairs=4", "probe.sites=[resid,cross_attn,cross_head]", "probe.top_heads=2",
-         "trainer.enable_progress_bar=false", *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV,
-    )
+    return subprocess.run([sys.executable, "train.py", *_arguments(out, bundle, *extra)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=ENV)
+
+
+def _probe_here(capsys, out: Path, bundle: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The run in this process (no interpreter start-up), on one intra-op thread as the subprocesses."""
+    from test_edges_runs import _main
+
+    return _main(capsys, *_arguments(out, bundle, *extra), "threads=1")
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_vqa_bundle) -> Path:
+    sys.path.insert(0, str(ROOT))
+    import train
+
     out = tmp_path_factory.mktemp("probe") / "one"
-    proc = _probe(out, tiny_vqa_bundle)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train.main(_arguments(out, tiny_vqa_bundle, "threads=1")) == 0
     return out
 
 
@@ -63,12 +73,12 @@ def test_two_processes_give_the_arrays_of_one(one_process, tmp_path, tiny_vqa_bu
         assert one[key].nan_to_num(7.0).equal(two[key].nan_to_num(7.0)), key
 
 
-def test_rerun_with_other_settings_is_refused(one_process, tiny_vqa_bundle):
-    proc = _probe(one_process, tiny_vqa_bundle, "probe.direction=noise")
-    assert proc.returncode != 0 and "holds a run with other `probe` settings" in proc.stderr
+def test_rerun_with_other_settings_is_refused(one_process, tiny_vqa_bundle, capsys):
+    proc = _probe_here(capsys, one_process, tiny_vqa_bundle, "probe.direction=noise")
+    assert proc.returncode == 2 and "holds a run with other `probe` settings" in proc.stderr
 
 
-def test_a_manifest_of_pairs_with_a_missing_image_lists_it_and_goes_on(tmp_path, tiny_vqa_bundle):
+def test_a_manifest_of_pairs_with_a_missing_image_lists_it_and_goes_on(tmp_path, tiny_vqa_bundle, capsys):
     from m2ib_lightning.shapes.world import ShapesWorld
 
     world = ShapesWorld(seed=3)
@@ -81,7 +91,7 @@ def test_a_manifest_of_pairs_with_a_missing_image_lists_it_and_goes_on(tmp_path,
     rows[1]["corrupt_image"] = "gone.png"
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "run"
-    proc = _probe(out, tiny_vqa_bundle, f"data.manifest={tmp_path / 'pairs.jsonl'}", "data.corruption=[image]")
+    proc = _probe_here(capsys, out, tiny_vqa_bundle, f"data.manifest={tmp_path / 'pairs.jsonl'}", "data.corruption=[image]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pairs"] == 2
@@ -89,7 +99,8 @@ def test_a_manifest_of_pairs_with_a_missing_image_lists_it_and_goes_on(tmp_path,
     assert load_file(out / "effects.safetensors")["image/text/resid/raw"].shape[0] == 2
 
 
-def test_a_rerun_probes_only_the_pairs_without_a_record_and_gives_the_same_arrays(one_process, tmp_path, tiny_vqa_bundle):
+def test_a_rerun_probes_only_the_pairs_without_a_record_and_gives_the_same_arrays(one_process, tmp_path, tiny_vqa_bundle,
+                                                                                  capsys):
     import shutil
 
     out = tmp_path / "resumed"
@@ -97,7 +108,7 @@ def test_a_rerun_probes_only_the_pairs_without_a_record_and_gives_the_same_array
     parts = sorted((out / "parts").glob("*.pt"))
     assert len(parts) == 4  # one record per pair
     parts[1].unlink()  # as if the run had been killed before that pair
-    proc = _probe(out, tiny_vqa_bundle)
+    proc = _probe_here(capsys, out, tiny_vqa_bundle)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["probed_now"] == 1 and summary["probed_before"] == 3
@@ -105,7 +116,7 @@ def test_a_rerun_probes_only_the_pairs_without_a_record_and_gives_the_same_array
     assert one.keys() == resumed.keys()
     for key in one:
         torch.testing.assert_close(one[key], resumed[key], rtol=0, atol=0, equal_nan=True)
-    proc = _probe(out, tiny_vqa_bundle)  # nothing left to probe
+    proc = _probe_here(capsys, out, tiny_vqa_bundle)  # nothing left to probe
     assert proc.returncode == 0 and json.loads((out / "summary.json").read_text())["probed_now"] == 0
 
 
