@@ -378,7 +378,7 @@ def _check_probing(adapter: Any, pixels: Tensor, ids: Tensor, mask: Tensor, **mo
                     if id(site.module) not in owned:
                         raise BackboneCheckError("probing", f"{where} is not a module of the model")
                     seen: list[Tensor] = []
-                    with site_hooks([site], lambda _, act: seen.append(act.clone())):
+                    with site_hooks([site], lambda _, act: seen.append(act.clone()), rows=2):
                         same = adapter.decision_logits(inputs, 2, tower)
                     if len(seen) != 1 or seen[0].dim() != 3 or (site.heads and seen[0].shape[-1] % site.heads):
                         raise BackboneCheckError("probing", f"{where} gave {[tuple(a.shape) for a in seen]}, not one (N, T, D) "
@@ -389,7 +389,7 @@ def _check_probing(adapter: Any, pixels: Tensor, ids: Tensor, mask: Tensor, **mo
                     def zero_row_1(_: int, act: Tensor) -> None:
                         act[1] = 0
 
-                    with site_hooks([site], zero_row_1):
+                    with site_hooks([site], zero_row_1, rows=2):
                         zeroed = adapter.decision_logits(inputs, 2, tower)
                     if not torch.equal(zeroed[0], clean[0]):
                         raise BackboneCheckError("probing", f"zeroing {where} in one row changed another row's decision")

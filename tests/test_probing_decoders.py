@@ -1,5 +1,6 @@
 """Activation patching of decoder VLMs (LLaVA, Qwen2-VL) through their family adapters: the language model's
-residual stream, attention output, query heads and MLP, and LLaVA's vision tower; the sanity properties of
+residual stream, attention output, query heads and MLP, and the vision towers (Qwen2-VL's packed patches); the
+sanity properties of
 activation patching, batched equals one cell at a time, hooks undone."""
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def test_self_patching_changes_nothing_and_the_last_layers_residual_restores_eit
                            direction=direction)
         assert not result.flagged
         torch.testing.assert_close(result.effect[-1], torch.ones(1, dtype=result.effect.dtype), atol=1e-10, rtol=0)
+        if modality == "image":  # the vision tower's last probed block carries the whole image to the language model
+            vision = probe.run(clean, corrupt, answers=ANSWERS, modality="image", site="resid", positions="all",
+                               direction=direction, tower="vision")
+            torch.testing.assert_close(vision.effect[-1], torch.ones(1, dtype=vision.effect.dtype), atol=1e-10, rtol=0)
 
 
 def test_with_the_image_corrupted_positions_before_the_first_image_token_have_no_effect(family):
@@ -202,3 +207,34 @@ def test_answer_words_of_several_tokens_are_decided_at_their_first_differing_tok
         decision_tokens(SimpleNamespace(answer_inputs=pieces.__getitem__), "blue", "black")  # BLIP: the first step
     with pytest.raises(ValueError, match="no token where they differ"):
         decision_tokens(decoder, "blue", "blue")
+
+
+def test_qwen2_vl_vision_heads_are_slices_before_proj_and_their_attention_is_rebuilt_over_the_image():
+    """Qwen2-VL's vision attention returns no probabilities: those head_attention rebuilds (rotary queries and keys)
+    times the values of qkv are dimensions [h*d, (h+1)*d) of proj's input; image_keys puts the packed patches back in
+    raster order; one cell per packed patch, each reaching the decision."""
+    model = tiny_qwen2_vl()
+    (clean, corrupt), _ = qwen_pairs()
+    heads = model.probe_site("vision", "self_head", 0).heads
+    taken = {}
+    block = model.blocks("image")[1]
+    handles = [block.attn.qkv.register_forward_hook(lambda m, a, out: taken.__setitem__("qkv", out)),
+               block.attn.proj.register_forward_pre_hook(lambda m, args: taken.__setitem__("context", args[0]))]
+    try:
+        probs = model.head_attention("vision", clean)
+    finally:
+        for handle in handles:
+            handle.remove()
+    patches = clean["pixel_values"].shape[0]
+    assert len(probs) == model.probe_layers("vision") and probs[1].shape == (1, heads, patches, patches)
+    values = taken["qkv"].view(patches, 3, heads, -1)[:, 2]
+    d = values.shape[-1]
+    for h in range(heads):
+        torch.testing.assert_close(taken["context"][:, h * d:(h + 1) * d], probs[1][0, h] @ values[:, h], atol=1e-10, rtol=0)
+    keys, (rows, cols) = model.image_keys("vision", clean)
+    assert (rows, cols) == (4, 6)
+    raster = torch.arange(rows * cols).view(rows // 2, 2, cols // 2, 2).permute(0, 2, 1, 3).flatten()
+    assert bool((raster[keys] == torch.arange(rows * cols)).all())  # raster cell c sits at packed position keys[c]
+    result = ActivationPatching(model).run(clean, corrupt, answers=ANSWERS, modality="image", site="mlp", tower="vision")
+    assert result.effect.shape == (model.probe_layers("vision"), patches)
+    assert float(result.effect[0].abs().min()) > 0  # every patch's own MLP output reaches the decision

@@ -242,7 +242,7 @@ def test_qwen2_vl_runs_keep_each_pictures_aspect_ratio_and_maps_go_back_to_the_o
 
 @pytest.mark.parametrize("family", ["hf_llava", "hf_qwen2_vl"])
 def test_a_probe_run_on_a_decoder_vlm_writes_role_maps_image_token_maps_and_head_overlays(tmp_path, capsys, family):
-    """NOTICE through train.py on a decoder VLM: every language-model site (and LLaVA's vision tower), effects by
+    """NOTICE through train.py on a decoder VLM: every language-model and vision-tower site, effects by
     prompt role (the image tokens one role), each image token's effect on the image's token grid, heads ranked."""
     from safetensors.torch import load_file
 
@@ -253,8 +253,7 @@ def test_a_probe_run_on_a_decoder_vlm_writes_role_maps_image_token_maps_and_head
                    "trainer.enable_progress_bar=false")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["pairs"] == 2 and summary["config"]["probe"]["sites"] == ["resid", "attn", "head", "mlp", "self_attn", "self_head"][
-        : 4 if family == "hf_qwen2_vl" else 6]
+    assert summary["pairs"] == 2 and summary["config"]["probe"]["sites"] == ["resid", "attn", "head", "mlp", "self_attn", "self_head"]
     effects = load_file(out / "effects.safetensors")
     layers = 2
     grid = (4, 4)  # 32 px: LLaVA's patch 8, or Qwen2-VL's patch 4 merged 2x2
@@ -273,5 +272,6 @@ def test_a_probe_run_on_a_decoder_vlm_writes_role_maps_image_token_maps_and_head
 
     rows = list(csv.DictReader((out / "heads.csv").open()))
     assert {(r["tower"], r["site"]) for r in rows} >= {("language", "head")} and len([r for r in rows if r["site"] == "head"]) == 2 * 4
-    if family == "hf_llava":
-        assert effects["image/vision/resid/mean"].shape == (2, 1) and "text/vision/resid/raw" not in effects
+    # the vision tower (Qwen2-VL's packed patches too), all its tokens at once, for image corruption only
+    assert effects["image/vision/resid/mean"].shape == (2, 1) and "text/vision/resid/raw" not in effects
+    assert effects["image/vision/self_head/mean"].shape == (2, 2) and float(effects["image/vision/self_head/mean"].abs().sum()) > 0

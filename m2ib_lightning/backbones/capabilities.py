@@ -141,6 +141,9 @@ class Site:
     module: nn.Module
     where: Literal["output", "input"]
     heads: int | None = None  # for head sites: how many heads the last dimension holds
+    #: the module sees its rows' tokens one after another, (N * T, D) (Qwen2-VL's vision transformer packs every
+    #: image's patches in one sequence); the patching hooks show it as (N, T, D)
+    packed: bool = False
 
 
 @runtime_checkable

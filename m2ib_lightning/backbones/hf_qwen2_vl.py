@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import AnswerBatch, ImageGeometry, ImageLayout, Modality, resolve_layer
-from .decoder import HFDecoderAnswerer
+from .capabilities import Site
+from .decoder import LANGUAGE_SITES, HFDecoderAnswerer
 from .loading import load_pretrained
 from .questions import HFQuestions
 
@@ -113,7 +114,6 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        """Probing: the language model's sites (its vision transformer's packed sequence is not probed yet)."""
         return (*super().capabilities, "probing")
 
     @classmethod
@@ -122,6 +122,66 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
         from transformers import Qwen2VLForConditionalGeneration
 
         return cls(*load_pretrained(Qwen2VLForConditionalGeneration, name_or_path, hub, image_processor_class()))
+
+    # ------------------------------------------------------------------ probing
+    #: the language model's layers, and the vision transformer's blocks (the merger reads the last one's output)
+    probe_towers = ("language", "vision")
+
+    def probe_sites(self, tower: str) -> tuple[str, ...]:
+        return ("resid", "mlp", "self_attn", "self_head") if tower == "vision" else LANGUAGE_SITES
+
+    def probe_site(self, tower: str, name: str, layer: int) -> Site:
+        """Vision sites see the packed patches of every row one after another (``packed``); a head is dimensions
+        [h*d, (h+1)*d) of ``proj``'s input, where the attention's per-image outputs are joined head by head."""
+        if tower != "vision":
+            return super().probe_site(tower, name, layer)
+        block = self.blocks("image")[layer]
+        if name == "resid":
+            return Site(block, "output", packed=True)
+        if name == "mlp":
+            return Site(block.mlp, "output", packed=True)
+        if name in ("self_attn", "self_head"):
+            attention = block.attn
+            return Site(attention.proj, "input", attention.num_heads if name == "self_head" else None, packed=True)
+        raise ValueError(f"site {name!r} is not one of the vision tower's {self.probe_sites(tower)}")
+
+    def image_keys(self, tower: str, inputs: dict[str, Tensor]) -> tuple[Tensor, tuple[int, int]]:
+        """The prompt's image tokens (language model: one per merge window), or the vision transformer's patches,
+        from window order back to the raster order of the image's patch grid."""
+        if tower != "vision":
+            return super().image_keys(tower, inputs)
+        _, rows, cols = inputs["image_grid_thw"][0].tolist()
+        return torch.argsort(window_cells(rows, cols, self.merge)), (rows, cols)
+
+    def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
+        """Language model: as for every decoder. Vision transformer: its attention returns no probabilities, so each
+        block's are rebuilt from what its attention reads (queries and keys of ``qkv``, the 2-D rotary positions):
+        softmax(q k^T / sqrt(d)) over the sample's one image (in float32 at least, as the eager path)."""
+        if tower != "vision":
+            return super().head_attention(tower, inputs)
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        probs: list[Tensor] = []
+
+        def rebuild(module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rotary = kwargs.get("position_embeddings")
+            if rotary is None:
+                raise RuntimeError("Qwen2-VL's vision attention was called without position_embeddings (transformers "
+                                   "< 5 passes rotary_pos_emb): its head attention cannot be rebuilt")
+            q, k, _ = module.qkv(hidden).reshape(len(hidden), 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
+            scores = torch.einsum("qhd,khd->hqk", q, k) * module.scaling
+            probs.append(torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)[None])
+
+        handles = [block.attn.register_forward_pre_hook(rebuild, with_kwargs=True) for block in self.blocks("image")]
+        try:
+            with torch.no_grad():
+                self.decision_logits(inputs, 1, tower)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return probs
 
     # ------------------------------------------------------------------ questions
     def image_part(self, encoded: Any) -> dict[str, Tensor]:

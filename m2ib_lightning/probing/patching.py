@@ -78,23 +78,27 @@ def _activation(output_or_args: Any) -> Tensor:
 
 
 @contextlib.contextmanager
-def site_hooks(sites: list[Site], edit: Callable[[int, Tensor], None]) -> Iterator[None]:
+def site_hooks(sites: list[Site], edit: Callable[[int, Tensor], None], rows: int = 1) -> Iterator[None]:
     """``edit(layer, activation)`` sees, and may change in place, each layer's site activation (N, T, D), ahead of
     every other hook on the module (transformers 5.x records hidden states, which LLaVA's projector reads, by
-    hooks of its own: they see the patched activation)."""
+    hooks of its own: they see the patched activation). ``rows``: N of the forward, by which a packed site's
+    (N * T, D) activation is shown as (N, T, D)."""
     handles = []
+
+    def edited(site: Site, layer: int, activation: Tensor) -> Tensor:
+        activation = activation.clone()
+        edit(layer, activation.view(rows, -1, activation.shape[-1]) if site.packed else activation)
+        return activation
+
     for layer, site in enumerate(sites):
         if site.where == "input":
-            def pre(module, args, layer=layer):
-                activation = args[0].clone()
-                edit(layer, activation)
-                return (activation, *args[1:])
+            def pre(module, args, layer=layer, site=site):
+                return (edited(site, layer, args[0]), *args[1:])
 
             handles.append(site.module.register_forward_pre_hook(pre, prepend=True))
         else:
-            def post(module, args, output, layer=layer):
-                activation = _activation(output).clone()
-                edit(layer, activation)
+            def post(module, args, output, layer=layer, site=site):
+                activation = edited(site, layer, _activation(output))
                 return (activation, *output[1:]) if isinstance(output, tuple) else activation
 
             handles.append(site.module.register_forward_hook(post, prepend=True))
@@ -173,7 +177,7 @@ class ActivationPatching:
                         dims = slice(cell.head * width, (cell.head + 1) * width)
                         act[row, at, dims] = source[where, dims]
 
-            with site_hooks(sites, edit):
+            with site_hooks(sites, edit, rows=len(chunk)):
                 logits = (self.adapter.decision_logits(base, len(chunk), tower) if prefix is None
                           else self.adapter.decision_logits_after(prefix, len(chunk)))
             p, ld = self._scores(logits, answers)
