@@ -28,12 +28,14 @@ def _finite_or_none(value: torch.Tensor) -> float | None:
 
 
 def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Rows of one shape stacked; 1-D rows of different lengths zero-padded to the longest."""
+    """Rows of one shape stacked; rows of different shapes (texts of other lengths, patch grids of other pictures)
+    zero-padded to the largest in each dimension: the index entry's ``length`` and ``patch_grid`` say what is real."""
     if all(r.shape == rows[0].shape for r in rows):
         return torch.stack(rows).contiguous()
-    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=rows[0].dtype)
+    shape = [max(r.shape[d] for r in rows) for d in range(rows[0].dim())]
+    out = torch.zeros(len(rows), *shape, dtype=rows[0].dtype)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = row
+        out[(i, *(slice(0, n) for n in row.shape))] = row
     return out
 
 

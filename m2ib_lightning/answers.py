@@ -277,8 +277,8 @@ def unanswerable(pictures: list[Tensor] | Tensor, answer_mask: Tensor) -> list[s
                for p, m in zip(pictures, answer_mask)]
     first = next((p.shape[-2:] for p, r in zip(pictures, reasons) if r is None), None)
     return [r or (None if p.shape[-2:] == first else
-                  f"picture of {tuple(p.shape[-2:])} px in a batch of {tuple(first)} px pictures: rerun with "
-                  "data.batch_size=1 to explain pictures of mixed sizes") for p, r in zip(pictures, reasons)]
+                  f"picture of {tuple(p.shape[-2:])} px in a batch of {tuple(first)} px pictures: a batch holds one "
+                  "picture size (runs batch by size: m2ib_lightning.data.attribution.same_size_batches)") for p, r in zip(pictures, reasons)]
 
 
 def answer_fields(model: Any, answer_ids: Tensor, answer_mask: Tensor, given: list[bool]) -> dict[str, list[str]]:

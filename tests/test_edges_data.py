@@ -151,3 +151,24 @@ def test_a_ranks_share_of_the_done_ids_is_what_its_readers_can_meet(tmp_path):
         met = {e.id for w in range(workers) for e in source.split(rank * workers + w, world * workers)}
         share = ManifestSource.rank_share(rank, world, workers)
         assert met == {f"p{i}" for i in range(40) if share(f"p{i}")} and met
+
+
+def test_batches_hold_one_picture_size_in_stream_order_with_failures_riding_along_and_few_sizes_open():
+    import torch
+
+    from m2ib_lightning.data.attribution import same_size_batches
+
+    def item(name: str, h: int, w: int) -> dict:
+        return {"id": name, "picture": torch.zeros(3, h, w)}
+
+    stream = [item("a1", 8, 16), item("b1", 16, 8), {"id": "bad", "failure": "unreadable"}, item("a2", 8, 16),
+              item("b2", 16, 8), item("a3", 8, 16), item("c1", 8, 8)]
+    batches = [[i["id"] for i in batch] for batch in same_size_batches(iter(stream), 2)]
+    assert batches == [["bad", "a1", "a2"], ["b1", "b2"], ["a3"], ["c1"]]  # every item once; full batches first
+    # past max_open sizes held part-filled, the oldest goes out short: memory stays bounded
+    many = [item(f"s{n}", 8, 8 * (n + 1)) for n in range(5)]
+    assert [[i["id"] for i in b] for b in same_size_batches(iter(many), 4, max_open=2)] == [["s0"], ["s1"], ["s2"], ["s3"], ["s4"]]
+    assert [len(b) for b in same_size_batches(iter([item(str(n), 8, 8) for n in range(5)]), 2)] == [2, 2, 1]
+    assert list(same_size_batches(iter([{"id": "x", "failure": "gone"}]), 2)) == [[{"id": "x", "failure": "gone"}]]
+    with pytest.raises(ValueError, match="batch_size"):
+        next(same_size_batches(iter(stream), 0))

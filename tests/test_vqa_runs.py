@@ -228,16 +228,32 @@ def test_an_evaluation_of_qwen2_vl_scores_every_method_on_its_pictures(tmp_path,
 
 
 def test_qwen2_vl_runs_keep_each_pictures_aspect_ratio_and_maps_go_back_to_the_original(tmp_path, capsys):
+    """Pictures of three sizes interleaved in one manifest: batched by size (2 per batch), every one explained, each
+    map on its own picture's grid and the same as when each question is its own batch."""
     checkpoint = _save_qwen2_vl(tmp_path / "qwen")
-    Image.new("RGB", (30, 20), "red").save(tmp_path / "wide.png")  # resized as Qwen2-VL does: 32 x 16 px (multiples of 8)
-    line = {"id": "w", "image": "wide.png", "question": "what colour is the circle?", "answer": "red"}
-    (tmp_path / "q.jsonl").write_text(json.dumps(line) + "\n")
-    out = tmp_path / "run"
-    assert _main(capsys, *_args(out, checkpoint, f"data.manifest={tmp_path / 'q.jsonl'}")).returncode == 0
-    (record,) = read_attributions(out)
-    assert tuple(record.image_capacity.shape) == (4, 8) and tuple(record.image_map.shape) == (16, 32)
-    (original,) = read_attributions(out, original_size=True)
-    assert tuple(original.image_map.shape) == (20, 30)
+    g = torch.Generator().manual_seed(0)
+    sizes = {"w": (30, 20), "t": (20, 30), "s": (24, 24)}  # resized as Qwen2-VL does: 32x16, 16x32, 24x24 px
+    lines = []
+    for i, kind in enumerate("wtswt"):
+        pixels = (torch.rand(*sizes[kind][::-1], 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{kind}{i}.png")
+        lines.append({"id": f"{kind}{i}", "image": f"{kind}{i}.png", "question": "what colour is the circle?", "answer": "red"})
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    runs = {}
+    for batch in (2, 1):
+        out = tmp_path / f"batch{batch}"
+        assert _main(capsys, *_args(out, checkpoint, f"data.manifest={tmp_path / 'q.jsonl'}", f"data.batch_size={batch}")).returncode == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["done"] == 5 and summary["failed"] == 0
+        runs[batch] = {r.id: r for r in read_attributions(out)}
+    grids = {"w": (4, 8), "t": (8, 4), "s": (6, 6)}
+    for sample_id, record in runs[2].items():
+        assert tuple(record.image_capacity.shape) == grids[sample_id[0]], sample_id
+        assert tuple(record.image_map.shape) == tuple(4 * v for v in grids[sample_id[0]])
+        torch.testing.assert_close(record.image_capacity, runs[1][sample_id].image_capacity, atol=1e-4, rtol=0)
+        torch.testing.assert_close(record.text_capacity, runs[1][sample_id].text_capacity, atol=1e-4, rtol=0)
+    original = {r.id: r for r in read_attributions(tmp_path / "batch2", original_size=True)}
+    assert tuple(original["w0"].image_map.shape) == (20, 30) and tuple(original["t1"].image_map.shape) == (30, 20)
 
 
 @pytest.mark.parametrize("family", ["hf_llava", "hf_qwen2_vl"])

@@ -3,7 +3,8 @@
 A source (the shapes world, a manifest, WebDataset shards) yields records and
 failure reports in a fixed order and hands each rank and loader worker its own
 share (``split(slot, slots, skip)``), minus the ids already done. Nothing holds
-the whole dataset: a run of a million pairs keeps only the batch in flight.
+the whole dataset: a run of a million pairs keeps only the batches being filled
+(one per picture size, at most 8).
 
 A sample's noise seed derives from the run seed and the sample id alone, so
 its maps do not depend on order, batch size, worker count or device count.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from functools import cached_property, partial
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import lightning as L
 import torch
@@ -266,6 +267,46 @@ def collate_questions(items: list[dict[str, Any]], pad_id: int, backbone: Any) -
     return batch
 
 
+def same_size_batches(items: Iterable[dict[str, Any]], batch_size: int, max_open: int = 8) -> Iterator[list[dict[str, Any]]]:
+    """Items in lists of ``batch_size`` whose pictures (``picture``, else ``pixel_values``) have one size, in stream
+    order within each size: a batch holds one map size (Qwen2-VL keeps each picture's own). Failed items ride with
+    the next batch out. At most ``max_open`` sizes are held part-filled: a new one past that sends the oldest out
+    short, so memory stays at ``max_open`` batches whatever the data."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    open_batches: dict[tuple[int, ...], list[dict[str, Any]]] = {}  # insertion order: the oldest first
+    failed: list[dict[str, Any]] = []
+    for item in items:
+        if "failure" in item:
+            failed.append(item)
+            continue
+        size = tuple((item["picture"] if "picture" in item else item["pixel_values"]).shape[-2:])
+        if size not in open_batches and len(open_batches) == max_open:
+            oldest = next(iter(open_batches))
+            yield [*failed, *open_batches.pop(oldest)]
+            failed = []
+        batch = open_batches.setdefault(size, [])
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield [*failed, *open_batches.pop(size)]
+            failed = []
+    for batch in open_batches.values():
+        yield [*failed, *batch]
+        failed = []
+    if failed:
+        yield failed
+
+
+class SizedBatches(IterableDataset):
+    """A stream's items as :func:`same_size_batches` (each worker batches its own share)."""
+
+    def __init__(self, stream: IterableDataset, batch_size: int):
+        self.stream, self.batch_size = stream, batch_size
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return same_size_batches(iter(self.stream), self.batch_size)
+
+
 class PairDataModule(L.LightningDataModule):
     """Predict-only data module streaming a source of pairs (or, with ``questions``, of questions for an answer
     adapter); each rank takes its share at ``setup``.
@@ -301,9 +342,6 @@ class PairDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """``skip_ids`` is read here, after every setup hook: a run's owner knows what is done only once it holds the output."""
         self.dataset.skip_ids = self.skip_ids() if callable(self.skip_ids) else self.skip_ids
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-        )
+        # batched here, one picture size per batch; the loader only collates (batch_size=None)
+        return DataLoader(SizedBatches(self.dataset, self.batch_size), batch_size=None, num_workers=self.num_workers,
+                          collate_fn=self.collate)
