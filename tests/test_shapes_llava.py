@@ -129,3 +129,39 @@ def test_on_the_shipped_llava_m2ib_points_at_the_object_a_question_is_about():
     error = hits.std() / len(hits) ** 0.5
     print(f"\npointing game of M2IB on answers, shipped LLaVA: {hits.mean():.3f} +- {error:.3f}; random {chance.mean():.3f}")
     assert hits.mean() - chance.mean() > 2 * error
+
+
+def test_the_position_loss_adds_each_image_tokens_row_and_column_and_trains_only_a_head_of_the_fit():
+    """model.position_loss: the answers' loss plus w x (cross-entropy of each patch's row + column) read from the
+    projector's output by the fit's own linear head, which the optimizer trains and the saved model does not hold."""
+    from m2ib_lightning.modules import LlavaTraining
+    from m2ib_lightning.shapes.models.shapes_llava import build_llava_tokenizer, build_shapes_llava
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=4)
+    model = build_shapes_llava(build_llava_tokenizer(), vision, width=32, layers=1, heads=2, vision_feature_layer=-1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, 16), model.config.image_token_id), torch.tensor([[9, 10, 11]])], 1)
+    ids = ids.expand(2, -1).clone()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(ids.shape[1]).expand_as(ids),
+             "pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.full_like(ids, -100)}
+    batch["labels"][:, -1] = 11
+    plain = LlavaTraining(model).training_step(batch, 0)
+    fit = LlavaTraining(model, position_loss=0.5)
+    assert LlavaTraining(model).position_head is None
+    taken = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: taken.append(out))
+    try:
+        total = fit.training_step(batch, 0)
+    finally:
+        handle.remove()
+    logits = fit.position_head(taken[0])  # (2, 16 patches, 4 rows + 4 columns)
+    cells = torch.arange(16)
+    rows = sum(torch.nn.functional.cross_entropy(logits[b, :, :4], cells // 4) for b in range(2)) / 2
+    cols = sum(torch.nn.functional.cross_entropy(logits[b, :, 4:], cells % 4) for b in range(2)) / 2
+    torch.testing.assert_close(total, plain + 0.5 * (rows + cols), atol=1e-6, rtol=0)
+    assert not any(k.startswith("position_head") for k in model.state_dict())  # what save_pretrained writes
+    fit.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    optimizer = fit.configure_optimizers()["optimizer"]
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in fit.position_head.parameters()} <= trained

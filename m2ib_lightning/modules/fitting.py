@@ -63,13 +63,15 @@ class ContrastiveCLIP(L.LightningModule):
 
 
 def adamw_with_warmup_cosine(model: nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
-                             lr_scales: dict[str, float] | None = None) -> dict:
+                             lr_scales: dict[str, float] | None = None, extra: nn.Module | None = None) -> dict:
     """AdamW (no decay on biases, norms and embeddings), linear warm-up, cosine decay to 0: the recipe of every fit.
 
-    ``lr_scales``: {parameter-name prefix: factor} for parts that learn slower (a pretrained vision tower)."""
+    ``lr_scales``: {parameter-name prefix: factor} for parts that learn slower (a pretrained vision tower);
+    ``extra``: parameters trained beside the model's (a training-only head), at the full rate."""
     scales = lr_scales or {}
     groups: dict[tuple[bool, float], list] = {}
-    for name, p in model.named_parameters():
+    named = [*model.named_parameters(), *(extra.named_parameters(prefix="\0extra") if extra is not None else ())]
+    for name, p in named:
         decays = p.ndim >= 2 and "embedding" not in name
         scale = next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
         groups.setdefault((decays, scale), []).append(p)
@@ -133,7 +135,19 @@ class VQATraining(AnswerFit):
 
 
 class LlavaTraining(AnswerFit):
-    """Fits an injected ``LlavaForConditionalGeneration`` on one-word answers."""
+    """Fits an injected ``LlavaForConditionalGeneration`` on one-word answers.
+
+    ``position_loss`` > 0: each image token (the projector's output, what the language model reads) must also tell
+    its patch's row and column through a linear head of the fit's own (not saved with the model), the loss added
+    with that weight: the image tokens keep where they are, which side and place questions read."""
+
+    def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200,
+                 lr_scales: dict[str, float] | None = None, position_loss: float = 0.0):
+        super().__init__(model, lr, weight_decay, warmup_steps, lr_scales)
+        vision = model.config.vision_config
+        self.grid = vision.image_size // vision.patch_size
+        self.position_loss = position_loss
+        self.position_head = nn.Linear(model.config.text_config.hidden_size, 2 * self.grid) if position_loss > 0 else None
 
     def _forward(self, batch: dict[str, Tensor], logits_to_keep: int) -> Tensor:
         return self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
@@ -141,10 +155,30 @@ class LlavaTraining(AnswerFit):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Every answer of the batch's conversations (the vocabulary is small: every position's logits are cheap)."""
-        logits = self._forward(batch, 0)[:, :-1]
+        taken: list[Tensor] = []
+        handle = (self.model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: taken.append(out))
+                  if self.position_head is not None else None)
+        try:
+            logits = self._forward(batch, 0)[:, :-1]
+        finally:
+            if handle is not None:
+                handle.remove()
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
         self.log("train/loss", loss, prog_bar=True)
+        if self.position_head is not None:
+            tokens = taken[0][:, -self.grid ** 2:]  # the patches in raster order (a CLS, if kept, comes first)
+            rows, cols = self.position_head(tokens).float().split(self.grid, dim=-1)
+            cells = torch.arange(self.grid ** 2, device=tokens.device).expand(len(tokens), -1)
+            where = (nn.functional.cross_entropy(rows.flatten(0, 1), (cells // self.grid).flatten())
+                     + nn.functional.cross_entropy(cols.flatten(0, 1), (cells % self.grid).flatten()))
+            self.log("train/position_loss", where)
+            loss = loss + self.position_loss * where
         return loss
+
+    def configure_optimizers(self):
+        return adamw_with_warmup_cosine(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
+                                        int(self.trainer.estimated_stepping_batches), self.hparams.lr_scales,
+                                        extra=self.position_head)
 
     def first_answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """One question per prompt (held-out batches): the position before the answer word and ``</s>``."""
