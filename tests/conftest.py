@@ -14,6 +14,14 @@ EOS = 99
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train_main(*args: str) -> int:
+    """train.py's main in this process (no interpreter start-up): its exit status."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    return train.main(list(args))
+
+
 def tiny_clip(seed: int = 0, *, layers: int = 4, eos_token_id: int = EOS):
     """A small random CLIP built from a config (nothing downloaded)."""
     from transformers import CLIPConfig, CLIPModel

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, train_main
 from m2ib_lightning.results import (
     LOCK_FILE, OutputInUse, RunLock, SHARD_DIR, atomic_write, index_entries, pending_path, shard_names,
 )
@@ -114,11 +114,8 @@ def _refused(proc: subprocess.CompletedProcess, *phrases: str) -> str:
 
 def _main(capsys, *args: str) -> subprocess.CompletedProcess:
     """train.py's main in this process (no interpreter start-up), as a finished process would report it."""
-    sys.path.insert(0, str(ROOT))
-    import train
-
     capsys.readouterr()
-    code = train.main(list(args))
+    code = train_main(*args)
     captured = capsys.readouterr()
     # main itself prints no traceback (it returns 2 with one line); what else reaches stderr in this process
     # (Lightning's log handlers of earlier tests, writing to closed streams) is not the run's

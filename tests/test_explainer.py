@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_images, make_texts, tiny_clip
+from conftest import ROOT, make_images, make_texts, tiny_clip, train_main
 from test_edges_runs import _main
 from m2ib_lightning.amortised import AmortisedM2IB, ExplainerNetwork, map_agreement, new_explainer
 from m2ib_lightning.engine import M2IBConfig
@@ -30,14 +30,6 @@ def _train(*args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _in_process(*args: str) -> None:
-    """train.py's main in this process (no interpreter start-up), for the fixtures."""
-    sys.path.insert(0, str(ROOT))
-    import train
-
-    assert train.main(list(args)) == 0
-
-
 def _run_args(out: Path, bundle: Path, *extra: str) -> tuple[str, ...]:
     return (f"output_dir={out}", f"model.name_or_path={bundle}", *M2IB_ARGS, "export.overlays=0",
             "trainer.enable_progress_bar=false", *extra)
@@ -46,16 +38,17 @@ def _run_args(out: Path, bundle: Path, *extra: str) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory, tiny_bundle) -> Path:
     out = tmp_path_factory.mktemp("explainer") / "exact"
-    _in_process(*_run_args(out, tiny_bundle, "data.num_samples=16", "data.batch_size=4", "export.samples_per_shard=4"))
+    assert train_main(*_run_args(out, tiny_bundle, "data.num_samples=16", "data.batch_size=4", "export.samples_per_shard=4")) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def explainer_dir(exact_run) -> Path:
     out = exact_run.parent / "fit"
-    _in_process(str(ROOT / "configs/fit_explainer.yaml"), f"exact_run={exact_run}", f"output_dir={out}", "data.batch_size=4", "data.num_workers=0",
-           "data.held_out_fraction=0.25", "network.width=16", "network.depth=1", "network.heads=2", "trainer.max_steps=6",
-           "trainer.val_check_interval=3", "optim.warmup_steps=2", "trainer.enable_progress_bar=false")
+    assert train_main(str(ROOT / "configs/fit_explainer.yaml"), f"exact_run={exact_run}", f"output_dir={out}", "data.batch_size=4",
+                      "data.num_workers=0", "data.held_out_fraction=0.25", "network.width=16", "network.depth=1",
+                      "network.heads=2", "trainer.max_steps=6", "trainer.val_check_interval=3", "optim.warmup_steps=2",
+                      "trainer.enable_progress_bar=false") == 0
     return out / "explainer"
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, train_main
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -37,11 +37,8 @@ def _probe_here(capsys, out: Path, bundle: Path, *extra: str) -> subprocess.Comp
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_vqa_bundle) -> Path:
-    sys.path.insert(0, str(ROOT))
-    import train
-
     out = tmp_path_factory.mktemp("probe") / "one"
-    assert train.main(_arguments(out, tiny_vqa_bundle, "threads=1")) == 0
+    assert train_main(*_arguments(out, tiny_vqa_bundle, "threads=1")) == 0
     return out
 
 

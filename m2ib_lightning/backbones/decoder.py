@@ -33,6 +33,9 @@ IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
 #: the probe sites of a language-model layer: the residual stream after it, the attention output (the input of
 #: ``o_proj``, where the heads are still apart) whole or split into query heads, and the MLP's output proper
 LANGUAGE_SITES = ("resid", "attn", "head", "mlp")
+#: the probe sites of a vision-tower block: its output, its MLP's output, its attention output before the output
+#: projection whole or split into heads
+VISION_SITES = ("resid", "mlp", "self_attn", "self_head")
 
 
 class _Embedded(Exception):

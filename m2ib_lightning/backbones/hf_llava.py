@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .base import ImageLayout, Modality, one_image_per_sample, resolve_layer, square_patch_grid
 from .capabilities import Site
-from .decoder import LANGUAGE_SITES, HFDecoderAnswerer
+from .decoder import LANGUAGE_SITES, VISION_SITES, HFDecoderAnswerer
 from .questions import HFQuestions
 
 
@@ -49,7 +49,7 @@ class HFLlavaAnswerer(HFQuestions, HFDecoderAnswerer):
     probe_towers = ("language", "vision")
 
     def probe_sites(self, tower: str) -> tuple[str, ...]:
-        return ("resid", "mlp", "self_attn", "self_head") if tower == "vision" else LANGUAGE_SITES
+        return VISION_SITES if tower == "vision" else LANGUAGE_SITES
 
     def probe_layers(self, tower: str) -> int:
         """Language-model layers; vision blocks up to the last one whose output the language model reads."""

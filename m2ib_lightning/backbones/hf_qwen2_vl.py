@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .base import AnswerBatch, ImageGeometry, ImageLayout, Modality, resolve_layer
 from .capabilities import Site
-from .decoder import LANGUAGE_SITES, HFDecoderAnswerer
+from .decoder import LANGUAGE_SITES, VISION_SITES, HFDecoderAnswerer
 from .loading import load_pretrained
 from .questions import HFQuestions
 
@@ -128,7 +128,7 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
     probe_towers = ("language", "vision")
 
     def probe_sites(self, tower: str) -> tuple[str, ...]:
-        return ("resid", "mlp", "self_attn", "self_head") if tower == "vision" else LANGUAGE_SITES
+        return VISION_SITES if tower == "vision" else LANGUAGE_SITES
 
     def probe_site(self, tower: str, name: str, layer: int) -> Site:
         """Vision sites see the packed patches of every row one after another (``packed``); a head is dimensions

@@ -276,25 +276,26 @@ def same_size_batches(items: Iterable[dict[str, Any]], batch_size: int, max_open
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     open_batches: dict[tuple[int, ...], list[dict[str, Any]]] = {}  # insertion order: the oldest first
     failed: list[dict[str, Any]] = []
+
+    def out(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal failed
+        batch, failed = [*failed, *batch], []
+        return batch
+
     for item in items:
         if "failure" in item:
             failed.append(item)
             continue
         size = tuple((item["picture"] if "picture" in item else item["pixel_values"]).shape[-2:])
         if size not in open_batches and len(open_batches) == max_open:
-            oldest = next(iter(open_batches))
-            yield [*failed, *open_batches.pop(oldest)]
-            failed = []
-        batch = open_batches.setdefault(size, [])
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield [*failed, *open_batches.pop(size)]
-            failed = []
+            yield out(open_batches.pop(next(iter(open_batches))))
+        open_batches.setdefault(size, []).append(item)
+        if len(open_batches[size]) == batch_size:
+            yield out(open_batches.pop(size))
     for batch in open_batches.values():
-        yield [*failed, *batch]
-        failed = []
+        yield out(batch)
     if failed:
-        yield failed
+        yield out([])
 
 
 class SizedBatches(IterableDataset):

@@ -70,7 +70,7 @@ def adamw_with_warmup_cosine(model: nn.Module, lr: float, weight_decay: float, w
     ``extra``: parameters trained beside the model's (a training-only head), at the full rate."""
     scales = lr_scales or {}
     groups: dict[tuple[bool, float], list] = {}
-    named = [*model.named_parameters(), *(extra.named_parameters(prefix="\0extra") if extra is not None else ())]
+    named = [*model.named_parameters(), *(extra.named_parameters(prefix="training_only") if extra is not None else ())]
     for name, p in named:
         decays = p.ndim >= 2 and "embedding" not in name
         scale = next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)

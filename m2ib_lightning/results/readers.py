@@ -129,7 +129,7 @@ def read_attributions(
     """
     for entry, tensors in indexed_samples(Path(output_dir), shard):
         row, length = entry["row"], entry["length"]
-        rows, cols = entry.get("patch_grid") or tensors["image_capacity"].shape[-2:]
+        rows, cols = entry["patch_grid"]
         grid = tensors["image_capacity"][row, :rows, :cols]  # a shard pads pictures of other sizes to its largest
         image_map = image_maps_from_capacity(grid.flatten()[None], tuple(grid.shape), tuple(entry["image_size"]))[0]
         if original_size:
