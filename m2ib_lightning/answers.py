@@ -145,6 +145,21 @@ def _replayable(calls: list[BlockCall], blocks: Sequence[nn.Module]) -> bool:
                                              for c in calls)
 
 
+def replay_tail(model: Any, modality: Modality, batch: Any, tail: Sequence[nn.Module], calls: list[BlockCall],
+                output: Tensor, copies: int) -> Tensor:
+    """(B * copies,) log p(answer) from the bottleneck's output: the blocks after it with the arguments the model's
+    own forward gave them; the text fit leaves its last block (the language model's last layer) to the adapter
+    where it can finish from that block's input (``answer_from_last_input``: only the answer-predicting rows)."""
+    finish = getattr(model, "answer_from_last_input", None) if modality == "text" and len(tail) else None
+    if finish is not None and not calls[-1].args:
+        for blk, call in zip(tail[:-1], calls[:-1]):
+            output = call(blk, output)
+        return finish(batch, output, calls[-1].kwargs, copies)
+    for blk, call in zip(tail, calls):
+        output = call(blk, output)
+    return model.answer_from_block(modality, batch, output, copies)
+
+
 def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int, seeds: Tensor,
                           config: M2IBConfig) -> tuple[Tensor, Tensor]:
     """Fit one tower's bottleneck at block ``layer`` for a batch; returns (per-position capacity (B, T), zero where
@@ -173,9 +188,7 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
         noisy = torch.where(real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
         output = model.bottleneck_output(modality, batch, noisy)
         if replay:
-            for blk, call in zip(tail, calls):
-                output = call(blk, output)
-            fit = model.answer_from_block(modality, batch, output, copies).view(batch_size, copies).mean(1)
+            fit = replay_tail(model, modality, batch, tail, calls, output, copies).view(batch_size, copies).mean(1)
         else:
             recording = recorded_calls(tail, calls) if step == 0 and tail is not None else contextlib.nullcontext()
             with replaced_output(block, output), recording:

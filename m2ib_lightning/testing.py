@@ -418,31 +418,33 @@ def naive_answer_m2ib(model: Any, pixel_values: Tensor, input_ids: Tensor, atten
     from .answers import replaced_output
     from .bottleneck import capacity, masked_moments
 
-    batch = model.answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask, **model_inputs)
-    block = model.blocks(modality)[layer]
-    captured: list[Tensor] = []
-    with torch.no_grad(), replaced_output(block, capture=captured):
-        model.answer_log_likelihood(batch)
-    hidden, where = model.bottleneck_tokens(modality, batch, captured[0])[0], batch.positions[modality][0]
-    alpha = torch.full_like(hidden, 5.0, requires_grad=True)
-    optimizer = torch.optim.Adam([alpha], lr=config.lr)
-    generator = torch.Generator().manual_seed(seed)
-    for step in range(config.steps):
-        noise = torch.randn((config.num_noise, int(where.sum()), hidden.shape[-1]), generator=generator, dtype=hidden.dtype)
-        mu, var = masked_moments(hidden, alpha)
-        fits = []
-        for k in range(config.num_noise):
-            z = hidden.clone()
-            z[where] = mu[where] + var[where].sqrt() * noise[k]
-            with replaced_output(block, model.bottleneck_output(modality, batch, z[None, None])):
-                fits.append(model.answer_log_likelihood(batch)[0])
-        if step == config.steps - 1:
-            break
-        loss = config.beta * capacity(mu, var)[where].mean() - torch.stack(fits).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return (capacity(mu, var) * where[:, None]).sum(-1).detach()
+    # observed, the language model's last layer runs whole (no rows-only shortcut): the reference is the model's own forward
+    with replaced_output(model.blocks("text")[-1], capture=[]):
+        batch = model.answer_batch(pixel_values, input_ids, attention_mask, answer_ids, answer_mask, **model_inputs)
+        block = model.blocks(modality)[layer]
+        captured: list[Tensor] = []
+        with torch.no_grad(), replaced_output(block, capture=captured):
+            model.answer_log_likelihood(batch)
+        hidden, where = model.bottleneck_tokens(modality, batch, captured[0])[0], batch.positions[modality][0]
+        alpha = torch.full_like(hidden, 5.0, requires_grad=True)
+        optimizer = torch.optim.Adam([alpha], lr=config.lr)
+        generator = torch.Generator().manual_seed(seed)
+        for step in range(config.steps):
+            noise = torch.randn((config.num_noise, int(where.sum()), hidden.shape[-1]), generator=generator, dtype=hidden.dtype)
+            mu, var = masked_moments(hidden, alpha)
+            fits = []
+            for k in range(config.num_noise):
+                z = hidden.clone()
+                z[where] = mu[where] + var[where].sqrt() * noise[k]
+                with replaced_output(block, model.bottleneck_output(modality, batch, z[None, None])):
+                    fits.append(model.answer_log_likelihood(batch)[0])
+            if step == config.steps - 1:
+                break
+            loss = config.beta * capacity(mu, var)[where].mean() - torch.stack(fits).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return (capacity(mu, var) * where[:, None]).sum(-1).detach()
 
 
 def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers: tuple[int, ...] = (0, -1),

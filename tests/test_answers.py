@@ -414,3 +414,30 @@ def test_qwen2_vl_refuses_inputs_that_do_not_fit_and_explains_its_greedy_answer(
                               mm_token_type_ids=(prompt == QWEN_IMAGE).int()).logits[0, -1]
         if int(logits.argmax()) != 2:  # not EOS: the first answer token is the argmax
             assert own.answer_ids[b, 0] == logits.argmax() and own.answer_mask[b, 0] == 1
+
+
+@pytest.mark.parametrize("family", ["hf_llava", "hf_qwen2_vl"])
+def test_the_last_language_model_layer_runs_only_at_the_answer_predicting_positions_with_the_same_numbers(family, monkeypatch):
+    """log p(answer) with the last layer computed at the score rows (layer_at_rows) = the model's own whole layer
+    (float64, 1e-10, padded batch); the whole layer never runs, unless something observes it; the fits agree."""
+    model, example = (tiny_llava(), dict(zip(("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask"),
+                                             inputs()))) if family == "hf_llava" else (tiny_qwen2_vl(), qwen_inputs())
+    batch = model.answer_batch(**example)
+    last = model.blocks("text")[-1]
+    whole_calls = []
+    original = type(last).forward
+    monkeypatch.setattr(type(last), "forward", lambda self, *a, **k: (whole_calls.append(self is last), original(self, *a, **k))[1])
+    with torch.no_grad():
+        with replaced_output(last, capture=[]):  # observed: the whole layer, the model's own numbers
+            whole = model.answer_log_likelihood(batch, 2)
+        assert any(whole_calls)
+        whole_calls.clear()
+        rows_only = model.answer_log_likelihood(batch, 2)
+    assert not any(whole_calls) and len(batch.score_positions) < batch.inputs["input_ids"].shape[1] // 2
+    torch.testing.assert_close(rows_only, whole, atol=1e-10, rtol=0)
+    config = M2IBConfig(vision_layer=0, text_layer=0, steps=3, num_noise=2)
+    fast = attribute_answers(model, **example, config=config, seed=[1, 2])
+    with replaced_output(last, capture=[]):
+        slow = attribute_answers(model, **example, config=config, seed=[1, 2])
+    for name in ("image_capacity", "text_capacity", "image_fit", "text_fit"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), atol=1e-10, rtol=0)

@@ -16,14 +16,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import (
-    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, eager_attention, pad_token_ids, real_tokens,
+    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, block_output, eager_attention, pad_token_ids,
+    real_tokens,
 )
 from .capabilities import Site
 
@@ -43,6 +45,63 @@ class _Embedded(Exception):
 
     def __init__(self, embeds: Tensor):
         self.embeds = embeds
+
+
+class _LastLayerInput(Exception):
+    """Raised by the pre-hook on the language model's last layer: what it was called with (it does not run)."""
+
+    def __init__(self, hidden: Tensor, kwargs: dict[str, Any]):
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+def rows_computable(layer: torch.nn.Module) -> bool:
+    """Whether :func:`layer_at_rows` can stand for ``layer``: a pre-norm decoder layer (``input_layernorm``,
+    ``self_attn`` with q/k/v/o projections and the rotary embedding of its modeling file, ``post_attention_layernorm``,
+    ``mlp``) with full causal attention, and nothing observing it (no forward hook on it or inside it: a hook
+    would miss the positions not computed)."""
+    attn = getattr(layer, "self_attn", None)
+    parts = all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")) and attn is not None
+    if not parts or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+        return False
+    if getattr(attn, "sliding_window", None) is not None or not hasattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb"):
+        return False
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+
+
+def layer_at_rows(layer: torch.nn.Module, hidden: Tensor, kwargs: dict[str, Any], rows: Tensor) -> Tensor:
+    """The output of decoder ``layer`` at sequence positions ``rows`` only, (B, len(rows), D), from its input
+    ``hidden`` (B, L, D) and the other arguments the model called it with (``position_embeddings``, the mask): keys
+    and values at every position, queries, attention output and MLP at ``rows``. The layer's own attention in
+    eager form (softmax in >= float32), so the numbers are the whole layer's at those rows."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    normed = layer.input_layernorm(hidden)
+
+    def heads(x: Tensor) -> Tensor:
+        return x.view(batch, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+
+    query, key, value = heads(attn.q_proj(normed[:, rows])), heads(attn.k_proj(normed)), heads(attn.v_proj(normed))
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    cos, sin = kwargs["position_embeddings"]
+    query = rotate(query, query, cos[:, rows], sin[:, rows])[0]
+    key = rotate(key, key, cos, sin)[1]
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves ``groups`` query heads
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * attn.scaling
+    mask = kwargs.get("attention_mask")
+    if mask is None:  # the model relied on causal attention alone
+        mask = torch.arange(length, device=rows.device)[None, :] <= rows[:, None]
+    else:
+        mask = mask[:, :, rows, :length]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores + mask, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    out = attn.o_proj(torch.matmul(weights, value).transpose(1, 2).reshape(batch, len(rows), -1))
+    residual = hidden[:, rows] + out
+    return residual + layer.mlp(layer.post_attention_layernorm(residual))
 
 
 class HFDecoderAnswerer(HFAnswerLayout):
@@ -147,8 +206,38 @@ class HFDecoderAnswerer(HFAnswerLayout):
         """(B * copies,) sum over real answer tokens of log_softmax(logits)[answer], each sample's rows repeated
         ``copies`` times (the K noise copies); only the positions that predict answer tokens reach the vocabulary."""
         inputs = self.repeat_inputs(batch.inputs, copies)
-        logits = self.module(**inputs, logits_to_keep=batch.score_positions, use_cache=False).logits
-        return self._answer_scores(logits, batch, copies)
+        return self._scored(lambda: self.module(**inputs, logits_to_keep=batch.score_positions, use_cache=False), batch, copies)
+
+    def _scored(self, forward: Callable[[], Any], batch: AnswerBatch, copies: int) -> Tensor:
+        """log p(answer) of a model ``forward`` (logits at ``batch.score_positions``), the language model's last layer
+        computed at those positions only (:func:`layer_at_rows`); the whole layer where it cannot be
+        (:func:`rows_computable`: another form, or something observing it)."""
+        last = self.blocks("text")[-1]
+        if not rows_computable(last):
+            return self._answer_scores(forward().logits, batch, copies)
+
+        def stop(module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            raise _LastLayerInput(hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        handle, taken = last.register_forward_pre_hook(stop, with_kwargs=True), None
+        try:
+            forward()
+        except _LastLayerInput as stopped:
+            taken = stopped
+        finally:
+            handle.remove()
+        if taken is None:
+            raise RuntimeError("the language model's last layer did not run")
+        return self.answer_from_last_input(batch, taken.hidden, taken.kwargs, copies)
+
+    def answer_from_last_input(self, batch: AnswerBatch, hidden: Tensor, kwargs: dict[str, Any], copies: int) -> Tensor:
+        """(B * copies,) log p(answer) from the input of the language model's last layer and the other arguments it
+        is called with: that layer, the final norm and the vocabulary projection at the answer-predicting positions
+        only (the whole layer where :func:`rows_computable` says no)."""
+        last, rows = self.blocks("text")[-1], batch.score_positions
+        out = layer_at_rows(last, hidden, kwargs, rows) if rows_computable(last) else block_output(last(hidden, **kwargs))[:, rows]
+        return self._answer_scores(self.module.lm_head(self._language_model().norm(out)), batch, copies)
 
     def _answer_scores(self, logits: Tensor, batch: AnswerBatch, copies: int) -> Tensor:
         """(B * copies,) log p(answer) from the logits (B * copies, score positions, V) at ``batch.score_positions``."""
@@ -184,8 +273,8 @@ class HFDecoderAnswerer(HFAnswerLayout):
         embeds = self.module.get_input_embeddings()(ids)
         features = self.image_features(hidden).to(embeds.dtype)
         embeds = embeds.masked_scatter((ids == self.image_token_id)[..., None].expand_as(embeds), features)
-        logits = self.module(inputs_embeds=embeds, **inputs, logits_to_keep=batch.score_positions, use_cache=False).logits
-        return self._answer_scores(logits, batch, copies)
+        return self._scored(lambda: self.module(inputs_embeds=embeds, **inputs, logits_to_keep=batch.score_positions,
+                                                use_cache=False), batch, copies)
 
     # ------------------------------------------------------------------ probing
     probe_towers: tuple[str, ...] = ("language",)
