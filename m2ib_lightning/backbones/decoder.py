@@ -237,7 +237,11 @@ class HFDecoderAnswerer(HFAnswerLayout):
         only (the whole layer where :func:`rows_computable` says no)."""
         last, rows = self.blocks("text")[-1], batch.score_positions
         out = layer_at_rows(last, hidden, kwargs, rows) if rows_computable(last) else block_output(last(hidden, **kwargs))[:, rows]
-        return self._answer_scores(self.module.lm_head(self._language_model().norm(out)), batch, copies)
+        return self._scores_from_rows(batch, out, copies)
+
+    def _scores_from_rows(self, batch: AnswerBatch, rows: Tensor, copies: int) -> Tensor:
+        """(B * copies,) log p(answer) from the last layer's output at ``batch.score_positions``: final norm, vocabulary."""
+        return self._answer_scores(self.module.lm_head(self._language_model().norm(rows)), batch, copies)
 
     def _answer_scores(self, logits: Tensor, batch: AnswerBatch, copies: int) -> Tensor:
         """(B * copies,) log p(answer) from the logits (B * copies, score positions, V) at ``batch.score_positions``."""
@@ -265,8 +269,7 @@ class HFDecoderAnswerer(HFAnswerLayout):
         times: the final norm and the vocabulary projection at the answer-predicting positions (text), or the image
         tokens in place of the image placeholders and the language model (image), as the model's forward does."""
         if modality == "text":
-            logits = self.module.lm_head(self._language_model().norm(hidden[:, batch.score_positions]))
-            return self._answer_scores(logits, batch, copies)
+            return self._scores_from_rows(batch, hidden[:, batch.score_positions], copies)
         text_inputs = {k: v for k, v in batch.inputs.items() if k not in IMAGE_INPUTS}
         inputs = self.repeat_inputs(text_inputs, copies)  # the image comes from ``hidden``: never repeated here
         ids = inputs.pop("input_ids")
