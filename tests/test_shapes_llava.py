@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from m2ib_lightning.backbones import load_backbone
@@ -160,6 +161,18 @@ def test_the_position_loss_adds_each_image_tokens_row_and_column_and_trains_only
     rows = sum(torch.nn.functional.cross_entropy(logits[b, :, :4], cells // 4) for b in range(2)) / 2
     cols = sum(torch.nn.functional.cross_entropy(logits[b, :, 4:], cells % 4) for b in range(2)) / 2
     torch.testing.assert_close(total, plain + 0.5 * (rows + cols), atol=1e-6, rtol=0)
+    columns_only = LlavaTraining(model, position_loss=0.5, position_axes=("col",))
+    taken.clear()
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: taken.append(out))
+    try:
+        total = columns_only.training_step(batch, 0)
+    finally:
+        handle.remove()
+    logits = columns_only.position_head(taken[0])  # (2, 16 patches, 4 columns)
+    cols = sum(torch.nn.functional.cross_entropy(logits[b], cells % 4) for b in range(2)) / 2
+    torch.testing.assert_close(total, plain + 0.5 * cols, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="position_axes"):
+        LlavaTraining(model, position_loss=0.5, position_axes=("diagonal",))
     assert not any(k.startswith("position_head") for k in model.state_dict())  # what save_pretrained writes
     fit.trainer = type("T", (), {"estimated_stepping_batches": 10})()
     optimizer = fit.configure_optimizers()["optimizer"]

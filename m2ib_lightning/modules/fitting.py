@@ -139,15 +139,23 @@ class LlavaTraining(AnswerFit):
 
     ``position_loss`` > 0: each image token (the projector's output, what the language model reads) must also tell
     its patch's row and column through a linear head of the fit's own (not saved with the model), the loss added
-    with that weight: the image tokens keep where they are, which side and place questions read."""
+    with that weight: the image tokens keep where they are, which side and place questions read. ``position_axes``
+    picks what they must tell: ``("row", "col")`` or one of them (side and place read only the column)."""
+
+    AXES = ("row", "col")
 
     def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200,
-                 lr_scales: dict[str, float] | None = None, position_loss: float = 0.0):
+                 lr_scales: dict[str, float] | None = None, position_loss: float = 0.0,
+                 position_axes: tuple[str, ...] = AXES):
         super().__init__(model, lr, weight_decay, warmup_steps, lr_scales)
         vision = model.config.vision_config
         self.grid = vision.image_size // vision.patch_size
         self.position_loss = position_loss
-        self.position_head = nn.Linear(model.config.text_config.hidden_size, 2 * self.grid) if position_loss > 0 else None
+        self.position_axes = tuple(position_axes)
+        if not self.position_axes or any(axis not in self.AXES for axis in self.position_axes):
+            raise ValueError(f"position_axes must be a non-empty subset of {self.AXES}, got {position_axes!r}")
+        self.position_head = (nn.Linear(model.config.text_config.hidden_size, len(self.position_axes) * self.grid)
+                              if position_loss > 0 else None)
 
     def _forward(self, batch: dict[str, Tensor], logits_to_keep: int) -> Tensor:
         return self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
@@ -167,10 +175,11 @@ class LlavaTraining(AnswerFit):
         self.log("train/loss", loss, prog_bar=True)
         if self.position_head is not None:
             tokens = taken[0][:, -self.grid ** 2:]  # the patches in raster order (a CLS, if kept, comes first)
-            rows, cols = self.position_head(tokens).float().split(self.grid, dim=-1)
             cells = torch.arange(self.grid ** 2, device=tokens.device).expand(len(tokens), -1)
-            where = (nn.functional.cross_entropy(rows.flatten(0, 1), (cells // self.grid).flatten())
-                     + nn.functional.cross_entropy(cols.flatten(0, 1), (cells % self.grid).flatten()))
+            truth = {"row": cells // self.grid, "col": cells % self.grid}
+            logits = self.position_head(tokens).float().split(self.grid, dim=-1)
+            where = sum(nn.functional.cross_entropy(axis_logits.flatten(0, 1), truth[axis].flatten())
+                        for axis, axis_logits in zip(self.position_axes, logits))
             self.log("train/position_loss", where)
             loss = loss + self.position_loss * where
         return loss
