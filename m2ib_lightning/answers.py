@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones.base import ImageLayout, Modality, block_output
+from .backbones.base import AnswerBatch, ImageLayout, Modality, block_output
 from .bottleneck import INITIAL_ALPHA, capacity, masked_moments, sample
 from .engine import M2IBConfig, Seeds, _as_seeds, draw_noise, eval_mode, generators_for, minmax
 
@@ -45,6 +45,7 @@ class AnswerAttribution:
     answer_mask: Tensor
     image_sizes: Tensor  # (B, 2): each map's (height, width); a batch of pictures of several sizes pads to the largest
     image_patch_capacity: Tensor  # (B, rows, cols): the capacity of each patch on its picture's grid, zero-padded
+    text_positions: Tensor  # (B, L) bool: the prompt's tokens the text bottleneck sits on (no padding, no image tokens)
 
     def image_map(self, index: int) -> Tensor:
         """Sample ``index``'s image map at its picture's own size, padding cut away."""
@@ -202,6 +203,12 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
     return nats.detach().sum(-1), fit.detach()
 
 
+def answer_layers(model: Any, config: M2IBConfig) -> dict[Modality, int]:
+    """The bottlenecks' blocks of an answer adapter, ``config``'s layers resolved (negative ones count from the end)."""
+    return {"image": model.resolve_layer("image", config.vision_layer, "vision_layer"),
+            "text": model.resolve_layer("text", config.text_layer, "text_layer")}
+
+
 def attribute_answers(
     model: Any,
     pixel_values: Tensor,
@@ -227,8 +234,7 @@ def attribute_answers(
             raise ValueError(f"{name} must have the shape of its ids {tuple(like.shape)}, got {tuple(tensor.shape)}")
     if len(input_ids) != len(answer_ids):
         raise ValueError(f"input_ids and answer_ids must hold one row per sample, got {len(input_ids)} and {len(answer_ids)}")
-    layers = {"image": model.resolve_layer("image", config.vision_layer, "vision_layer"),
-              "text": model.resolve_layer("text", config.text_layer, "text_layer")}
+    layers = answer_layers(model, config)
     seeds = _as_seeds(seed, len(input_ids))
     module = model.module
     grads = {p: p.requires_grad for p in module.parameters()}
@@ -242,11 +248,7 @@ def attribute_answers(
             p.requires_grad_(flag)
     image_capacity, image_fit = fits["image"]
     positions, fit_text = fits["text"]
-    text_capacity = torch.zeros(input_ids.shape, dtype=positions.dtype, device=positions.device)
-    text_real = torch.zeros(input_ids.shape, dtype=torch.bool, device=positions.device)
-    for b, (columns, sequence) in enumerate(zip(batch.input_columns, batch.prompt_columns)):
-        text_capacity[b, columns] = positions[b, sequence]
-        text_real[b, columns] = batch.positions["text"][b, sequence]
+    text_capacity, text_real = text_by_input_column(batch, positions, tuple(input_ids.shape))
     patch_capacity = patch_capacity_on_grids(image_capacity, batch.image)
     return AnswerAttribution(
         image_capacity=image_capacity,
@@ -255,11 +257,23 @@ def attribute_answers(
         image_patch_capacity=patch_capacity,
         text_capacity=text_capacity,
         text_maps=minmax(text_capacity, text_real),
+        text_positions=text_real,
         image_fit=image_fit,
         text_fit=fit_text,
         answer_ids=answer_ids,
         answer_mask=answer_mask,
     )
+
+
+def text_by_input_column(batch: AnswerBatch, values: Tensor, input_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Per-position values of the text block (B, T_text) laid out as ``input_ids`` (B, L), and where they are real
+    (bottlenecked): zero at padding and at image-token positions, as the exact fit's text capacity."""
+    out = values.new_zeros(input_shape)
+    real = torch.zeros(input_shape, dtype=torch.bool, device=values.device)
+    for b, (columns, sequence) in enumerate(zip(batch.input_columns, batch.prompt_columns)):
+        out[b, columns] = values[b, sequence]
+        real[b, columns] = batch.positions["text"][b, sequence].bool()
+    return out, real
 
 
 def complete_answers(model: Any, images: list[dict[str, Tensor]], input_ids: Tensor, attention_mask: Tensor,

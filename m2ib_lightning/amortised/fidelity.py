@@ -3,6 +3,8 @@ the text capacities over each sample's tokens, and whether the first map's peak 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
@@ -39,3 +41,15 @@ def map_agreement(predicted_image: Tensor, exact_image: Tensor, predicted_text: 
                         for b, n in enumerate(lengths.tolist())])
     return {"image_spearman": rank_agreement(predicted_image, exact_image), "text_spearman": text,
             "image_peak_in_top": peak_in_top(predicted_image, exact_image)}
+
+
+def masked_agreement(predicted_image: Tensor, exact_image: Tensor, image_mask: Tensor, predicted_text: Tensor,
+                     exact_text: Tensor, text_mask: Tensor) -> dict[str, Tensor]:
+    """:func:`map_agreement` where each sample has its own tokens: image (B, T) and text (B, L) scores compared
+    over the positions their masks mark (pictures of several sizes, prompts with image tokens among the words)."""
+    def per_sample(predicted: Tensor, exact: Tensor, mask: Tensor, score: Any) -> Tensor:
+        return torch.stack([score(predicted[b][mask[b]][None], exact[b][mask[b]][None])[0] for b in range(len(mask))])
+
+    return {"image_spearman": per_sample(predicted_image, exact_image, image_mask, rank_agreement),
+            "text_spearman": per_sample(predicted_text, exact_text, text_mask, rank_agreement),
+            "image_peak_in_top": per_sample(predicted_image, exact_image, image_mask, peak_in_top)}

@@ -1,6 +1,8 @@
-"""The amortised explainer's network: per tower, a small transformer over the frozen backbone's tokens at the
-bottleneck's block, conditioned on both towers' embeddings, that predicts each token's log capacity; saved and
-loaded in hub layout (``config.json``, ``model.safetensors``) with the backbone it was trained for."""
+"""The amortised explainer's networks, which predict each token's log capacity from the frozen backbone's tokens at the
+bottlenecks' blocks: for image-text pairs, per tower a small transformer conditioned on both towers' embeddings; for
+answer models, one transformer over the image tower's and the language side's tokens together (an image token's
+capacity depends on the question, and the question's on the image). Saved and loaded in hub layout
+(``config.json``, ``model.safetensors``) with the backbone it was trained for."""
 
 from __future__ import annotations
 
@@ -51,11 +53,12 @@ class ExplainerConfig:
     fingerprint: str  # backbone_fingerprint of that backbone
     m2ib: dict[str, Any]  # the exact fit's settings (IMITATED_SETTINGS)
     feature_dims: dict[str, int]  # per tower: width of the block output the bottleneck sits on
-    embed_dim: int  # width of the towers' embeddings
+    embed_dim: int  # width of the towers' embeddings (0 for answer models: they have none)
     width: int = 128
     depth: int = 2
     heads: int = 4
     training: dict[str, Any] = field(default_factory=dict)  # where it was trained from and how well it did
+    kind: str = "pairs"  # what it explains: "pairs" (dual encoders) or "answers" (models that answer questions)
     format: int = EXPLAINER_FORMAT
 
 
@@ -82,8 +85,12 @@ class TowerHead(nn.Module):
 class ExplainerNetwork(nn.Module):
     """Both towers' heads; :meth:`forward` returns per tower the predicted log(capacity + LOG_EPSILON)."""
 
+    kind = "pairs"
+
     def __init__(self, config: ExplainerConfig):
         super().__init__()
+        if config.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} explains {self.kind}, the config is of an explainer of {config.kind}")
         self.config = config
         self.heads = nn.ModuleDict({
             m: TowerHead(config.feature_dims[m], config.embed_dim, config.width, config.depth, config.heads) for m in MODALITIES
@@ -116,13 +123,19 @@ class ExplainerNetwork(nn.Module):
         if raw.get("format") != EXPLAINER_FORMAT:
             raise ValueError(f"explainer {str(name_or_path)!r} is of format {raw.get('format')}, this version reads "
                              f"{EXPLAINER_FORMAT}: retrain it")
-        network = cls(ExplainerConfig(**raw))
+        config = ExplainerConfig(**raw)
+        if config.kind not in NETWORKS:
+            raise ValueError(f"explainer {str(name_or_path)!r} explains {config.kind!r}; this version knows {sorted(NETWORKS)}")
+        network = NETWORKS[config.kind](config)
         network.load_state_dict(load_file(str(path / "model.safetensors")))  # safetensors: no code runs at load
         return network.eval()
 
-    def check_backbone(self, module: nn.Module, m2ib: dict[str, Any] | None = None) -> None:
+    def check_backbone(self, module: nn.Module, m2ib: dict[str, Any] | None = None, kind: str = "pairs") -> None:
         """Refuse a backbone (or exact-fit settings) other than the one this explainer was trained to imitate."""
         config = self.config
+        if config.kind != kind:
+            raise ValueError(f"this explainer explains {config.kind} and the run explains {kind}: train one on an exact run "
+                             f"of {kind} (configs/fit_explainer.yaml)")
         if backbone_fingerprint(module) != config.fingerprint:
             raise ValueError(f"this explainer was trained for the backbone {config.backbone!r} (fingerprint "
                              f"{config.fingerprint}); the model given has other weights: train an explainer for it "
@@ -132,3 +145,41 @@ class ExplainerNetwork(nn.Module):
             if differ:
                 raise ValueError(f"m2ib settings {', '.join(differ)}: this explainer imitates the exact fit at its own "
                                  "settings; set them as it has them, or train one for yours")
+
+
+class AnswerExplainerNetwork(ExplainerNetwork):
+    """One transformer over an answer model's image-tower tokens and language-side tokens (the text block's output:
+    the prompt, and in decoder VLMs also the image tokens as the language model reads them and the answer), each
+    tagged as image, bottlenecked text position or other text position; :meth:`forward` returns the predicted
+    log(capacity + LOG_EPSILON) of every image and every text-block token."""
+
+    kind = "answers"
+    #: token types: the image tower's tokens, the text bottleneck's positions, the language side's other tokens
+    IMAGE, BOTTLENECKED, CONTEXT = 0, 1, 2
+
+    def __init__(self, config: ExplainerConfig):
+        nn.Module.__init__(self)
+        if config.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} explains {self.kind}, the config is of an explainer of {config.kind}")
+        self.config, width = config, config.width
+        self.norms = nn.ModuleDict({m: nn.LayerNorm(config.feature_dims[m]) for m in MODALITIES})
+        self.tokens = nn.ModuleDict({m: nn.Linear(config.feature_dims[m], width) for m in MODALITIES})
+        self.types = nn.Embedding(3, width)
+        layer = nn.TransformerEncoderLayer(width, config.heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, hidden: dict[Modality, Tensor], token_mask: dict[Modality, Tensor], context: Tensor
+                ) -> dict[Modality, Tensor]:
+        """``hidden``: per tower (B, T, D) block outputs; ``token_mask``: per tower (B, T) the bottlenecked
+        positions; ``context``: (B, T_text) the text block's real positions (bottlenecked or not)."""
+        image, text = (self.tokens[m](self.norms[m](hidden[m].float())) for m in MODALITIES)
+        text_types = torch.where(token_mask["text"], self.BOTTLENECKED, self.CONTEXT)
+        x = torch.cat([image + self.types.weight[self.IMAGE], text + self.types(text_types)], dim=1)
+        real = torch.cat([token_mask["image"], context | token_mask["text"]], dim=1)
+        logs = self.out(self.blocks(x, src_key_padding_mask=~real)).squeeze(-1)
+        return {"image": logs[:, :image.shape[1]], "text": logs[:, image.shape[1]:]}
+
+
+#: the network of each kind of explainer
+NETWORKS = {ExplainerNetwork.kind: ExplainerNetwork, AnswerExplainerNetwork.kind: AnswerExplainerNetwork}

@@ -15,8 +15,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..amortised.answers import AmortisedAnswerM2IB
 from ..amortised.explainer import AmortisedM2IB
-from ..amortised.fidelity import map_agreement
+from ..amortised.fidelity import map_agreement, masked_agreement
 from ..answers import answer_fields, attribute_answers, complete_answers, unanswerable
 from ..engine import M2IB, M2IBConfig
 
@@ -44,8 +45,8 @@ class M2IBModule(L.LightningModule):
         self.model = self.exact.backbone.module  # registered, so that Lightning moves it to the device
         if explainer is not None:
             self.network = self.explainer.network  # ... and the explainer's network with it
-        named = None if explainer is None else str(explainer) if isinstance(explainer, (str, os.PathLike)) else type(explainer).__name__
-        self.save_hyperparameters({"m2ib": vars(config), "explainer": named, "audit_every": audit_every})
+        self.save_hyperparameters({"m2ib": vars(config), "explainer": None if explainer is None else _explainer_name(explainer),
+                                   "audit_every": audit_every})
         self.last_batch_seconds = 0.0
 
     @property
@@ -107,13 +108,21 @@ class AnswerM2IBModule(L.LightningModule):
     :class:`M2IBModule`'s (so the writer, the summary and TensorBoard serve both) plus the answers.
     """
 
-    def __init__(self, backbone: Any, m2ib: M2IBConfig | None = None, *, max_new_tokens: int = 16):
+    def __init__(self, backbone: Any, m2ib: M2IBConfig | None = None, *, max_new_tokens: int = 16, explainer: Any = None,
+                 audit_every: int = 0):
         super().__init__()
+        if audit_every and explainer is None:
+            raise ValueError("audit_every: an audit compares an amortised explainer with the exact fit; give an explainer")
         self.backbone = backbone
         self.model = backbone.module  # registered, so that Lightning moves it to the device
         self.config = m2ib or M2IBConfig()
-        self.max_new_tokens = max_new_tokens
-        self.save_hyperparameters({"m2ib": vars(self.config), "max_new_tokens": max_new_tokens})
+        self.amortised = None if explainer is None else AmortisedAnswerM2IB(backbone, explainer, m2ib=self.config)
+        if self.amortised is not None:
+            self.network = self.amortised.network  # ... and the explainer's network with it
+        self.max_new_tokens, self.audit_every = max_new_tokens, audit_every
+        self.save_hyperparameters({"m2ib": vars(self.config), "max_new_tokens": max_new_tokens,
+                                   "explainer": None if explainer is None else _explainer_name(explainer),
+                                   "audit_every": audit_every})
         self.last_batch_seconds = 0.0
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
@@ -133,12 +142,21 @@ class AnswerM2IBModule(L.LightningModule):
         longest = int(answer_mask[rows].sum(1).max())
         answers, answer_mask = answers[rows, :longest], answer_mask[rows, :longest]
         joined = backbone.join_inputs([items[b] for b in keep])  # the kept samples' image inputs (packed ones too)
+        pixel_values, input_ids, mask = joined.pop("pixel_values"), batch["input_ids"][rows, :width], mask[:, :width]
+        seeds = batch["seed"][rows.cpu()]
         start = time.perf_counter()
-        with torch.enable_grad():
-            result = attribute_answers(backbone, joined.pop("pixel_values"), batch["input_ids"][rows, :width], mask[:, :width],
-                                       answers, answer_mask, config=self.config, seed=batch["seed"][rows.cpu()], **joined)
+        if self.amortised is not None:
+            result = self.amortised.attribute(pixel_values, input_ids, mask, answers, answer_mask, **joined)
+        else:
+            with torch.enable_grad():
+                result = attribute_answers(backbone, pixel_values, input_ids, mask, answers, answer_mask, config=self.config,
+                                           seed=seeds, **joined)
         self.last_batch_seconds = time.perf_counter() - start
+        audited = [r for r, b in enumerate(keep) if self.audit_every and audited_sample(batch["id"][b], self.audit_every)]
+        fields = {"audit": self._audit(result, audited, [items[b] for b in keep], input_ids, mask, answers, answer_mask, seeds)
+                  } if audited else {}
         return prediction_of(batch, keep, failures, {
+            **fields,
             **answer_fields(backbone, answers, answer_mask, [bool(batch["answer_given"][b]) for b in keep]),
             "pixel_values": torch.stack([pixels[b] for b in keep]),
             "image_size": tuple(int(v) for v in result.image_sizes[0]),
@@ -147,6 +165,26 @@ class AnswerM2IBModule(L.LightningModule):
             "lengths": mask.sum(1),
             "curves": {},
         })
+
+    def _audit(self, predicted: Any, rows: list[int], images: list[dict[str, Any]], input_ids: Any, mask: Any, answers: Any,
+               answer_mask: Any, seeds: Any) -> dict[str, Any]:
+        """The exact fit of the audited ``rows`` of the kept samples (``images``: their image inputs), and per sample
+        its agreement with the amortised maps (image on each picture's patch grid, text over the question's words)."""
+        index = torch.tensor(rows, device=input_ids.device)
+        joined = {k: v.to(input_ids.device) for k, v in self.backbone.join_inputs([images[r] for r in rows]).items()}
+        with torch.enable_grad():
+            exact = attribute_answers(self.backbone, joined.pop("pixel_values"), input_ids[index], mask[index], answers[index],
+                                      answer_mask[index], config=self.config, seed=seeds[index.cpu()], **joined)
+        picked = index.cpu()
+        exact_grid, predicted_grid = exact.image_patch_capacity.flatten(1).cpu(), predicted.image_patch_capacity[picked].flatten(1).cpu()
+        agreement = masked_agreement(predicted_grid, exact_grid, torch.ones_like(exact_grid, dtype=torch.bool),  # a batch: one grid
+                                     predicted.text_capacity[picked].cpu(), exact.text_capacity.cpu(), exact.text_positions.cpu())
+        return {"rows": rows, **agreement}
+
+
+def _explainer_name(explainer: Any) -> str:
+    """What the hyperparameters record of an explainer: its path or name, else its type."""
+    return str(explainer) if isinstance(explainer, (str, os.PathLike)) else type(explainer).__name__
 
 
 def audited_sample(sample_id: str, every: int) -> bool:

@@ -10,8 +10,10 @@ import torch
 from torch import Tensor
 from torchmetrics import CatMetric
 
+from ..amortised.answers import answer_features
 from ..amortised.explainer import tower_features
-from ..amortised.fidelity import AGREEMENT_KEYS, map_agreement
+from ..amortised.fidelity import AGREEMENT_KEYS, map_agreement, masked_agreement
+from ..answers import text_by_input_column
 from ..amortised.network import LOG_EPSILON, ExplainerNetwork
 from ..backbones import MODALITIES
 from ..engine import eval_mode
@@ -82,3 +84,38 @@ class ExplainerFit(L.LightningModule):
         return adamw_with_warmup_cosine(self.network, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
                                         int(self.trainer.estimated_stepping_batches))
 
+
+
+class AnswerExplainerFit(ExplainerFit):
+    """Fits an :class:`~m2ib_lightning.amortised.network.AnswerExplainerNetwork` to the exact capacities of batches of
+    questions (each with the answer the exact run explained) from an ``ExplainerDataModule(questions=True)``; the
+    held-out agreement is on each picture's patches (CLS and padding left out) and the question's tokens."""
+
+    def predict_logs(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per tower the predicted log capacities and where they count (the text laid out as ``input_ids``), and
+        ``patches``: the image positions that are patches of the picture."""
+        joined = {k: v.to(batch["input_ids"].device) for k, v in self.backbone.join_inputs(batch["image_items"]).items()}
+        answer_batch = self.backbone.answer_batch(joined.pop("pixel_values"), batch["input_ids"], batch["attention_mask"],
+                                                  batch["answer_ids"], batch["answer_mask"], **joined)
+        with eval_mode(self.model):
+            features = answer_features(self.backbone, answer_batch, self.layers)
+        logs = self.network(features.hidden, features.positions, features.context)
+        text, text_mask = text_by_input_column(answer_batch, logs["text"], tuple(batch["input_ids"].shape))
+        image_mask = features.positions["image"]
+        batch["target_image"] = to_width(batch["target_image"], image_mask.shape[1])
+        return {"image": logs["image"], "text": text}, {"image": image_mask, "text": text_mask,
+                                                         "patches": image_mask & (answer_batch.image.cells >= 0)}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logs, masks = self.predict_logs(batch)
+        values = masked_agreement(logs["image"], batch["target_image"], masks["patches"], logs["text"], batch["target_text"],
+                                  masks["text"])
+        for name, metric in self.agreement.items():
+            metric.update(values[name][~values[name].isnan()])
+
+
+def to_width(values: Tensor, width: int) -> Tensor:
+    """(B, T) exact capacities as (B, width): a shard pads its rows to its own batch's most tokens (zeros)."""
+    if values.shape[1] >= width:
+        return values[:, :width]
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))

@@ -103,14 +103,12 @@ def _module(cfg: DictConfig, backbone: Any, questions: bool) -> L.LightningModul
     """The run's module: exact fits, or an amortised explainer (refused here if it was trained for another
     backbone or other settings), of pairs or of questions."""
     m2ib = engine_config(cfg.m2ib)
-    if cfg.m2ib.explainer == "exact":
-        return (AnswerM2IBModule(backbone, m2ib, max_new_tokens=cfg.answers.max_new_tokens) if questions
-                else M2IBModule(backbone, m2ib))
-    if questions:
-        raise ConfigError("m2ib.explainer: amortised explainers explain image-text pairs; answer models are fitted exactly "
-                          "(m2ib.explainer=exact)")
+    explainer = None if cfg.m2ib.explainer == "exact" else cfg.m2ib.explainer
     try:
-        return M2IBModule(backbone, m2ib, explainer=cfg.m2ib.explainer, audit_every=cfg.m2ib.audit_every)
+        if questions:
+            return AnswerM2IBModule(backbone, m2ib, max_new_tokens=cfg.answers.max_new_tokens, explainer=explainer,
+                                    audit_every=cfg.m2ib.audit_every)
+        return M2IBModule(backbone, m2ib, explainer=explainer, audit_every=cfg.m2ib.audit_every)
     except (OSError, ValueError) as err:
         raise ConfigError(f"m2ib.explainer={cfg.m2ib.explainer!r}: {err}") from err
 

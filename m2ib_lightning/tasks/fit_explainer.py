@@ -1,5 +1,6 @@
-"""Train an amortised explainer with Lightning ``fit`` on the exports of an exact attribution run, and save it in hub
-layout with the backbone and exact-fit settings it imitates."""
+"""Train an amortised explainer with Lightning ``fit`` on the exports of an exact attribution run (of image-text
+pairs, or of questions and their answers), and save it in hub layout with the backbone and exact-fit settings it
+imitates."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.explainer import ExplainerDataModule
+from ..amortised.answers import new_answer_explainer
 from ..amortised.explainer import new_explainer
+from ..answers import answer_layers
 from ..backbones import MODALITIES, resolve_layer
 from ..config import ConfigError
-from ..data.attribution import PairStream
-from ..modules.explainer import ExplainerFit
+from ..data.attribution import PairStream, QuestionStream
+from ..modules.explainer import AnswerExplainerFit, ExplainerFit
 from ..results import IDENTITY_FILE, atomic_write
 from .common import backbone_of, make_trainer, prepare_output, source_of
 from .schema import engine_config
@@ -66,6 +69,10 @@ class FitExplainerConfig:
 SCHEMAS = {"fit_explainer": FitExplainerConfig}
 
 
+#: the runs an explainer learns from
+EXACT_TASKS = ("attribute", "attribute_vqa")
+
+
 def exact_run_config(path: str | Path) -> DictConfig:
     """The config an exact attribution run was made with (saved in its output_dir), refused unless it is one."""
     path = Path(path)
@@ -74,9 +81,9 @@ def exact_run_config(path: str | Path) -> DictConfig:
         raise ConfigError(f"exact_run={str(path)!r} holds no attribution run (no config.yaml and {IDENTITY_FILE}): "
                           "run `python train.py output_dir=DIR ...` first and pass that DIR")
     task = json.loads(identity.read_text())["task"]
-    if task != "attribute":
+    if task not in EXACT_TASKS:
         raise ConfigError(f"exact_run={str(path)!r} holds a {task!r} run; an explainer learns from an `attribute` run "
-                          "(image-text pairs; answer models are not supported yet)")
+                          "(image-text pairs) or an `attribute_vqa` run (questions and their answers)")
     run_cfg = OmegaConf.load(saved)
     if run_cfg.m2ib.get("explainer", "exact") != "exact":
         raise ConfigError(f"exact_run={str(path)!r} was itself made by an explainer (m2ib.explainer="
@@ -84,22 +91,40 @@ def exact_run_config(path: str | Path) -> DictConfig:
     return run_cfg
 
 
+def example_answer_batch(source: Any, backbone: Any) -> Any:
+    """One question of the source as an answer batch: what the explainer's widths are read from (any answer
+    token will do: the widths do not depend on it)."""
+    item = next(i for i in QuestionStream(source, backbone, 0) if "failure" not in i)
+    joined = backbone.join_inputs([item["image_inputs"]])
+    ids = torch.tensor([item["input_ids"]])
+    answer = torch.tensor([item.get("answer_ids") or item["input_ids"][-1:]])
+    return backbone.answer_batch(joined.pop("pixel_values"), ids, torch.ones_like(ids), answer, torch.ones_like(answer), **joined)
+
+
 def run(cfg: DictConfig) -> Path | None:
     """Fit on the exact run's train split, validate on its held-out ids, and save the explainer."""
     L.seed_everything(cfg.seed, workers=True)
     run_cfg = exact_run_config(cfg.exact_run)
-    backbone = backbone_of(run_cfg)
-    source = source_of(run_cfg)
+    questions = run_cfg.task == "attribute_vqa"
+    backbone = backbone_of(run_cfg, "questions" if questions else "preprocessing")
+    source = source_of(run_cfg, questions=questions)
     m2ib = engine_config(run_cfg.m2ib)
-    layers = {m: resolve_layer(m2ib.layer(m), backbone.num_layers(m), m) for m in MODALITIES}
-    example = next(i for i in PairStream(source, backbone, 0) if "failure" not in i)  # one pair: the towers' widths
-    network = new_explainer(backbone, m2ib, example["pixel_values"][None], torch.tensor([example["input_ids"]]),
-                            name=str(run_cfg.model.name_or_path), seed=cfg.seed, **cfg.network)
+    name = str(run_cfg.model.name_or_path)
+    if questions:
+        layers = answer_layers(backbone, m2ib)
+        network = new_answer_explainer(backbone, m2ib, example_answer_batch(source, backbone), name=name, seed=cfg.seed,
+                                       **cfg.network)
+        module = AnswerExplainerFit(backbone, network, layers, **cfg.optim)
+    else:
+        layers = {m: resolve_layer(m2ib.layer(m), backbone.num_layers(m), m) for m in MODALITIES}
+        example = next(i for i in PairStream(source, backbone, 0) if "failure" not in i)  # one pair: the towers' widths
+        network = new_explainer(backbone, m2ib, example["pixel_values"][None], torch.tensor([example["input_ids"]]),
+                                name=name, seed=cfg.seed, **cfg.network)
+        module = ExplainerFit(backbone, network, layers, **cfg.optim)
     out = prepare_output(cfg)
     datamodule = ExplainerDataModule(cfg.exact_run, source, backbone, out / "targets.sqlite", batch_size=cfg.data.batch_size,
                                      held_out_fraction=cfg.data.held_out_fraction, shuffle_buffer=cfg.data.shuffle_buffer,
-                                     num_workers=cfg.data.num_workers, seed=cfg.seed)
-    module = ExplainerFit(backbone, network, layers, **cfg.optim)
+                                     num_workers=cfg.data.num_workers, seed=cfg.seed, questions=questions)
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
