@@ -91,7 +91,7 @@ def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouche
     for name in ATTENTION_METHODS:
         with pytest.raises(MissingCapabilityError, match="attention capability"):
             make_method(name, model)
-    with pytest.raises(ValueError, match="m2ib_amortised explains image-text pairs"):
+    with pytest.raises(ValueError, match="m2ib_amortised on a VLM that answers needs settings.explainer"):
         make_method("m2ib_amortised", model)
 
 

@@ -157,3 +157,13 @@ def test_an_explainer_trained_on_an_exact_vqa_run_explains_and_audits_a_vqa_run(
     expected = AmortisedAnswerM2IB(model, fit / "explainer").attribute(images.pop("pixel_values"), ids, torch.ones_like(ids), answer)
     torch.testing.assert_close(written[sample.id].image_capacity, expected.image_patch_capacity[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(written[sample.id].text_capacity, expected.text_capacity[0], atol=1e-5, rtol=1e-5)
+
+    evaluation = tmp_path / "eval"
+    result = _main(capsys, str(ROOT / "configs/evaluate_shapes_vqa.yaml"), f"model.name_or_path={checkpoint}",
+                   f"world.image_size={SIZE}", f"output_dir={evaluation}", "data.num_samples=2", "data.batch_size=2",
+                   "m2ib.vision_layer=0", "m2ib.text_layer=1", "m2ib.steps=2", "m2ib.num_noise=2",
+                   "methods=[m2ib,m2ib_amortised,random]", f"baselines.m2ib_amortised.explainer={fit / 'explainer'}",
+                   "metrics.steps=2", "export.grid_samples=0", "trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr
+    row = json.loads((evaluation / "summary.json").read_text())["methods"]["m2ib_amortised"]  # beside exact M2IB
+    assert row["samples"] == 2 and 0 <= row["image_deletion_auc"][0] <= 1 and row["text_deletion_auc"][0] is not None

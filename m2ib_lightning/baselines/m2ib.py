@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..amortised.answers import AmortisedAnswerM2IB
 from ..amortised.explainer import AmortisedM2IB
 from ..engine import M2IB, M2IBConfig
 from .base import AttributionMethod, Maps, register_method
@@ -43,20 +44,31 @@ class M2IBMethod(AttributionMethod):
 @register_method
 class AmortisedM2IBMethod(AttributionMethod):
     """M2IB's maps predicted in one forward pass by an amortised explainer (``explainer``: a directory or
-    ``builtin:NAME``) trained on exact fits of this backbone; pairs only."""
+    ``builtin:NAME``) trained on exact fits of this backbone: of pairs, or, for a VLM that answers, of its answers
+    (no shipped default there: name the one ``configs/fit_explainer.yaml`` trained)."""
 
     name = "m2ib_amortised"
     has_text_map = True
 
-    def __init__(self, backbone: Any, explainer: str = "builtin:shapes-clip-amortised"):
+    def __init__(self, backbone: Any, explainer: str | None = None):
         AttributionMethod.__init__(self, backbone)
-        if isinstance(self.scorer, AnswerScorer):
-            raise ValueError("m2ib_amortised explains image-text pairs; an answer model's M2IB is fitted exactly (m2ib)")
-        self.explainer = AmortisedM2IB(self.backbone, explainer)
+        self.answers = isinstance(self.scorer, AnswerScorer)
+        if self.answers:
+            if explainer is None:
+                raise ValueError("m2ib_amortised on a VLM that answers needs settings.explainer: the directory of an "
+                                 "explainer trained on an exact attribute_vqa run of this model (configs/fit_explainer.yaml)")
+            self.explainer: Any = AmortisedAnswerM2IB(self.backbone, explainer)
+        else:
+            self.explainer = AmortisedM2IB(self.backbone, explainer or "builtin:shapes-clip-amortised")
 
     def attribute(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, seeds: Tensor, special: Tensor | None = None,
         answers: tuple[Tensor, Tensor] | None = None, ids: list[str] | None = None,
     ) -> Maps:
-        result = self.explainer.attribute(pixel_values, input_ids, attention_mask)
+        if self.answers:
+            if answers is not None:
+                self.scorer.bind(*answers)
+            result = self.explainer.attribute(pixel_values, input_ids, attention_mask, *self.scorer._bound())
+        else:
+            result = self.explainer.attribute(pixel_values, input_ids, attention_mask)
         return Maps(result.image_maps, result.text_maps)
