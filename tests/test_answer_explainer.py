@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, tiny_clip, make_images, make_texts, train_main
 from test_answers import ANSWER_FAMILIES
 from test_edges_runs import _main
-from test_vqa_runs import SIZE, _save_llava
+from test_vqa_runs import FAMILIES, SIZE
 from m2ib_lightning.amortised import AmortisedAnswerM2IB, ExplainerNetwork, answer_features, new_answer_explainer, new_explainer
 from m2ib_lightning.answers import answer_layers, attribute_answers, replaced_output
 from m2ib_lightning.engine import M2IBConfig
@@ -108,13 +108,14 @@ def _vqa_args(out: Path, checkpoint: Path, *extra: str) -> list[str]:
             "data.batch_size=4", "export.overlays=0", "export.samples_per_shard=4", "trainer.enable_progress_bar=false", *extra]
 
 
-def test_an_explainer_trained_on_an_exact_vqa_run_explains_and_audits_a_vqa_run(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["hf_llava", "hf_qwen2_vl"])
+def test_an_explainer_trained_on_an_exact_vqa_run_explains_and_audits_a_vqa_run(tmp_path, capsys, family):
     from m2ib_lightning.backbones import load_backbone
     from m2ib_lightning.data.explainer import AnswerExplainerExamples, ExactTargets
     from m2ib_lightning.tasks.common import source_of
     from m2ib_lightning.tasks.fit_explainer import exact_run_config
 
-    checkpoint = _save_llava(tmp_path / "llava")
+    checkpoint = FAMILIES[family](tmp_path / family)
     exact = tmp_path / "exact"
     assert train_main(*_vqa_args(exact, checkpoint, "data.num_samples=12")) == 0
     model = load_backbone(str(checkpoint))
@@ -154,7 +155,8 @@ def test_an_explainer_trained_on_an_exact_vqa_run_explains_and_audits_a_vqa_run(
     inputs = model.question_inputs(sample.sample.image, sample.question.text)
     ids, images = torch.tensor([inputs.ids]), model.join_inputs([inputs.image])
     answer = torch.tensor([model.answer_inputs(sample.question.answer)])
-    expected = AmortisedAnswerM2IB(model, fit / "explainer").attribute(images.pop("pixel_values"), ids, torch.ones_like(ids), answer)
+    expected = AmortisedAnswerM2IB(model, fit / "explainer").attribute(images.pop("pixel_values"), ids, torch.ones_like(ids), answer,
+                                                                       **images)
     torch.testing.assert_close(written[sample.id].image_capacity, expected.image_patch_capacity[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(written[sample.id].text_capacity, expected.text_capacity[0], atol=1e-5, rtol=1e-5)
 

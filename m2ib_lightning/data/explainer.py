@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from .attribution import PairSource, PairStream, QuestionStream, collate_attribution, collate_questions
+from .attribution import PairSource, PairStream, QuestionStream, SizedBatches, collate_attribution, collate_questions
 from .records import Failure
 from ..results import SHARD_DIR, atomic_write, index_entries
 
@@ -163,6 +163,7 @@ class ExplainerDataModule(L.LightningDataModule):
                  held_out_fraction: float = 0.05, shuffle_buffer: int = 2048, num_workers: int = 0, seed: int = 0,
                  questions: bool = False):
         super().__init__()
+        self.questions = questions
         self.examples = AnswerExplainerExamples if questions else ExplainerExamples
         self.run_dir, self.source, self.backbone, self.table = Path(run_dir), source, backbone, Path(table)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -178,8 +179,11 @@ class ExplainerDataModule(L.LightningDataModule):
                                      shuffle_buffer=self.shuffle_buffer if split == "train" else 1, seed=self.seed)
         if self.trainer is not None:
             examples.rank, examples.world_size = self.trainer.global_rank, self.trainer.world_size
-        # persistent: a worker keeps its copy of the stream, whose pass count gives each epoch its own order
-        return DataLoader(examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate,
+        # persistent: a worker keeps its copy of the stream, whose pass count gives each epoch its own order;
+        # questions go in batches of one picture size (Qwen2-VL keeps each picture's own), batched in the worker
+        batched = {"dataset": SizedBatches(examples, self.batch_size), "batch_size": None} if self.questions else {
+            "dataset": examples, "batch_size": self.batch_size}
+        return DataLoader(**batched, num_workers=self.num_workers, collate_fn=self.collate,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
