@@ -146,6 +146,7 @@ def test_an_explainer_trained_on_an_exact_vqa_run_explains_and_audits_a_vqa_run(
     audited = [e for e in index_entries(amortised) if "audit" in e]
     assert 0 < len(audited) < 8 and all(-1 <= e["audit"]["image_spearman"] <= 1 for e in audited)
     assert all(e["image_fit"] is None for e in index_entries(amortised))
+    assert json.loads((amortised / "summary.json").read_text())["audit"]["samples"] == len(audited)
     from m2ib_lightning.shapes.questions import ShapesVQA
     from m2ib_lightning.shapes.world import ShapesWorld
 
