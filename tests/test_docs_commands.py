@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -84,7 +85,26 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
                   **({"answer": "red"} if i else {})} for i in range(3)]
     (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     return {"root": root, "manifest": root / "pairs.jsonl", "webdataset": root / "shards" / "{00000..00001}.tar",
-            "clip": clip, "plain": plain, "questions": root / "questions.jsonl", "llava": _llava_12_layers(root / "llava")}
+            "clip": clip, "plain": plain, "questions": root / "questions.jsonl", "llava": _llava_12_layers(root / "llava"),
+            "answer_explainer": _answer_explainer(root / "answer-explainer")}
+
+
+def _answer_explainer(path: Path) -> Path:
+    """An (untrained) explainer of the shipped BLIP VQA's answers at the settings of its VQA configs: what the docs'
+    `m2ib.explainer=runs/.../explainer` names after `fit_explainer` ran."""
+    from m2ib_lightning.amortised import new_answer_explainer
+    from m2ib_lightning.backbones import load_backbone
+    from m2ib_lightning.engine import M2IBConfig
+    from m2ib_lightning.shapes.world import ShapesWorld
+
+    model = load_backbone("builtin:shapes-blip-vqa")
+    question = model.question_inputs(ShapesWorld(seed=0).sample(0).image, "what colour is the circle?")
+    ids, images = torch.tensor([question.ids]), model.join_inputs([question.image])
+    answer = torch.tensor([model.answer_inputs("red")])
+    batch = model.answer_batch(images.pop("pixel_values"), ids, torch.ones_like(ids), answer, torch.ones_like(answer), **images)
+    settings = M2IBConfig(vision_layer=0, text_layer=1, beta=0.1, steps=10, lr=1.0, num_noise=10)
+    new_answer_explainer(model, settings, batch, width=16, depth=1, heads=2).save_pretrained(path)
+    return path
 
 
 def _llava_12_layers(path: Path) -> Path:
@@ -136,6 +156,8 @@ def _small_data(args: list[str], data: dict[str, Path], out: Path) -> tuple[list
             continue  # the cluster's devices: this machine runs one CPU process
         elif key == "data.num_workers":
             value = "0"
+        elif key in ("m2ib.explainer", "baselines.m2ib_amortised.explainer") and value.startswith("runs/"):
+            value = str(data["answer_explainer"])  # what fit_explainer saved there (the docs' explainers of answers)
         replaced.append(f"{key}={value}")
     model = OmegaConf.select(OmegaConf.load(ROOT / config if config else ROOT / "configs" / "default.yaml"),
                              "model.name_or_path")
