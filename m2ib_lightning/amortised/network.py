@@ -89,9 +89,7 @@ class ExplainerNetwork(nn.Module):
 
     def __init__(self, config: ExplainerConfig):
         super().__init__()
-        if config.kind != self.kind:
-            raise ValueError(f"{type(self).__name__} explains {self.kind}, the config is of an explainer of {config.kind}")
-        self.config = config
+        self.config = self._of_this_kind(config)
         self.heads = nn.ModuleDict({
             m: TowerHead(config.feature_dims[m], config.embed_dim, config.width, config.depth, config.heads) for m in MODALITIES
         })
@@ -101,6 +99,12 @@ class ExplainerNetwork(nn.Module):
         unit = {m: nn.functional.normalize(embeddings[m].float(), dim=-1) for m in MODALITIES}
         pair = torch.cat([unit["image"], unit["text"]], dim=-1)
         return {m: self.heads[m](hidden[m].float(), token_mask[m], pair) for m in MODALITIES}
+
+    @classmethod
+    def _of_this_kind(cls, config: ExplainerConfig) -> ExplainerConfig:
+        if config.kind != cls.kind:
+            raise ValueError(f"{cls.__name__} explains {cls.kind}, the config is of an explainer of {config.kind}")
+        return config
 
     def save_pretrained(self, path: str | Path) -> None:
         """Weights first, then the config that makes the directory loadable; each file whole or not at all."""
@@ -159,9 +163,7 @@ class AnswerExplainerNetwork(ExplainerNetwork):
 
     def __init__(self, config: ExplainerConfig):
         nn.Module.__init__(self)
-        if config.kind != self.kind:
-            raise ValueError(f"{type(self).__name__} explains {self.kind}, the config is of an explainer of {config.kind}")
-        self.config, width = config, config.width
+        self.config, width = self._of_this_kind(config), config.width
         self.norms = nn.ModuleDict({m: nn.LayerNorm(config.feature_dims[m]) for m in MODALITIES})
         self.tokens = nn.ModuleDict({m: nn.Linear(config.feature_dims[m], width) for m in MODALITIES})
         self.types = nn.Embedding(3, width)

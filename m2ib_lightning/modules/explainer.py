@@ -13,8 +13,8 @@ from torchmetrics import CatMetric
 from ..amortised.answers import answer_features
 from ..amortised.explainer import tower_features
 from ..amortised.fidelity import AGREEMENT_KEYS, map_agreement, masked_agreement
-from ..answers import text_by_input_column
 from ..amortised.network import LOG_EPSILON, ExplainerNetwork
+from ..answers import text_by_input_column
 from ..backbones import MODALITIES
 from ..engine import eval_mode
 from .fitting import adamw_with_warmup_cosine
@@ -83,7 +83,6 @@ class ExplainerFit(L.LightningModule):
     def configure_optimizers(self):
         return adamw_with_warmup_cosine(self.network, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps,
                                         int(self.trainer.estimated_stepping_batches))
-
 
 
 class AnswerExplainerFit(ExplainerFit):
