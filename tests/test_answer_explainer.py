@@ -5,6 +5,7 @@ trained for; trained on an exact attribute_vqa run and used (audited) in one thr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,38 @@ def test_an_explainer_trained_on_an_exact_vqa_run_explains_and_audits_a_vqa_run(
     assert result.returncode == 0, result.stderr
     row = json.loads((evaluation / "summary.json").read_text())["methods"]["m2ib_amortised"]  # beside exact M2IB
     assert row["samples"] == 2 and 0 <= row["image_deletion_auc"][0] <= 1 and row["text_deletion_auc"][0] is not None
+
+
+def test_an_audited_amortised_vqa_run_on_two_processes_gives_the_maps_and_audits_of_one(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from m2ib_lightning.backbones import load_backbone
+    from m2ib_lightning.shapes.world import ShapesWorld
+
+    checkpoint = FAMILIES["hf_llava"](tmp_path / "llava")
+    model = load_backbone(str(checkpoint))
+    question = model.question_inputs(ShapesWorld(seed=0, image_size=SIZE).sample(0).image, "what colour is the circle?")
+    ids, images = torch.tensor([question.ids]), model.join_inputs([question.image])
+    answer = torch.tensor([model.answer_inputs("red")])
+    batch = model.answer_batch(images.pop("pixel_values"), ids, torch.ones_like(ids), answer, torch.ones_like(answer), **images)
+    settings = M2IBConfig(vision_layer=0, text_layer=1, beta=0.1, steps=2, lr=1.0, num_noise=2)  # as _vqa_args has them
+    new_answer_explainer(model, settings, batch, width=16, depth=1, heads=2).save_pretrained(tmp_path / "explainer")
+    args = lambda out: _vqa_args(out, checkpoint, "data.num_samples=10", f"m2ib.explainer={tmp_path / 'explainer'}",  # noqa: E731
+                                 "m2ib.audit_every=3")
+    assert _main(capsys, *args(tmp_path / "one")).returncode == 0
+    proc = subprocess.run([sys.executable, "train.py", *args(tmp_path / "two"), "trainer.strategy=ddp", "trainer.devices=2",
+                           "trainer.accelerator=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entries = {name: {e["id"]: e for e in index_entries(tmp_path / name)} for name in ("one", "two")}
+    audited = {name: {i for i, e in es.items() if "audit" in e} for name, es in entries.items()}
+    assert audited["one"] == audited["two"] and 0 < len(audited["one"]) < 10, "the audited ids depend on the id alone"
+    for sample_id in audited["one"]:
+        for key, value in entries["one"][sample_id]["audit"].items():
+            assert entries["two"][sample_id]["audit"][key] == pytest.approx(value, abs=1e-5), key
+    maps = {name: {r.id: r for r in read_attributions(tmp_path / name)} for name in ("one", "two")}
+    assert set(maps["one"]) == set(maps["two"]) and len(maps["one"]) == 10
+    for sample_id, record in maps["one"].items():
+        torch.testing.assert_close(maps["two"][sample_id].image_capacity, record.image_capacity, atol=1e-5, rtol=0)
+        torch.testing.assert_close(maps["two"][sample_id].text_capacity, record.text_capacity, atol=1e-5, rtol=0)
