@@ -237,3 +237,22 @@ def answer_localisation(name: str, kinds: tuple[str, ...], questions: int, **set
     result = attribute(model.module, pixels, prompts["input_ids"], prompts["attention_mask"], answer_ids=answers["input_ids"],
                        answer_mask=answers["attention_mask"], seed=0, **settings)
     return pointing_game(result.image_maps, masks), masks.flatten(1).float().mean(1)
+
+
+def assert_runs_agree(one: Path, two: Path, count: int, fields: tuple[str, ...]) -> dict[str, dict]:
+    """Two amortised, audited runs of the same ``count`` samples (e.g. on 1 and 2 processes): the same audited ids
+    (chosen by a hash of the id), equal audits and equal record ``fields`` (to 1e-5); returns ``one``'s index by id."""
+    from m2ib_lightning.results import index_entries, read_attributions
+
+    entries = {name: {e["id"]: e for e in index_entries(path)} for name, path in (("one", one), ("two", two))}
+    audited = {name: {i for i, e in es.items() if "audit" in e} for name, es in entries.items()}
+    assert audited["one"] == audited["two"] and 0 < len(audited["one"]) < count, "the audited ids depend on the id alone"
+    for sample_id in audited["one"]:
+        for key, value in entries["one"][sample_id]["audit"].items():
+            assert entries["two"][sample_id]["audit"][key] == pytest.approx(value, abs=1e-5), key
+    maps = {name: {r.id: r for r in read_attributions(path)} for name, path in (("one", one), ("two", two))}
+    assert set(maps["one"]) == set(maps["two"]) and len(maps["one"]) == count
+    for sample_id, record in maps["one"].items():
+        for field in fields:
+            torch.testing.assert_close(getattr(maps["two"][sample_id], field), getattr(record, field), atol=1e-5, rtol=0)
+    return entries["one"]

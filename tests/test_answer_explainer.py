@@ -5,15 +5,15 @@ trained for; trained on an exact attribute_vqa run and used (audited) in one thr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_clip, make_images, make_texts, train_main
+from conftest import ROOT, assert_runs_agree, make_images, make_texts, tiny_clip, train_main
 from test_answers import ANSWER_FAMILIES
 from test_edges_runs import _main
+from test_explainer import _train
 from test_vqa_runs import FAMILIES, SIZE
 from m2ib_lightning.amortised import AmortisedAnswerM2IB, ExplainerNetwork, answer_features, new_answer_explainer, new_explainer
 from m2ib_lightning.answers import answer_layers, attribute_answers, replaced_output
@@ -174,9 +174,6 @@ def test_an_explainer_trained_on_an_exact_vqa_run_explains_and_audits_a_vqa_run(
 
 
 def test_an_audited_amortised_vqa_run_on_two_processes_gives_the_maps_and_audits_of_one(tmp_path, capsys):
-    import subprocess
-    import sys
-
     from m2ib_lightning.backbones import load_backbone
     from m2ib_lightning.shapes.world import ShapesWorld
 
@@ -191,18 +188,5 @@ def test_an_audited_amortised_vqa_run_on_two_processes_gives_the_maps_and_audits
     args = lambda out: _vqa_args(out, checkpoint, "data.num_samples=10", f"m2ib.explainer={tmp_path / 'explainer'}",  # noqa: E731
                                  "m2ib.audit_every=3")
     assert _main(capsys, *args(tmp_path / "one")).returncode == 0
-    proc = subprocess.run([sys.executable, "train.py", *args(tmp_path / "two"), "trainer.strategy=ddp", "trainer.devices=2",
-                           "trainer.accelerator=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    entries = {name: {e["id"]: e for e in index_entries(tmp_path / name)} for name in ("one", "two")}
-    audited = {name: {i for i, e in es.items() if "audit" in e} for name, es in entries.items()}
-    assert audited["one"] == audited["two"] and 0 < len(audited["one"]) < 10, "the audited ids depend on the id alone"
-    for sample_id in audited["one"]:
-        for key, value in entries["one"][sample_id]["audit"].items():
-            assert entries["two"][sample_id]["audit"][key] == pytest.approx(value, abs=1e-5), key
-    maps = {name: {r.id: r for r in read_attributions(tmp_path / name)} for name in ("one", "two")}
-    assert set(maps["one"]) == set(maps["two"]) and len(maps["one"]) == 10
-    for sample_id, record in maps["one"].items():
-        torch.testing.assert_close(maps["two"][sample_id].image_capacity, record.image_capacity, atol=1e-5, rtol=0)
-        torch.testing.assert_close(maps["two"][sample_id].text_capacity, record.text_capacity, atol=1e-5, rtol=0)
+    _train(*args(tmp_path / "two"), "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    assert_runs_agree(tmp_path / "one", tmp_path / "two", 10, ("image_capacity", "text_capacity"))

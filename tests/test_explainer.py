@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_images, make_texts, tiny_clip, train_main
+from conftest import ROOT, assert_runs_agree, make_images, make_texts, tiny_clip, train_main
 from test_edges_runs import _main
 from m2ib_lightning.amortised import AmortisedM2IB, ExplainerNetwork, map_agreement, new_explainer
 from m2ib_lightning.engine import M2IBConfig
@@ -137,21 +137,12 @@ def test_an_audited_amortised_run_on_two_processes_gives_the_maps_and_audits_of_
     assert _main(capsys, *_amortised_args(tmp_path / "one", tiny_bundle, explainer_dir)).returncode == 0
     _train(*_amortised_args(tmp_path / "two", tiny_bundle, explainer_dir, "trainer.strategy=ddp", "trainer.devices=2",
                             "trainer.accelerator=cpu"))
-    entries = {name: {e["id"]: e for e in index_entries(tmp_path / name)} for name in ("one", "two")}
-    audited = {name: {i for i, e in es.items() if "audit" in e} for name, es in entries.items()}
-    assert audited["one"] == audited["two"] and 0 < len(audited["one"]) < 12, "the audited ids depend on the id alone"
-    for sample_id in audited["one"]:
-        for key, value in entries["one"][sample_id]["audit"].items():
-            assert entries["two"][sample_id]["audit"][key] == pytest.approx(value, abs=1e-5), key
-    maps = {name: {r.id: r for r in read_attributions(tmp_path / name)} for name in ("one", "two")}
-    assert set(maps["one"]) == set(maps["two"]) and len(maps["one"]) == 12
-    for sample_id, record in maps["one"].items():
-        torch.testing.assert_close(maps["two"][sample_id].image_map, record.image_map, atol=1e-5, rtol=0)
-        torch.testing.assert_close(maps["two"][sample_id].text_map, record.text_map, atol=1e-5, rtol=0)
-        assert record.image_fit is None and entries["one"][sample_id]["text_fit"] is None  # no fit was run
+    entries = assert_runs_agree(tmp_path / "one", tmp_path / "two", 12, ("image_map", "text_map"))
+    assert all(e["image_fit"] is None and e["text_fit"] is None for e in entries.values())  # no fit was run
+    audited = [e for e in entries.values() if "audit" in e]
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
-    assert summary["audit"]["samples"] == len(audited["one"])
-    mean = sum(e["audit"]["image_spearman"] for e in entries["one"].values() if "audit" in e) / len(audited["one"])
+    assert summary["audit"]["samples"] == len(audited)
+    mean = sum(e["audit"]["image_spearman"] for e in audited) / len(audited)
     assert summary["audit"]["image_spearman_mean"] == pytest.approx(mean, abs=1e-4)
 
 

@@ -89,7 +89,13 @@ class ExplainerNetwork(nn.Module):
 
     def __init__(self, config: ExplainerConfig):
         super().__init__()
-        self.config = self._of_this_kind(config)
+        if config.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} explains {self.kind}, the config is of an explainer of {config.kind}")
+        self.config = config
+        self.build(config)
+
+    def build(self, config: ExplainerConfig) -> None:
+        """The layers (the network of each kind has its own; saving, loading and the backbone check are shared)."""
         self.heads = nn.ModuleDict({
             m: TowerHead(config.feature_dims[m], config.embed_dim, config.width, config.depth, config.heads) for m in MODALITIES
         })
@@ -99,12 +105,6 @@ class ExplainerNetwork(nn.Module):
         unit = {m: nn.functional.normalize(embeddings[m].float(), dim=-1) for m in MODALITIES}
         pair = torch.cat([unit["image"], unit["text"]], dim=-1)
         return {m: self.heads[m](hidden[m].float(), token_mask[m], pair) for m in MODALITIES}
-
-    @classmethod
-    def _of_this_kind(cls, config: ExplainerConfig) -> ExplainerConfig:
-        if config.kind != cls.kind:
-            raise ValueError(f"{cls.__name__} explains {cls.kind}, the config is of an explainer of {config.kind}")
-        return config
 
     def save_pretrained(self, path: str | Path) -> None:
         """Weights first, then the config that makes the directory loadable; each file whole or not at all."""
@@ -161,9 +161,8 @@ class AnswerExplainerNetwork(ExplainerNetwork):
     #: token types: the image tower's tokens, the text bottleneck's positions, the language side's other tokens
     IMAGE, BOTTLENECKED, CONTEXT = 0, 1, 2
 
-    def __init__(self, config: ExplainerConfig):
-        nn.Module.__init__(self)
-        self.config, width = self._of_this_kind(config), config.width
+    def build(self, config: ExplainerConfig) -> None:
+        width = config.width
         self.norms = nn.ModuleDict({m: nn.LayerNorm(config.feature_dims[m]) for m in MODALITIES})
         self.tokens = nn.ModuleDict({m: nn.Linear(config.feature_dims[m], width) for m in MODALITIES})
         self.types = nn.Embedding(3, width)

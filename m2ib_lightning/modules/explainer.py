@@ -55,7 +55,7 @@ class ExplainerFit(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logs, masks = self.predict_logs(batch)
-        targets = {"image": batch["target_image"], "text": batch["target_text"]}
+        targets = {"image": to_width(batch["target_image"], logs["image"].shape[1]), "text": batch["target_text"]}
         losses = {m: explainer_loss(logs[m], targets[m], masks[m], self.hparams.rank_weight) for m in MODALITIES}
         for m, value in losses.items():
             self.log(f"train/loss_{m}", value, batch_size=len(batch["id"]))
@@ -101,20 +101,20 @@ class AnswerExplainerFit(ExplainerFit):
         logs = self.network(features.hidden, features.positions, features.context)
         text, text_mask = text_by_input_column(answer_batch, logs["text"], tuple(batch["input_ids"].shape))
         image_mask = features.positions["image"]
-        batch["target_image"] = to_width(batch["target_image"], image_mask.shape[1])
         return {"image": logs["image"], "text": text}, {"image": image_mask, "text": text_mask,
                                                          "patches": image_mask & (answer_batch.image.cells >= 0)}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logs, masks = self.predict_logs(batch)
-        values = masked_agreement(logs["image"], batch["target_image"], masks["patches"], logs["text"], batch["target_text"],
+        values = masked_agreement(logs["image"], to_width(batch["target_image"], logs["image"].shape[1]), masks["patches"], logs["text"], batch["target_text"],
                                   masks["text"])
         for name, metric in self.agreement.items():
             metric.update(values[name][~values[name].isnan()])
 
 
 def to_width(values: Tensor, width: int) -> Tensor:
-    """(B, T) exact capacities as (B, width): a shard pads its rows to its own batch's most tokens (zeros)."""
+    """(B, T) exact capacities as (B, width), the prediction's: a shard pads its rows to its own batch's most tokens
+    (zeros), which for pictures of several sizes need not be this batch's."""
     if values.shape[1] >= width:
         return values[:, :width]
     return torch.nn.functional.pad(values, (0, width - values.shape[1]))
