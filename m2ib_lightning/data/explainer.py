@@ -143,7 +143,6 @@ class AnswerExplainerExamples(ExplainerExamples, QuestionStream):
 def collate_examples(items: list[dict[str, Any]], pad_id: int, backbone: Any = None) -> dict[str, Any]:
     """An attribution batch (of questions, given the answer ``backbone``) plus the targets: image (B, T) and text
     (B, L) capacities, zero at padding."""
-    items = [item for item in items if "failure" not in item]
     batch = collate_attribution(items, pad_id) if backbone is None else collate_questions(items, pad_id, backbone)
     if items:
         image = torch.zeros(len(items), max(len(item["target_image"]) for item in items))  # pictures of several sizes
@@ -164,7 +163,6 @@ class ExplainerDataModule(L.LightningDataModule):
                  questions: bool = False):
         super().__init__()
         self.questions = questions
-        self.examples = AnswerExplainerExamples if questions else ExplainerExamples
         self.run_dir, self.source, self.backbone, self.table = Path(run_dir), source, backbone, Path(table)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.held_out_fraction, self.shuffle_buffer = held_out_fraction, shuffle_buffer
@@ -174,9 +172,10 @@ class ExplainerDataModule(L.LightningDataModule):
         ExactTargets.build(self.run_dir, self.table)  # anew each fit: the exact run may have grown since
 
     def _loader(self, split: str) -> DataLoader:
-        examples = self.examples(self.source, self.backbone, ExactTargets(self.run_dir, self.table),
-                                     held_out_fraction=self.held_out_fraction, split=split,
-                                     shuffle_buffer=self.shuffle_buffer if split == "train" else 1, seed=self.seed)
+        stream = AnswerExplainerExamples if self.questions else ExplainerExamples
+        examples = stream(self.source, self.backbone, ExactTargets(self.run_dir, self.table),
+                          held_out_fraction=self.held_out_fraction, split=split,
+                          shuffle_buffer=self.shuffle_buffer if split == "train" else 1, seed=self.seed)
         if self.trainer is not None:
             examples.rank, examples.world_size = self.trainer.global_rank, self.trainer.world_size
         # persistent: a worker keeps its copy of the stream, whose pass count gives each epoch its own order;
