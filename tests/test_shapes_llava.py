@@ -4,6 +4,7 @@ image placeholder, and that the answer adapter serves."""
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -173,6 +174,14 @@ def test_the_position_loss_adds_each_image_tokens_row_and_column_and_trains_only
     torch.testing.assert_close(total, plain + 0.5 * cols, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="position_axes"):
         LlavaTraining(model, position_loss=0.5, position_axes=("diagonal",))
+    # position_loss_steps: the loss in the first steps only, the answers' loss alone after
+    early = LlavaTraining(model, position_loss=0.5, position_axes=("col",), position_loss_steps=3)
+    early.position_head.load_state_dict(columns_only.position_head.state_dict())
+    for step, expected in ((0, total), (2, total), (3, plain), (7, plain)):
+        with mock.patch.object(LlavaTraining, "global_step", new_callable=mock.PropertyMock, return_value=step):
+            torch.testing.assert_close(early.training_step(batch, 0), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="position_loss_steps"):
+        LlavaTraining(model, position_loss=0.5, position_loss_steps=-1)
     assert not any(k.startswith("position_head") for k in model.state_dict())  # what save_pretrained writes
     fit.trainer = type("T", (), {"estimated_stepping_batches": 10})()
     optimizer = fit.configure_optimizers()["optimizer"]

@@ -140,18 +140,23 @@ class LlavaTraining(AnswerFit):
     ``position_loss`` > 0: each image token (the projector's output, what the language model reads) must also tell
     its patch's row and column through a linear head of the fit's own (not saved with the model), the loss added
     with that weight: the image tokens keep where they are, which side and place questions read. ``position_axes``
-    picks what they must tell: ``("row", "col")`` or one of them (side and place read only the column)."""
+    picks what they must tell: ``("row", "col")`` or one of them (side and place read only the column).
+    ``position_loss_steps`` > 0 applies it in the first that many optimizer steps only: it starts the spatial
+    kinds, whose own answers then keep the image tokens' positions, and leaves the tower to the other kinds after."""
 
     AXES = ("row", "col")
 
     def __init__(self, model: nn.Module, lr: float = 5e-4, weight_decay: float = 0.05, warmup_steps: int = 200,
                  lr_scales: dict[str, float] | None = None, position_loss: float = 0.0,
-                 position_axes: tuple[str, ...] = AXES):
+                 position_axes: tuple[str, ...] = AXES, position_loss_steps: int = 0):
         super().__init__(model, lr, weight_decay, warmup_steps, lr_scales)
+        if position_loss_steps < 0:
+            raise ValueError(f"position_loss_steps must be >= 0 (0: every step), got {position_loss_steps}")
         vision = model.config.vision_config
         self.grid = vision.image_size // vision.patch_size
         self.position_loss = position_loss
         self.position_axes = tuple(position_axes)
+        self.position_loss_steps = position_loss_steps
         if not self.position_axes or any(axis not in self.AXES for axis in self.position_axes):
             raise ValueError(f"position_axes must be a non-empty subset of {self.AXES}, got {position_axes!r}")
         self.position_head = (nn.Linear(model.config.text_config.hidden_size, len(self.position_axes) * self.grid)
@@ -164,8 +169,10 @@ class LlavaTraining(AnswerFit):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Every answer of the batch's conversations (the vocabulary is small: every position's logits are cheap)."""
         taken: list[Tensor] = []
+        positions = self.position_head is not None and (
+            self.position_loss_steps == 0 or self.global_step < self.position_loss_steps)
         handle = (self.model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: taken.append(out))
-                  if self.position_head is not None else None)
+                  if positions else None)
         try:
             logits = self._forward(batch, 0)[:, :-1]
         finally:
@@ -173,7 +180,7 @@ class LlavaTraining(AnswerFit):
                 handle.remove()
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
         self.log("train/loss", loss, prog_bar=True)
-        if self.position_head is not None:
+        if positions:
             tokens = taken[0][:, -self.grid ** 2:]  # the patches in raster order (a CLS, if kept, comes first)
             cells = torch.arange(self.grid ** 2, device=tokens.device).expand(len(tokens), -1)
             truth = {"row": cells // self.grid, "col": cells % self.grid}

@@ -50,6 +50,7 @@ class FitLlavaModel:
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to optim.lr, when it trains
     position_loss: float = 0.0  # weight of a training-only loss: each image token tells its patch's row and column
     position_axes: List[str] = field(default_factory=lambda: ["row", "col"])  # what it tells: row, col or both
+    position_loss_steps: int = 0  # > 0: the position loss in the first that many steps only; 0: throughout
 
 
 @dataclass
@@ -144,7 +145,8 @@ def run(cfg: DictConfig) -> Path | None:
     processor = build_llava_processor(tokenizer, cfg.world.image_size, vision["patch_size"])
     settings = dict(cfg.model)
     freeze_vision, vision_lr_scale = settings.pop("freeze_vision"), settings.pop("vision_lr_scale")
-    position_loss, position_axes = settings.pop("position_loss"), tuple(settings.pop("position_axes"))
+    position = dict(position_loss=settings.pop("position_loss"), position_axes=tuple(settings.pop("position_axes")),
+                    position_loss_steps=settings.pop("position_loss_steps"))
     model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **settings)
     init_vision_from_clip(model, clip)
     set_vision_trainable(model, not freeze_vision)
@@ -156,6 +158,5 @@ def run(cfg: DictConfig) -> Path | None:
     heldout = LlavaQuestions(ShapesVQA(world_of(cfg, cfg.world.heldout_seed)), cfg.data.val_samples, tokenizer, to_tensor,
                              image_tokens)
     collate = partial(collate_llava, pad_id=tokenizer.pad_token_id)
-    module = LlavaTraining(model, **cfg.optim, lr_scales={VISION_TOWER: vision_lr_scale}, position_loss=position_loss,
-                           position_axes=position_axes)
+    module = LlavaTraining(model, **cfg.optim, lr_scales={VISION_TOWER: vision_lr_scale}, **position)
     return fit_on_questions(cfg, out, module, train, heldout, collate, processor)
