@@ -47,6 +47,19 @@ def test_a_short_fit_saves_a_llava_that_loads_and_answers(tmp_path):
                                      torch.ones_like(answer))
         logits = model(**inputs).logits[0, -1]
         assert torch.allclose(adapter.answer_log_likelihood(batch), torch.log_softmax(logits, -1)[answer[0, 0]], atol=1e-5)
+    # init_from: training goes on from the saved model (its architecture, tokenizer and weights: at lr 1e-20 they stay)
+    again = load_config(CONFIG_DIR / "fit_shapes_llava.yaml", [
+        f"output_dir={tmp_path / 'again'}", f"init_from={saved}", "data.train_samples=16", "data.batch_size=8",
+        "data.val_samples=8", "data.num_workers=0", "trainer.max_steps=1", "trainer.val_check_interval=1",
+        "model.width=64", "optim.lr=1e-20", "optim.weight_decay=0", "trainer.enable_progress_bar=false",
+    ])
+    continued = LlavaForConditionalGeneration.from_pretrained(run(again))
+    assert continued.config.text_config.hidden_size == 32
+    for (name, before), after in zip(model.state_dict().items(), continued.state_dict().values()):
+        torch.testing.assert_close(after, before, atol=1e-12, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="init_from=.* sees 64 px images, the world has 32"):
+        run(load_config(CONFIG_DIR / "fit_shapes_llava.yaml", [f"output_dir={tmp_path / 'other'}", f"init_from={saved}",
+                                                                "world.image_size=32"]))
 
 
 def test_a_conversation_sample_asks_its_first_question_as_the_model_is_used_then_answers_each_turn():

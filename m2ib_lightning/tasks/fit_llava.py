@@ -60,6 +60,9 @@ class FitLlavaConfig:
     output_dir: str = "runs/fit_shapes_llava"
     save_to: Optional[str] = None  # where save_pretrained writes the model; default OUTPUT_DIR/model
     vision_from: str = "builtin:shapes-clip"  # the CLIP whose vision tower becomes the LLaVA's
+    # a LLaVA saved by an earlier fit_llava (directory or builtin: name) to go on training, with its tokenizer and
+    # processor; vision_from and the architecture keys of model (width, layers, heads, vision_feature_layer) are then its
+    init_from: Optional[str] = None
     world: WorldConfig = field(default_factory=WorldConfig)
     data: FitLlavaData = field(default_factory=FitLlavaData)
     model: FitLlavaModel = field(default_factory=FitLlavaModel)
@@ -131,24 +134,42 @@ def collate_llava(items: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]
     }
 
 
+def _continued(init_from: str, image_size: int) -> tuple[Any, Any]:
+    """The LLaVA and processor an earlier fit saved, refused unless it sees the world's picture size."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ..backbones import resolve_model_path
+
+    path = resolve_model_path(init_from)
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    seen = model.config.vision_config.image_size
+    if seen != image_size:
+        raise ValueError(f"init_from={init_from!r} sees {seen} px images, the world has {image_size}")
+    return model.train(), AutoProcessor.from_pretrained(path)
+
+
 def run(cfg: DictConfig) -> Path | None:
     """Fit, validate on held-out questions, and ``save_pretrained`` model and processor (tokenizer, chat template)."""
     from ..backbones import load_backbone
 
     L.seed_everything(cfg.seed, workers=True)
     out = prepare_output(cfg)
-    clip = load_backbone(cfg.vision_from, "hf_clip").module
-    vision = clip.config.vision_config.to_dict()
-    if vision["image_size"] != cfg.world.image_size:
-        raise ValueError(f"vision_from={cfg.vision_from!r} sees {vision['image_size']} px images, the world has {cfg.world.image_size}")
-    tokenizer = build_llava_tokenizer()
-    processor = build_llava_processor(tokenizer, cfg.world.image_size, vision["patch_size"])
     settings = dict(cfg.model)
     freeze_vision, vision_lr_scale = settings.pop("freeze_vision"), settings.pop("vision_lr_scale")
     position = dict(position_loss=settings.pop("position_loss"), position_axes=tuple(settings.pop("position_axes")),
                     position_loss_steps=settings.pop("position_loss_steps"))
-    model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **settings)
-    init_vision_from_clip(model, clip)
+    if cfg.init_from:
+        model, processor = _continued(cfg.init_from, cfg.world.image_size)
+        tokenizer = processor.tokenizer
+    else:
+        clip = load_backbone(cfg.vision_from, "hf_clip").module
+        vision = clip.config.vision_config.to_dict()
+        if vision["image_size"] != cfg.world.image_size:
+            raise ValueError(f"vision_from={cfg.vision_from!r} sees {vision['image_size']} px images, the world has {cfg.world.image_size}")
+        tokenizer = build_llava_tokenizer()
+        processor = build_llava_processor(tokenizer, cfg.world.image_size, vision["patch_size"])
+        model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **settings)
+        init_vision_from_clip(model, clip)
     set_vision_trainable(model, not freeze_vision)
     image_tokens = model.config.image_seq_length
     to_tensor = ImageToTensor(processor.image_processor, cfg.world.image_size)
