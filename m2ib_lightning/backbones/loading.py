@@ -12,7 +12,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "shapes" / "assets"
 SHIPPED_MODELS = {
     "shapes-clip": (ASSETS / "shapes-clip", "configs/fit_shapes_clip.yaml"),
     "shapes-blip-vqa": (ASSETS / "shapes-blip-vqa", "configs/fit_shapes_vqa.yaml"),
-    "shapes-llava": (ASSETS / "shapes-llava", "configs/fit_shapes_llava.yaml"),
+    "shapes-llava": (ASSETS / "shapes-llava", "configs/fit_shapes_llava.yaml, then configs/fit_shapes_llava_stage2.yaml"),
 }
 BUILTIN_PREFIX = "builtin:"
 
