@@ -189,6 +189,8 @@ class LlavaTraining(AnswerFit):
                         for axis, axis_logits in zip(self.position_axes, logits))
             self.log("train/position_loss", where)
             loss = loss + self.position_loss * where
+        if self.position_head is not None:  # Lightning shows a metric's last value until the epoch ends: say when it stops
+            self.log("train/position_loss_weight", self.position_loss if positions else 0.0)
         return loss
 
     def configure_optimizers(self):
