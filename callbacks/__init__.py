@@ -19,8 +19,9 @@ else:
     from .evaluation_writer import EvaluationWriter
     from .output_owner import OutputOwner
     from .run_summary import RunProgress, RunSummary, SampleProgressBar
+    from .stop_on_sigterm import StopOnSigterm
     from .tensorboard_maps import TensorBoardAttributionLogger
 
     __all__ = [
-        "AttributionWriter", "EvaluationWriter", "OutputOwner", "RollingShardWriter", "RunProgress", "RunSummary", "SampleProgressBar", "TensorBoardAttributionLogger",
+        "AttributionWriter", "EvaluationWriter", "OutputOwner", "RollingShardWriter", "RunProgress", "RunSummary", "SampleProgressBar", "StopOnSigterm", "TensorBoardAttributionLogger",
     ]

@@ -221,3 +221,29 @@ def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path, family, 
     _assert_same_maps(one, two, atol=1e-5 if family == "hf_blip_vqa" else 1e-4)
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
     assert summaries[0]["localisation_pairs"] == summaries[1]["localisation_pairs"] == 6
+
+
+def test_sigterm_stops_a_run_after_the_batch_in_hand_and_the_rerun_resumes(tmp_path, tiny_bundle):
+    """A scheduler's SIGTERM (Lightning's predict loop alone would ignore it): the run stops with status 143 soon
+    after, keeps what it wrote, releases the lock; the same command then does the rest, every id once."""
+    import time
+
+    extra = ("data.num_samples=40", "data.batch_size=2", "export.samples_per_shard=2", "m2ib.steps=3")
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(_args(out, tiny_bundle, *extra), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size for p in out.glob("index-rank*.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the run went on after SIGTERM")
+    assert proc.returncode == 143 and "received SIGTERM" in stderr, stderr[-2000:]
+    kept = [e["id"] for e in index_entries(out)]
+    assert 0 < len(kept) < 40 and not (out / "run.lock").exists()
+    _train(*_args(out, tiny_bundle, *extra))
+    ids = [e["id"] for e in index_entries(out)]
+    assert len(ids) == len(set(ids)) == 40 and set(kept) <= set(ids)

@@ -146,13 +146,14 @@ def owned_trainer(cfg: DictConfig, owner, callbacks: list, source=None, logger_a
 
     ``owner`` comes first among the callbacks; TensorBoard in OUTPUT_DIR/tensorboard (``logger_args`` for
     its options); for a streamed ``source``, the run's progress over all ranks (:class:`RunProgress`, of what is
-    left once the owner knows what is done) and a progress bar in samples unless ``trainer`` turns it off.
+    left once the owner knows what is done) and a progress bar in samples unless ``trainer`` turns it off; last,
+    :class:`StopOnSigterm` (a preempted run stops after the batch the writers have taken).
     """
     import warnings
 
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from ..callbacks import RunProgress, SampleProgressBar
+    from ..callbacks import RunProgress, SampleProgressBar, StopOnSigterm
 
     callbacks = [owner, *callbacks]
     if source is not None:
@@ -160,6 +161,7 @@ def owned_trainer(cfg: DictConfig, owner, callbacks: list, source=None, logger_a
         callbacks.insert(1, RunProgress(cfg.output_dir, None if total is None else lambda: max(total - owner.done_count, 0)))
         if cfg.trainer.get("enable_progress_bar", True):
             callbacks.append(SampleProgressBar())
+    callbacks.append(StopOnSigterm())
     # A streamed dataset has no sampler whose indices a prediction writer could get: the writers do not need them.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices", category=UserWarning)
     logger = TensorBoardLogger(cfg.output_dir, name="tensorboard", version="", **(logger_args or {}))
