@@ -223,19 +223,21 @@ def test_a_vqa_run_on_two_ddp_processes_gives_the_maps_of_one(tmp_path, family, 
     assert summaries[0]["localisation_pairs"] == summaries[1]["localisation_pairs"] == 6
 
 
-def test_sigterm_stops_a_run_after_the_batch_in_hand_and_the_rerun_resumes(tmp_path, tiny_bundle):
-    """A scheduler's SIGTERM (Lightning's predict loop alone would ignore it): the run stops with status 143 soon
-    after, keeps what it wrote, releases the lock; the same command then does the rest, every id once."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_stops_a_run_after_the_batch_in_hand_and_the_rerun_resumes(tmp_path, tiny_bundle, processes):
+    """A scheduler's SIGTERM to the job's processes (Lightning's predict loop alone would ignore it): the run stops
+    with status 143 soon after, keeps what it wrote, releases the lock; the same command then does the rest on one
+    process, every id once."""
     import time
 
-    extra = ("data.num_samples=40", "data.batch_size=2", "export.samples_per_shard=2", "m2ib.steps=3")
+    extra = ("data.num_samples=100", "data.batch_size=2", "export.samples_per_shard=2", "m2ib.steps=3")
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(_args(out, tiny_bundle, *extra), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_args(out, tiny_bundle, *extra, *_ddp(processes)), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not any(p.stat().st_size for p in out.glob("index-rank*.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         _, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -243,7 +245,7 @@ def test_sigterm_stops_a_run_after_the_batch_in_hand_and_the_rerun_resumes(tmp_p
         raise AssertionError("the run went on after SIGTERM")
     assert proc.returncode == 143 and "received SIGTERM" in stderr, stderr[-2000:]
     kept = [e["id"] for e in index_entries(out)]
-    assert 0 < len(kept) < 40 and not (out / "run.lock").exists()
+    assert 0 < len(kept) < 100 and not (out / "run.lock").exists()
     _train(*_args(out, tiny_bundle, *extra))
     ids = [e["id"] for e in index_entries(out)]
-    assert len(ids) == len(set(ids)) == 40 and set(kept) <= set(ids)
+    assert len(ids) == len(set(ids)) == 100 and set(kept) <= set(ids)
