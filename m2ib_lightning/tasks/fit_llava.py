@@ -134,18 +134,14 @@ def collate_llava(items: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]
     }
 
 
-def _continued(init_from: str, image_size: int) -> tuple[Any, Any]:
-    """The LLaVA and processor an earlier fit saved, refused unless it sees the world's picture size."""
+def _continued(init_from: str) -> tuple[Any, Any]:
+    """The LLaVA and processor an earlier fit saved."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from ..backbones import resolve_model_path
 
     path = resolve_model_path(init_from)
-    model = LlavaForConditionalGeneration.from_pretrained(path)
-    seen = model.config.vision_config.image_size
-    if seen != image_size:
-        raise ValueError(f"init_from={init_from!r} sees {seen} px images, the world has {image_size}")
-    return model.train(), AutoProcessor.from_pretrained(path)
+    return LlavaForConditionalGeneration.from_pretrained(path).train(), AutoProcessor.from_pretrained(path)
 
 
 def run(cfg: DictConfig) -> Path | None:
@@ -159,17 +155,19 @@ def run(cfg: DictConfig) -> Path | None:
     position = dict(position_loss=settings.pop("position_loss"), position_axes=tuple(settings.pop("position_axes")),
                     position_loss_steps=settings.pop("position_loss_steps"))
     if cfg.init_from:
-        model, processor = _continued(cfg.init_from, cfg.world.image_size)
-        tokenizer = processor.tokenizer
+        model, processor = _continued(cfg.init_from)
+        source = f"init_from={cfg.init_from!r}"
     else:
         clip = load_backbone(cfg.vision_from, "hf_clip").module
         vision = clip.config.vision_config.to_dict()
-        if vision["image_size"] != cfg.world.image_size:
-            raise ValueError(f"vision_from={cfg.vision_from!r} sees {vision['image_size']} px images, the world has {cfg.world.image_size}")
-        tokenizer = build_llava_tokenizer()
-        processor = build_llava_processor(tokenizer, cfg.world.image_size, vision["patch_size"])
-        model = build_shapes_llava(tokenizer, vision, seed=cfg.seed, **settings)
+        processor = build_llava_processor(build_llava_tokenizer(), cfg.world.image_size, vision["patch_size"])
+        model = build_shapes_llava(processor.tokenizer, vision, seed=cfg.seed, **settings)
         init_vision_from_clip(model, clip)
+        source = f"vision_from={cfg.vision_from!r}"
+    seen = model.config.vision_config.image_size
+    if seen != cfg.world.image_size:
+        raise ValueError(f"{source} sees {seen} px images, the world has {cfg.world.image_size}")
+    tokenizer = processor.tokenizer
     set_vision_trainable(model, not freeze_vision)
     image_tokens = model.config.image_seq_length
     to_tensor = ImageToTensor(processor.image_processor, cfg.world.image_size)
