@@ -4,7 +4,7 @@ For held-out questions (colour, shape and size kinds, two-choice and open), the 
 right answer is scored against the questioned object's mask (pointing game, energy in the mask), next to random
 maps, at each vision layer; one table row per layer.
 
-    python benchmarks/bench_answers.py [--model builtin:shapes-blip-vqa] [--layers 0,1,2,3] [--questions 48]
+    python benchmarks/bench_answers.py [--model builtin:shapes-blip-vqa] [--layers 0,1,2,3] [--questions 48] [--precision bf16]
 
 Any answer adapter with the questions capability (BLIP VQA, LLaVA): the prompt is the adapter's own (chat template,
 image placeholder expanded).
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--text-layer", type=int, default=1)
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--world-seed", type=int, default=2)  # used neither in training nor in validation
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32", help="m2ib.precision of the fits")
     args = parser.parse_args()
     model = load_backbone(args.model)
     vqa = ShapesVQA(ShapesWorld(seed=args.world_seed, image_size=64, max_objects=3, noise=0.03), KINDS)
@@ -45,14 +46,15 @@ def main() -> None:
     se = lambda x: (x.std() / n**0.5).item()  # noqa: E731
     rp, re = pointing_game(random, masks), mask_energy(random, masks)
     print(f"{n} questions ({', '.join(KINDS)}), world seed {args.world_seed}, {args.model}, text layer {args.text_layer}; "
-          f"beta 0.1, 10 steps, 10 noise copies; mean ± standard error\n")
+          f"beta 0.1, 10 steps, 10 noise copies, precision {args.precision}; mean ± standard error\n")
     print("| vision layer | pointing game | energy in mask | random: pointing / energy | s / pair |")
     print("|---|---|---|---|---|")
     for layer in map(int, args.layers.split(",")):
         start = time.perf_counter()
         result = attribute(model.module, pixels, questions["input_ids"], questions["attention_mask"],
                            answer_ids=answers["input_ids"], answer_mask=answers["attention_mask"],
-                           vision_layer=layer, text_layer=args.text_layer, beta=0.1, steps=10, num_noise=10, seed=0)
+                           vision_layer=layer, text_layer=args.text_layer, beta=0.1, steps=10, num_noise=10, seed=0,
+                           precision=args.precision)
         seconds = (time.perf_counter() - start) / n
         pg, en = pointing_game(result.image_maps, masks), mask_energy(result.image_maps, masks)
         print(f"| {layer} | {pg.mean():.3f} ± {se(pg):.3f} | {en.mean():.3f} ± {se(en):.3f} | "

@@ -12,9 +12,10 @@ precision, the largest map difference and the Spearman rank correlation of the
 maps; and, on the shapes world with the shipped CLIP, the pointing game of both.
 
 A third table runs M2IB for answers on a LLaVA-1.5-shaped and a Qwen2-VL-shaped model scaled to CPU: engine vs
-the naive reference (K noise copies one at a time, the whole vocabulary), and where one pass's time goes.
+the naive reference (K noise copies one at a time, the whole vocabulary), and where one pass's time goes; a fourth
+the same models' fits in bf16 against float32.
 
-    python benchmarks/bench_engine.py [--pairs 1] [--families "CLIP ViT-B/32" ...] [--tables reference precision answers]
+    python benchmarks/bench_engine.py [--pairs 1] [--families "CLIP ViT-B/32" ...] [--tables reference precision answers answer-precision]
 """
 
 from __future__ import annotations
@@ -303,12 +304,42 @@ def answer_table(count: int, models: list[str]) -> None:
               f"| {cost['vision']:.2f} / {cost['language model']:.2f} / {cost['vocabulary']:.3f} / {cost['total']:.2f} |", flush=True)
 
 
+def answer_precision_table(count: int, models: list[str]) -> None:
+    """The engine on the answer models in bf16 (the model after each bottleneck under autocast) against float32."""
+    from m2ib_lightning.backbones import as_backbone
+
+    print(f"\nM2IB for answers, bf16 vs float32 (engine): random weights, CPU, {torch.get_num_threads()} threads, {count} "
+          "pair(s), vision block 3, language-model layer 6, 10 steps, 10 noise copies")
+    print("| model | float32 s / pair | bf16 s / pair | speed-up | max image-map diff | Spearman image / text capacity (lowest pair) |")
+    print("|---|---|---|---|---|---|")
+    for family in models:
+        torch.manual_seed(0)
+        model = ANSWER_FAMILIES[family]().eval()
+        as_backbone(model)  # the adapter's checks, outside the timing
+        seconds, results = {"32": 0.0, "bf16": 0.0}, {"32": [], "bf16": []}
+        for seed in range(count):
+            pair = answer_pair(family, model, seed)
+            args = [pair.pop(k) for k in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")]
+            for precision in seconds:
+                start = time.perf_counter()
+                results[precision].append(m2ib_lightning.attribute(
+                    model, *args[:3], answer_ids=args[3], answer_mask=args[4], vision_layer=3, text_layer=6, steps=10,
+                    num_noise=10, seed=seed, precision=precision, **pair))
+                seconds[precision] += time.perf_counter() - start
+        full, low = results["32"], results["bf16"]
+        image_diff = max((a.image_maps - b.image_maps).abs().max().item() for a, b in zip(full, low))
+        rho_image = min(spearman(a.image_capacity, b.image_capacity) for a, b in zip(full, low))
+        rho_text = min(spearman(a.text_capacity[a.text_positions], b.text_capacity[a.text_positions]) for a, b in zip(full, low))
+        print(f"| {family} | {seconds['32'] / count:.1f} | {seconds['bf16'] / count:.1f} | {seconds['32'] / seconds['bf16']:.2f}x "
+              f"| {image_diff:.3f} | {rho_image:.3f} / {rho_text:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=1, help="pairs timed for each method")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--tables", nargs="+", default=["reference", "precision", "answers"],
-                        choices=["reference", "precision", "answers"])
+    parser.add_argument("--tables", nargs="+", default=["reference", "precision", "answers", "answer-precision"],
+                        choices=["reference", "precision", "answers", "answer-precision"])
     parser.add_argument("--answer-models", nargs="+", default=list(ANSWER_FAMILIES), choices=list(ANSWER_FAMILIES))
     parser.add_argument("--method", choices=["engine", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--family", choices=list(FAMILIES), help=argparse.SUPPRESS)
@@ -322,6 +353,8 @@ def main() -> None:
         precision_table(args.families, args.pairs)
     if "answers" in args.tables:
         answer_table(args.pairs, args.answer_models)
+    if "answer-precision" in args.tables:
+        answer_precision_table(args.pairs, args.answer_models)
 
 
 def reference_table(args: argparse.Namespace) -> None:

@@ -182,19 +182,23 @@ def fit_answer_bottleneck(model: Any, batch: Any, modality: Modality, layer: int
     optimizer = torch.optim.Adam([alpha], lr=config.lr)
     copies = config.num_noise
     tail, calls, replay = tail_blocks(model, modality, layer), [], False
+    device = hidden.device.type
     for step in range(config.steps):
         noise = draw_noise(generators, copies, positions, dim, hidden.dtype).to(hidden.device)
         mu, var = masked_moments(hidden, alpha)
         nats = capacity(mu, var) * element_mask
         noisy = torch.where(real, sample(mu[:, None], var[:, None], noise), hidden[:, None])
-        output = model.bottleneck_output(modality, batch, noisy)
-        if replay:
-            fit = replay_tail(model, modality, batch, tail, calls, output, copies).view(batch_size, copies).mean(1)
-        else:
-            recording = recorded_calls(tail, calls) if step == 0 and tail is not None else contextlib.nullcontext()
-            with replaced_output(block, output), recording:
-                fit = model.answer_log_likelihood(batch, copies).view(batch_size, copies).mean(1)
-            replay = tail is not None and _replayable(calls, tail)  # known after the first pass, for every later one
+        # bf16: the model after the bottleneck under autocast; the bottleneck, the loss and Adam stay in hidden's dtype
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            output = model.bottleneck_output(modality, batch, noisy)
+            if replay:
+                fit = replay_tail(model, modality, batch, tail, calls, output, copies)
+            else:
+                recording = recorded_calls(tail, calls) if step == 0 and tail is not None else contextlib.nullcontext()
+                with replaced_output(block, output), recording:
+                    fit = model.answer_log_likelihood(batch, copies)
+                replay = tail is not None and _replayable(calls, tail)  # known after the first pass, for every later one
+        fit = fit.to(hidden.dtype).view(batch_size, copies).mean(1)
         if step == config.steps - 1:
             break  # the map is read from this pass
         loss = (config.beta * nats.sum((1, 2)) / elements - fit).sum()  # a sum: each sample's gradient is its solo run's

@@ -79,7 +79,7 @@ VALUE_RULES: dict[str, tuple[Any, str]] = {
     "export.grid_samples": _at_least(0),
     "data.held_out_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "data.shuffle_buffer": _at_least(1),
     "network.width": _at_least(1), "network.depth": _at_least(1), "network.heads": _at_least(1),
-    "optim.rank_weight": _at_least(0),
+    "optim.rank_weight": _at_least(0), "optim.rank_sharpness": _above(0),
     "metrics.confidence_drop": _one_of("absolute", "relative"), "metrics.pointing_ties": _one_of("share", "any"),
     "metrics.pointing_tolerance": _at_least(0),
     "model.dtype": (lambda v: v is None or v in DTYPES, f"one of {list(DTYPES)}"),

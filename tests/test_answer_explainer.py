@@ -82,6 +82,25 @@ def test_a_question_gets_the_same_amortised_maps_alone_and_in_its_batch(family):
         assert (together.image_capacity[b, tokens:] == 0).all()
 
 
+@pytest.mark.parametrize("family", list(ANSWER_FAMILIES))
+def test_bf16_runs_the_model_and_the_network_in_bfloat16_with_float32_maps_close_to_float32s(family):
+    factory, make_inputs = ANSWER_FAMILIES[family]
+    model, example = factory(), {k: v.float() if v.is_floating_point() else v for k, v in make_inputs().items()}
+    model.module.float()
+    network = _explainer(model, example).float()
+    dtypes = []
+    handle = network.blocks.layers[0].linear1.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    try:
+        full = AmortisedAnswerM2IB(model, network, m2ib=SETTINGS).attribute(**example)
+        low = AmortisedAnswerM2IB(model, network, m2ib=M2IBConfig(**{**vars(SETTINGS), "precision": "bf16"})).attribute(**example)
+    finally:
+        handle.remove()
+    assert dtypes == [torch.float32, torch.bfloat16]
+    for name in ("image_capacity", "text_capacity"):
+        assert getattr(low, name).dtype == torch.float32 and not torch.equal(getattr(low, name), getattr(full, name))
+        torch.testing.assert_close(getattr(low, name), getattr(full, name), atol=0.02, rtol=0.05)  # zero where float32's is
+
+
 def test_a_saved_answer_explainer_loads_with_equal_maps_and_refuses_what_it_was_not_trained_for(tmp_path):
     factory, make_inputs = ANSWER_FAMILIES["hf_llava"]
     model, example = factory(), make_inputs()

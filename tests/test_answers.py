@@ -190,6 +190,36 @@ def test_after_the_first_pass_only_the_blocks_after_the_bottleneck_run(family):
     assert runs == {"image": 3, "text": 2 + 5 + 2}
 
 
+@pytest.mark.parametrize("family", list(ANSWER_FAMILIES))
+def test_bf16_runs_the_model_after_the_bottleneck_in_bfloat16_and_stays_close_to_float32(family):
+    """precision=bf16: the blocks after the bottleneck compute in bfloat16 (a vision block's matmuls in the image fit
+    say so; the clean pass stays float32); capacities and fit terms are float32, near float32's, not equal to them.
+    (Near-tied capacities of random tiny models rank by rounding: the benchmark measures ranks on trained models.)"""
+    build, example_inputs = ANSWER_FAMILIES[family]
+    model, example = build(), {k: v.float() if v.is_floating_point() else v for k, v in example_inputs().items()}
+    model.module.float()
+    args = [example.pop(k) for k in NAMES]
+    results, dtypes = {}, []
+    linear = next(m for m in model.blocks("image")[1].modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    try:
+        for precision in ("32", "bf16"):
+            config = M2IBConfig(vision_layer=0, text_layer=1, steps=4, num_noise=3, precision=precision)
+            dtypes.clear()
+            results[precision] = attribute_answers(model, *args, config=config, seed=[3, 4], **example)
+            assert (torch.bfloat16 in dtypes) == (precision == "bf16") and torch.float32 in dtypes
+    finally:
+        handle.remove()
+    full, low = results["32"], results["bf16"]
+    for name in ("image_capacity", "text_capacity", "image_fit", "text_fit"):
+        assert getattr(low, name).dtype == torch.float32
+        assert not torch.equal(getattr(low, name), getattr(full, name)), name
+    torch.testing.assert_close(low.image_fit, full.image_fit, atol=0, rtol=0.05)  # log p(answer), bf16 matmuls
+    torch.testing.assert_close(low.text_fit, full.text_fit, atol=0, rtol=0.05)
+    torch.testing.assert_close(low.image_capacity, full.image_capacity, atol=0, rtol=0.1)
+    torch.testing.assert_close(low.text_capacity, full.text_capacity, atol=0, rtol=0.1)  # zero where float32's is
+
+
 def test_padding_image_tokens_and_the_answer_get_no_capacity_and_a_batch_gives_each_sample_its_solo_maps():
     model = tiny_llava()
     pixels, ids, mask, answers, answer_mask = inputs()

@@ -128,6 +128,27 @@ def test_map_agreement_is_spearman_per_sample_and_the_peak_in_the_top_region():
     assert out["image_peak_in_top"].tolist() == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("sharpness", [1.0, 2.0])
+def test_the_loss_is_the_squared_log_error_plus_the_kl_of_the_sharpened_capacity_distributions(sharpness):
+    from m2ib_lightning.amortised.network import LOG_EPSILON
+    from m2ib_lightning.modules.explainer import explainer_loss
+
+    capacity = torch.tensor([[0.5, 2.0, 0.1, 7.0], [1.0, 3.0, 0.0, 0.0]])
+    predicted = torch.tensor([[0.2, 0.9, -1.0, 1.5], [0.4, -0.3, 5.0, 5.0]])  # the padding's values must not count
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    squared, kl = 0.0, 0.0
+    for b in range(2):
+        n = int(mask[b].sum())
+        target = (capacity[b, :n] + LOG_EPSILON).log()
+        squared += ((predicted[b, :n] - target) ** 2).sum()
+        p = (capacity[b, :n] + LOG_EPSILON) ** sharpness
+        p = p / p.sum()
+        q = predicted[b, :n].mul(sharpness).softmax(0)
+        kl += (p * (p / q).log()).sum()
+    expected = squared / mask.sum() + 0.5 * kl / 2
+    torch.testing.assert_close(explainer_loss(predicted, capacity, mask, 0.5, sharpness), expected, atol=1e-6, rtol=1e-6)
+
+
 def _amortised_args(out: Path, bundle: Path, explainer: Path, *extra: str) -> tuple[str, ...]:
     return _run_args(out, bundle, f"m2ib.explainer={explainer}", "m2ib.audit_every=3", "world.heldout_seed=5",
                      "data.num_samples=12", "data.batch_size=3", *extra)

@@ -78,7 +78,8 @@ class AmortisedAnswerM2IB:
     >>> result = explainer.attribute(pixel_values, input_ids, attention_mask, answer_ids, answer_mask)
 
     Refuses a backbone other than the one it was trained for, an explainer of pairs, and, given ``m2ib``,
-    exact-fit settings other than those it imitates. ``seed`` is accepted (and ignored): the prediction draws no noise.
+    exact-fit settings other than those it imitates; ``m2ib.precision="bf16"`` runs the model and the network under
+    bfloat16 autocast. ``seed`` is accepted (and ignored): the prediction draws no noise.
     """
 
     def __init__(self, model: Any, explainer: str | Path | ExplainerNetwork, *, m2ib: M2IBConfig | None = None):
@@ -90,8 +91,10 @@ class AmortisedAnswerM2IB:
 
     def predict(self, batch: AnswerBatch) -> tuple[dict[Modality, Tensor], AnswerFeatures]:
         """Per tower the predicted log(capacity + eps) of every token of the bottleneck blocks' layouts."""
-        self.network.to(batch.inputs["input_ids"].device)  # where the backbone is (a no-op once it is there)
-        with eval_mode(self.backbone.module), eval_mode(self.network):
+        device = batch.inputs["input_ids"].device
+        self.network.to(device)  # where the backbone is (a no-op once it is there)
+        bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        with eval_mode(self.backbone.module), eval_mode(self.network), bf16:
             features = answer_features(self.backbone, batch, self.layers)
             logs = self.network(features.hidden, features.positions, features.context)
         return {m: logs[m].float() for m in MODALITIES}, features

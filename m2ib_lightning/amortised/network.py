@@ -31,6 +31,18 @@ SHIPPED_EXPLAINERS = {
 }
 
 
+def encode(blocks: nn.TransformerEncoder, x: Tensor, real: Tensor) -> Tensor:
+    """``blocks`` over ``x`` with padding ``~real``, off PyTorch's inference fast path: its masked softmax costs
+    three quarters of the network's time on CPU (the regular path runs the explainer about 2x faster in bfloat16;
+    the outputs agree to 1e-5). The global switch is restored, also on errors."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return blocks(x, src_key_padding_mask=~real)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def backbone_fingerprint(module: nn.Module) -> str:
     """A short hash of a backbone's weights (names, shapes and a strided sample of every tensor, rounded to
     bfloat16 so that a bfloat16 load of the same checkpoint has the same print): what an explainer checks."""
@@ -78,7 +90,7 @@ class TowerHead(nn.Module):
     def forward(self, hidden: Tensor, token_mask: Tensor, embeddings: Tensor) -> Tensor:
         x = self.tokens(self.norm(hidden))
         x = x * (1 + self.scale(embeddings)[:, None]) + self.shift(embeddings)[:, None]
-        x = self.blocks(x, src_key_padding_mask=~token_mask)
+        x = encode(self.blocks, x, token_mask)
         return self.out(x).squeeze(-1)
 
 
@@ -178,7 +190,7 @@ class AnswerExplainerNetwork(ExplainerNetwork):
         text_types = torch.where(token_mask["text"], self.BOTTLENECKED, self.CONTEXT)
         x = torch.cat([image + self.types.weight[self.IMAGE], text + self.types(text_types)], dim=1)
         real = torch.cat([token_mask["image"], context | token_mask["text"]], dim=1)
-        logs = self.out(self.blocks(x, src_key_padding_mask=~real)).squeeze(-1)
+        logs = self.out(encode(self.blocks, x, real)).squeeze(-1)
         return {"image": logs[:, :image.shape[1]], "text": logs[:, image.shape[1]:]}
 
 

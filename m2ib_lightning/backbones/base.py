@@ -446,6 +446,14 @@ def features(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output.pooler_output
 
 
+def token_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log_softmax(logits)[tokens] in at least float32: bf16 logits under autocast would round an answer's
+    log-probability (the fit term of answer models) to 8 bits."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
 def padding_bias(token_mask: Tensor, dtype: torch.dtype, causal: bool = False) -> Tensor:
     """One additive (B, 1, T, T) mask: real keys only (and causal, if asked)."""
     t = token_mask.shape[1]

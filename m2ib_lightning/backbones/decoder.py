@@ -20,12 +20,11 @@ import sys
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import (
     AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, block_output, eager_attention, pad_token_ids,
-    real_tokens,
+    real_tokens, token_log_probs,
 )
 from .capabilities import Site
 
@@ -247,7 +246,7 @@ class HFDecoderAnswerer(HFAnswerLayout):
         """(B * copies,) log p(answer) from the logits (B * copies, score positions, V) at ``batch.score_positions``."""
         column = batch.score_index.repeat_interleave(copies, dim=0)
         picked = logits.gather(1, column[..., None].expand(-1, -1, logits.shape[-1]))
-        scores = F.log_softmax(picked, dim=-1).gather(-1, batch.targets.repeat_interleave(copies, dim=0)[..., None])[..., 0]
+        scores = token_log_probs(picked, batch.targets.repeat_interleave(copies, dim=0))
         return (scores * batch.score_mask.repeat_interleave(copies, dim=0)).sum(1)
 
     # ------------------------------------------------------------------ explicit tail runs

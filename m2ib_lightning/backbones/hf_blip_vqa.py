@@ -17,12 +17,11 @@ import dataclasses
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (
     AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, one_image_per_sample, pad_token_ids,
-    real_tokens, resolve_layer, square_patch_grid,
+    real_tokens, resolve_layer, square_patch_grid, token_log_probs,
 )
 from .capabilities import Site
 from .questions import HFQuestions
@@ -143,7 +142,7 @@ class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
             length = int(batch.inputs["attention_mask"][b].sum())
             decoder_ids = torch.cat([answer.new_tensor([start]), answer[:-1]]).expand(copies, -1)
             logits = self._decode(question[b * copies:(b + 1) * copies, :length], decoder_ids)
-            logp = F.log_softmax(logits, dim=-1).gather(-1, answer.expand(copies, -1)[..., None])[..., 0]
+            logp = token_log_probs(logits, answer.expand(copies, -1))
             scores.append(logp.sum(1))
         return torch.cat(scores)
 

@@ -20,13 +20,14 @@ from ..engine import eval_mode
 from .fitting import adamw_with_warmup_cosine
 
 
-def explainer_loss(predicted: Tensor, capacity: Tensor, token_mask: Tensor, rank_weight: float) -> Tensor:
+def explainer_loss(predicted: Tensor, capacity: Tensor, token_mask: Tensor, rank_weight: float, sharpness: float = 1.0
+                   ) -> Tensor:
     """Squared error of log(capacity + eps) over real tokens, plus ``rank_weight`` x the KL divergence from the
-    exact capacity distribution over each sample's tokens to the predicted one (what a min-max map's order
-    depends on: the peaks)."""
+    exact to the predicted distribution over each sample's tokens, proportional to (capacity + eps) ** ``sharpness``
+    (what a min-max map's order depends on: the peaks; a sharpness above 1 weighs the top tokens more)."""
     target = (capacity.float() + LOG_EPSILON).log()
     squared = ((predicted - target) ** 2 * token_mask).sum() / token_mask.sum()
-    masked = lambda t: t.masked_fill(~token_mask, float("-inf"))  # noqa: E731
+    masked = lambda t: (sharpness * t).masked_fill(~token_mask, float("-inf"))  # noqa: E731
     kl = torch.nn.functional.kl_div(masked(predicted).log_softmax(-1).masked_fill(~token_mask, 0),
                                     masked(target).log_softmax(-1).masked_fill(~token_mask, 0),
                                     log_target=True, reduction="none").sum(-1).mean()
@@ -38,7 +39,8 @@ class ExplainerFit(L.LightningModule):
     :class:`~m2ib_lightning.data.explainer.ExplainerDataModule`."""
 
     def __init__(self, backbone: Any, network: ExplainerNetwork, layers: dict[str, int], *, lr: float = 1e-3,
-                 weight_decay: float = 0.01, warmup_steps: int = 100, rank_weight: float = 1.0):
+                 weight_decay: float = 0.01, warmup_steps: int = 100, rank_weight: float = 1.0,
+                 rank_sharpness: float = 1.0):
         super().__init__()
         self.backbone, self.network, self.layers = backbone, network, layers
         self.model = backbone.module  # registered, so that Lightning moves it to the device; frozen below
@@ -56,7 +58,8 @@ class ExplainerFit(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logs, masks = self.predict_logs(batch)
         targets = {"image": to_width(batch["target_image"], logs["image"].shape[1]), "text": batch["target_text"]}
-        losses = {m: explainer_loss(logs[m], targets[m], masks[m], self.hparams.rank_weight) for m in MODALITIES}
+        losses = {m: explainer_loss(logs[m], targets[m], masks[m], self.hparams.rank_weight, self.hparams.rank_sharpness)
+                  for m in MODALITIES}
         for m, value in losses.items():
             self.log(f"train/loss_{m}", value, batch_size=len(batch["id"]))
         loss = losses["image"] + losses["text"]
