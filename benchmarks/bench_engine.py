@@ -267,6 +267,7 @@ def answer_cost_breakdown(model, adapter, pair: dict[str, torch.Tensor], copies:
 def answer_table(count: int, models: list[str]) -> None:
     """Engine vs the naive reference (m2ib_lightning.testing.naive_answer_m2ib: K copies one at a time, the whole
     vocabulary at every position) on the answer models, and where one fit step's time goes."""
+    from m2ib_lightning.answers import image_maps_on_pictures, patch_capacity_on_grids
     from m2ib_lightning.backbones import as_backbone
     from m2ib_lightning.engine import M2IBConfig
     from m2ib_lightning.testing import naive_answer_m2ib
@@ -274,16 +275,16 @@ def answer_table(count: int, models: list[str]) -> None:
     config = M2IBConfig(vision_layer=3, text_layer=6, steps=10, num_noise=10)
     print(f"\nM2IB for answers, engine vs the naive reference: random weights, CPU, {torch.get_num_threads()} threads, "
           f"{count} pair(s), vision block 3, language-model layer 6, 10 steps, 10 noise copies")
-    print("| model | naive s / pair | engine s / pair | speed-up | max image / text capacity diff | one pass of 10 copies: "
-          "vision / language model / vocabulary / total s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | naive s / pair | engine s / pair | speed-up | max image-map diff | max image / text capacity diff | "
+          "one pass of 10 copies: vision / language model / vocabulary / total s |")
+    print("|---|---|---|---|---|---|---|")
     for family in models:
         torch.manual_seed(0)
         model = ANSWER_FAMILIES[family]().eval()
         adapter = as_backbone(model)
         pairs = [answer_pair(family, model, seed) for seed in range(count)]
         seconds = {"engine": 0.0, "naive": 0.0}
-        diffs = {"image": 0.0, "text": 0.0}
+        diffs = {"image": 0.0, "text": 0.0, "map": 0.0}
         for seed, pair in enumerate(pairs):
             extra = {k: v for k, v in pair.items() if k not in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")}
             args = [pair[k] for k in ("pixel_values", "input_ids", "attention_mask", "answer_ids", "answer_mask")]
@@ -296,11 +297,15 @@ def answer_table(count: int, models: list[str]) -> None:
                      for m, layer in (("image", 3), ("text", 6))}
             seconds["naive"] += time.perf_counter() - start
             diffs["image"] = max(diffs["image"], (result.image_capacity[0] - naive["image"]).abs().max().item())
+            layout = adapter.answer_batch(*args, **extra).image
+            naive_map = image_maps_on_pictures(patch_capacity_on_grids(naive["image"][None], layout), layout)
+            diffs["map"] = max(diffs["map"], (result.image_maps - naive_map).abs().max().item())
             columns = pair["attention_mask"][0].bool().nonzero()[:, 0]
             diffs["text"] = max(diffs["text"], (result.text_capacity[0, columns] - naive["text"][: len(columns)]).abs().max().item())
         cost = answer_cost_breakdown(model, adapter, pairs[0], 10)
         naive_s, engine_s = seconds["naive"] / count, seconds["engine"] / count
-        print(f"| {family} | {naive_s:.1f} | {engine_s:.1f} | {naive_s / engine_s:.2f}x | {diffs['image']:.1e} / {diffs['text']:.1e} "
+        print(f"| {family} | {naive_s:.1f} | {engine_s:.1f} | {naive_s / engine_s:.2f}x | {diffs['map']:.1e} "
+              f"| {diffs['image']:.1e} / {diffs['text']:.1e} "
               f"| {cost['vision']:.2f} / {cost['language model']:.2f} / {cost['vocabulary']:.3f} / {cost['total']:.2f} |", flush=True)
 
 

@@ -118,6 +118,24 @@ def test_a_sample_gets_the_same_amortised_maps_alone_and_in_any_batch():
         torch.testing.assert_close(alone.text_capacity[0], batch.text_capacity[b, :n], atol=1e-5, rtol=1e-5)
 
 
+def test_the_network_runs_off_the_fast_path_with_its_numbers_and_restores_the_switch_also_on_an_error(monkeypatch):
+    from m2ib_lightning.amortised.network import encode
+
+    model = tiny_clip(seed=5)
+    pixels, (ids, mask) = make_images(3, seed=2), make_texts([4, 9, 6], seed=2)
+    network = new_explainer(model, M2IBConfig(vision_layer=0, text_layer=1), pixels, ids, mask, width=16, depth=2, heads=2)
+    blocks = network.heads["text"].blocks.eval()
+    x = torch.randn(3, 9, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # PyTorch's inference fast path (nested masked softmax) against the regular one
+        torch.testing.assert_close(encode(blocks, x, mask.bool())[mask.bool()],
+                                   blocks(x, src_key_padding_mask=~mask.bool())[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()
+    monkeypatch.setattr(network.heads["image"].blocks.layers[0], "forward", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        AmortisedM2IB(model, network).attribute(pixels, ids, mask)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 def test_map_agreement_is_spearman_per_sample_and_the_peak_in_the_top_region():
     exact = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [9.0, 8, 7, 6, 5, 4, 3, 2, 1, 0]])
     predicted = torch.stack([exact[0] ** 2, exact[0]])  # the same order; the reverse order
