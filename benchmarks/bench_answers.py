@@ -5,6 +5,12 @@ right answer is scored against the questioned object's mask (pointing game, ener
 maps, at each vision layer; one table row per layer.
 
     python benchmarks/bench_answers.py [--model builtin:shapes-blip-vqa] [--layers 0,1,2,3] [--questions 48] [--precision bf16]
+    python benchmarks/bench_answers.py --model builtin:shapes-llava --layers 0 --explainer runs/fit_explainer_llava/explainer
+
+With ``--explainer`` (an amortised explainer of the model's answers, trained by ``configs/fit_explainer.yaml`` on an
+exact ``attribute_vqa`` run), a second table puts it beside exact M2IB at the explainer's own settings: pointing
+game, energy, and rank agreement with the exact fit at noise seed 0, next to that of the exact fit at seed 1 (how
+much of an exact map is its noise draw).
 
 Any answer adapter with the questions capability (BLIP VQA, LLaVA): the prompt is the adapter's own (chat template,
 image placeholder expanded).
@@ -35,6 +41,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--world-seed", type=int, default=2)  # used neither in training nor in validation
     parser.add_argument("--precision", choices=["32", "bf16"], default="32", help="m2ib.precision of the fits")
+    parser.add_argument("--explainer", help="an amortised explainer of this model's answers: compared with exact M2IB")
     args = parser.parse_args()
     model = load_backbone(args.model)
     vqa = ShapesVQA(ShapesWorld(seed=args.world_seed, image_size=64, max_objects=3, noise=0.03), KINDS)
@@ -59,6 +66,49 @@ def main() -> None:
         pg, en = pointing_game(result.image_maps, masks), mask_energy(result.image_maps, masks)
         print(f"| {layer} | {pg.mean():.3f} ± {se(pg):.3f} | {en.mean():.3f} ± {se(en):.3f} | "
               f"{rp.mean():.3f} / {re.mean():.3f} | {seconds:.2f} |")
+    if args.explainer:
+        explainer_table(model, args, pixels, questions, answers, masks)
+
+
+def explainer_table(model, args, pixels, questions, answers, masks) -> None:
+    """The amortised explainer against exact M2IB at its settings (seeds 0 and 1) on the same questions."""
+    from m2ib_lightning.amortised import AmortisedAnswerM2IB, ExplainerNetwork, masked_agreement
+    from m2ib_lightning.engine import M2IBConfig
+
+    network = ExplainerNetwork.from_pretrained(args.explainer)
+    config = M2IBConfig(**{**network.config.m2ib, "precision": args.precision})
+    amortised = AmortisedAnswerM2IB(model, network, m2ib=config)
+    explained = (pixels, questions["input_ids"], questions["attention_mask"])
+    answer = {"answer_ids": answers["input_ids"], "answer_mask": answers["attention_mask"]}
+    results, seconds = {}, {}
+    for name, seed in (("exact M2IB, noise seed 0", 0), ("exact M2IB, noise seed 1", 1), ("amortised", None)):
+        start = time.perf_counter()
+        if seed is None:
+            results[name] = amortised.attribute(*explained, **answer)
+        else:
+            results[name] = attribute(model.module, *explained, **answer, vision_layer=config.vision_layer,
+                                      text_layer=config.text_layer, beta=config.beta, steps=config.steps, lr=config.lr,
+                                      num_noise=config.num_noise, precision=config.precision, seed=seed)
+        seconds[name] = (time.perf_counter() - start) / len(masks)
+    reference = results["exact M2IB, noise seed 0"]
+    n = len(masks)
+    se = lambda x: (x.std() / n**0.5).item()  # noqa: E731
+    print(f"\n{args.explainer} (vision layer {config.vision_layer}, text layer {config.text_layer}) beside exact M2IB; "
+          "rank agreement with the exact fit at noise seed 0 on the patch grid and over the question's tokens\n")
+    print("| method | pointing game | energy in mask | median Spearman rho image / text | peak in the exact top 10% | s / question |")
+    print("|---|---|---|---|---|---|")
+    for name, result in results.items():
+        pg, en = pointing_game(result.image_maps, masks), mask_energy(result.image_maps, masks)
+        if result is reference:
+            agree = "–"
+        else:
+            values = masked_agreement(result.image_patch_capacity.flatten(1), reference.image_patch_capacity.flatten(1),
+                                      torch.ones_like(reference.image_patch_capacity.flatten(1), dtype=torch.bool),
+                                      result.text_capacity, reference.text_capacity, reference.text_positions)
+            rho = {k: values[k][~values[k].isnan()].median().item() for k in ("image_spearman", "text_spearman")}
+            agree = f"{rho['image_spearman']:.3f} / {rho['text_spearman']:.3f} | {values['image_peak_in_top'].mean():.3f}"
+        print(f"| {name} | {pg.mean():.3f} ± {se(pg):.3f} | {en.mean():.3f} ± {se(en):.3f} | "
+              f"{agree if agree != '–' else '– | –'} | {seconds[name]:.3f} |")
 
 
 def question_batch(model, items) -> tuple[torch.Tensor, dict, dict]:

@@ -40,7 +40,7 @@ class ExplainerFit(L.LightningModule):
 
     def __init__(self, backbone: Any, network: ExplainerNetwork, layers: dict[str, int], *, lr: float = 1e-3,
                  weight_decay: float = 0.01, warmup_steps: int = 100, rank_weight: float = 1.0,
-                 rank_sharpness: float = 1.0):
+                 rank_sharpness: float = 2.0):
         super().__init__()
         self.backbone, self.network, self.layers = backbone, network, layers
         self.model = backbone.module  # registered, so that Lightning moves it to the device; frozen below

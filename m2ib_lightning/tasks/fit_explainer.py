@@ -50,7 +50,7 @@ class ExplainerOptim:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     rank_weight: float = 1.0  # weight of the KL term (the order of the tokens) beside the squared error of log capacity
-    rank_sharpness: float = 1.0  # the KL compares distributions proportional to capacity ** this: above 1, the peaks weigh more
+    rank_sharpness: float = 2.0  # the KL compares distributions proportional to capacity ** this: above 1, the peaks weigh more
 
 
 @dataclass
