@@ -100,7 +100,7 @@ def explainer_table(model, args, pixels, questions, answers, masks) -> None:
     for name, result in results.items():
         pg, en = pointing_game(result.image_maps, masks), mask_energy(result.image_maps, masks)
         if result is reference:
-            agree = "–"
+            agree = "– | –"
         else:
             values = masked_agreement(result.image_patch_capacity.flatten(1), reference.image_patch_capacity.flatten(1),
                                       torch.ones_like(reference.image_patch_capacity.flatten(1), dtype=torch.bool),
@@ -108,7 +108,7 @@ def explainer_table(model, args, pixels, questions, answers, masks) -> None:
             rho = {k: values[k][~values[k].isnan()].median().item() for k in ("image_spearman", "text_spearman")}
             agree = f"{rho['image_spearman']:.3f} / {rho['text_spearman']:.3f} | {values['image_peak_in_top'].mean():.3f}"
         print(f"| {name} | {pg.mean():.3f} ± {se(pg):.3f} | {en.mean():.3f} ± {se(en):.3f} | "
-              f"{agree if agree != '–' else '– | –'} | {seconds[name]:.3f} |")
+              f"{agree} | {seconds[name]:.3f} |")
 
 
 def question_batch(model, items) -> tuple[torch.Tensor, dict, dict]:

@@ -20,8 +20,7 @@ from ..engine import eval_mode
 from .fitting import adamw_with_warmup_cosine
 
 
-def explainer_loss(predicted: Tensor, capacity: Tensor, token_mask: Tensor, rank_weight: float, sharpness: float = 1.0
-                   ) -> Tensor:
+def explainer_loss(predicted: Tensor, capacity: Tensor, token_mask: Tensor, rank_weight: float, sharpness: float) -> Tensor:
     """Squared error of log(capacity + eps) over real tokens, plus ``rank_weight`` x the KL divergence from the
     exact to the predicted distribution over each sample's tokens, proportional to (capacity + eps) ** ``sharpness``
     (what a min-max map's order depends on: the peaks; a sharpness above 1 weighs the top tokens more)."""

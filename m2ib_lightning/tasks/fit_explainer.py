@@ -141,7 +141,7 @@ def run(cfg: DictConfig) -> Path | None:
         return None
     save_to = Path(cfg.save_to) if cfg.save_to else out / "explainer"
     network.config.training = {"exact_run": str(cfg.exact_run), "steps": trainer.global_step, "wall_time_s": round(wall, 1),
-                               "held_out": metrics}
+                               "optim": OmegaConf.to_container(cfg.optim), "held_out": metrics}
     network.save_pretrained(save_to)
     summary = {"steps": trainer.global_step, "wall_time_s": round(wall, 1), **metrics, "explainer_dir": str(save_to),
                "config": OmegaConf.to_container(cfg)}
