@@ -410,10 +410,12 @@ def _check_probing(adapter: Any, pixels: Tensor, ids: Tensor, mask: Tensor, **mo
 # ------------------------------------------------------------------------------------------- answers
 def naive_answer_m2ib(model: Any, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, answer_ids: Tensor,
                       answer_mask: Tensor, *, modality: str, layer: int, config: M2IBConfig, seed: int,
-                      **model_inputs: Tensor) -> Tensor:
+                      noise_dtype: torch.dtype | None = None, **model_inputs: Tensor) -> Tensor:
     """M2IB for answers on one sample, the K noise copies one at a time through the whole model: the reference.
 
-    Returns the per-position capacity (T,) at block ``layer``'s output, zero where no noise goes.
+    Returns the per-position capacity (T,) at block ``layer``'s output, zero where no noise goes. ``noise_dtype``
+    draws the noise in that dtype and casts it (a float64 reference of a float32 fit sees the float32 fit's noise;
+    float64's own stream differs); default: the model's.
     """
     from .answers import replaced_output
     from .bottleneck import capacity, masked_moments
@@ -430,7 +432,8 @@ def naive_answer_m2ib(model: Any, pixel_values: Tensor, input_ids: Tensor, atten
         optimizer = torch.optim.Adam([alpha], lr=config.lr)
         generator = torch.Generator().manual_seed(seed)
         for step in range(config.steps):
-            noise = torch.randn((config.num_noise, int(where.sum()), hidden.shape[-1]), generator=generator, dtype=hidden.dtype)
+            noise = torch.randn((config.num_noise, int(where.sum()), hidden.shape[-1]), generator=generator,
+                                dtype=noise_dtype or hidden.dtype).to(hidden.dtype)
             mu, var = masked_moments(hidden, alpha)
             fits = []
             for k in range(config.num_noise):

@@ -171,6 +171,19 @@ def test_the_engine_equals_a_naive_per_sample_loop_float64_for_both_fits(layer):
         torch.testing.assert_close(result.text_capacity[b, columns], text[: len(columns)], atol=1e-10, rtol=0)
 
 
+def test_a_float64_reference_of_a_float32_fit_can_draw_the_float32_fits_noise():
+    exact = tiny_llava()
+    single = HFLlavaAnswerer(tiny_llava().module.float())
+    pixels, ids, mask, answers, answer_mask = (t[:1] for t in inputs())
+    config = M2IBConfig(vision_layer=0, text_layer=0, steps=3, num_noise=2)
+    fit = lambda model, dtype=None, **kw: naive_answer_m2ib(  # noqa: E731
+        model, pixels.to(dtype or pixels.dtype), ids, mask, answers, answer_mask, modality="image", layer=0, config=config,
+        seed=3, **kw)
+    float32 = fit(single, torch.float32).double()
+    assert (fit(exact, noise_dtype=torch.float32) - float32).abs().max() < 1e-4  # the same noise: float32 rounding only
+    assert (fit(exact) - float32).abs().max() > 1e-2  # float64's own stream: another fit
+
+
 @pytest.mark.parametrize("family", ["hf_llava", "hf_qwen2_vl"])
 def test_after_the_first_pass_only_the_blocks_after_the_bottleneck_run(family):
     """The explicit tail run: the first block of each tower runs in the clean pass and the first fit pass only (the
@@ -279,6 +292,19 @@ def test_an_image_bottleneck_after_the_block_llava_reads_is_refused():
     with pytest.raises(ValueError, match="vision_layer=2 is block 2, after block 1"):
         attribute_answers(model, pixels, ids, mask, answers, answer_mask, config=M2IBConfig(vision_layer=2, text_layer=0, steps=1))
     model.resolve_layer("image", 1, "vision_layer")  # the block it reads is allowed
+
+
+def test_llava_reading_several_vision_blocks_is_explained_exactly_below_the_earliest_and_refused_after_it():
+    model = tiny_llava(feature_layer=[1, -1])  # block 0's and block 2's outputs, concatenated per token
+    pixels, ids, mask, answers, answer_mask = inputs()
+    config = M2IBConfig(vision_layer=0, text_layer=1, steps=3, num_noise=2)
+    result = attribute_answers(model, pixels, ids, mask, answers, answer_mask, config=config, seed=[5, 6])
+    for b in range(2):
+        one = (pixels[b:b + 1], ids[b:b + 1], mask[b:b + 1], answers[b:b + 1], answer_mask[b:b + 1])
+        image = naive_answer_m2ib(model, *one, modality="image", layer=0, config=config, seed=5 + b)
+        torch.testing.assert_close(result.image_capacity[b], image, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match=r"vision_layer=1 is block 1, after block 0.*vision_feature_layer=\[1, -1\]"):
+        attribute_answers(model, pixels, ids, mask, answers, answer_mask, config=M2IBConfig(vision_layer=1, text_layer=0, steps=1))
 
 
 def test_the_front_door_explains_given_answers_or_the_models_own_greedy_ones():
