@@ -434,19 +434,24 @@ def naive_answer_m2ib(model: Any, pixel_values: Tensor, input_ids: Tensor, atten
         for step in range(config.steps):
             noise = torch.randn((config.num_noise, int(where.sum()), hidden.shape[-1]), generator=generator,
                                 dtype=noise_dtype or hidden.dtype).to(hidden.dtype)
-            mu, var = masked_moments(hidden, alpha)
-            fits = []
+            last = step == config.steps - 1
+            optimizer.zero_grad()
+            # loss = beta * capacity - mean_k log p_k, its gradient accumulated a copy at a time: one copy's graph
+            # held at once, so a float64 reference of a realistically sized model fits in memory
             for k in range(config.num_noise):
+                mu, var = masked_moments(hidden, alpha)
                 z = hidden.clone()
                 z[where] = mu[where] + var[where].sqrt() * noise[k]
                 with replaced_output(block, model.bottleneck_output(modality, batch, z[None, None])):
-                    fits.append(model.answer_log_likelihood(batch)[0])
-            if step == config.steps - 1:
+                    fit = model.answer_log_likelihood(batch)[0]
+                if not last:
+                    (-fit / config.num_noise).backward()
+            if last:
                 break
-            loss = config.beta * capacity(mu, var)[where].mean() - torch.stack(fits).mean()
-            optimizer.zero_grad()
-            loss.backward()
+            mu, var = masked_moments(hidden, alpha)
+            (config.beta * capacity(mu, var)[where].mean()).backward()
             optimizer.step()
+        mu, var = masked_moments(hidden, alpha)
         return (capacity(mu, var) * where[:, None]).sum(-1).detach()
 
 
