@@ -1,19 +1,22 @@
 """The baselines and the evaluation on answers: every method that applies explains log p(answer) on every answer
-adapter with question preprocessing, the attention methods are refused by name, and evaluate_vqa writes the table."""
+adapter with question preprocessing, rollout and Chefer equal a by-hand reference on the decoder VLMs and are refused
+by name on BLIP VQA, and evaluate_vqa writes the table."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from m2ib_lightning.backbones.hf_blip_vqa import HFBlipVQAAnswerer
 from m2ib_lightning.backbones.hf_llava import HFLlavaAnswerer
 from m2ib_lightning.backbones.hf_qwen2_vl import HFQwen2VLAnswerer
 from m2ib_lightning.baselines import METHODS, AnswerScorer, make_method
 from m2ib_lightning.backbones.capabilities import MissingCapabilityError
-from test_answers import QWEN_IMAGE, blip_inputs, inputs, qwen_inputs, tiny_blip_vqa, tiny_llava, tiny_qwen2_vl
+from test_answers import QWEN_IMAGE, blip_inputs, inputs, qwen_inputs, qwen_patches, tiny_blip_vqa, tiny_llava, tiny_qwen2_vl
 from test_edges_runs import _main
 from test_vqa_runs import SIZE, _save_blip_vqa
 
@@ -67,6 +70,10 @@ def qwen_pictures():
     return pictures, ids, torch.ones_like(ids), example["answer_ids"], example["answer_mask"]
 
 
+def _hooks(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in module.named_modules()}
+
+
 FAMILIES = {"hf_llava": (tiny_llava, inputs), "hf_blip_vqa": (tiny_blip_vqa, blip_inputs),
             "hf_qwen2_vl": (tiny_qwen2_vl, qwen_pictures)}
 
@@ -78,7 +85,12 @@ def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouche
     px, ids, mask, answers, answer_mask = example()
     special = (mask == 0) | (ids == getattr(model.config, "image_token_id", -1)) | (ids < 7) * (family == "hf_qwen2_vl")
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    for name in sorted(set(METHODS) - ATTENTION_METHODS - {"m2ib_amortised"}):
+    attention_before = model.module.config._attn_implementation
+    with torch.no_grad():  # transformers places its own output-recording hooks at a model's first forward
+        model.answer_log_likelihood(model.answer_batch(px, ids, mask, answers, answer_mask))
+    hooks_before = _hooks(model.module)
+    applicable = set(METHODS) - {"m2ib_amortised"} - (ATTENTION_METHODS if family == "hf_blip_vqa" else set())
+    for name in sorted(applicable):
         method = make_method(name, model, **SETTINGS.get(name, {}))
         assert isinstance(method.scorer, AnswerScorer)
         maps = method.attribute(px, ids, mask, torch.tensor([1, 2]), special, answers=(answers, answer_mask))
@@ -88,11 +100,81 @@ def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouche
             assert maps.text.shape == ids.shape and bool((maps.text[mask == 0] == 0).all()), name
     assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
     assert all(p.grad is None for p in model.module.parameters())
-    for name in ATTENTION_METHODS:
-        with pytest.raises(MissingCapabilityError, match="attention capability"):
-            make_method(name, model)
+    assert model.module.config._attn_implementation == attention_before
+    assert _hooks(model.module) == hooks_before
+    if family == "hf_blip_vqa":  # its question and answer are two sequences joined by cross-attention
+        for name in ATTENTION_METHODS:
+            with pytest.raises(MissingCapabilityError, match="answer_attention capability"):
+                make_method(name, model)
     with pytest.raises(ValueError, match="m2ib_amortised on a VLM that answers needs settings.explainer"):
         make_method("m2ib_amortised", model)
+
+
+def attention_relevance_by_hand(adapter, name: str, pixels, ids, mask, answers, answer_mask, first: int = 0):
+    """Rollout / Chefer on each sample alone, by the papers' formulas, through the model's own forward (a trainable
+    copy in eager mode, ``output_attentions``): R = I folded over the language model's layers, the rows predicting
+    the answer's tokens summed; the image tokens' values upsampled, the prompt's (not its image tokens) min-maxed.
+    ``first``: the first layer folded."""
+    model = copy.deepcopy(adapter.module).requires_grad_(True)
+    model.set_attn_implementation("eager")
+    image_id = model.config.image_token_id
+    images, texts = [], torch.zeros(ids.shape, dtype=torch.float64)
+    for b in range(len(ids)):
+        prompt, answer = ids[b][mask[b].bool()], answers[b][answer_mask[b].bool()]
+        sequence = torch.cat([prompt, answer])[None]
+        if isinstance(adapter, HFQwen2VLAnswerer):
+            grid = torch.tensor([[1, pixels.shape[-2] // 4, pixels.shape[-1] // 4]])
+            extra = {"pixel_values": qwen_patches(pixels[b]), "image_grid_thw": grid,
+                     "mm_token_type_ids": (sequence == image_id).int()}
+        else:
+            extra = {"pixel_values": pixels[b:b + 1]}
+        out = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), output_attentions=True, **extra)
+        log_p, start = out.logits[0].log_softmax(-1), len(prompt) - 1
+        score = sum(log_p[start + t, token] for t, token in enumerate(answer))
+        grads = torch.autograd.grad(score, out.attentions) if name == "chefer" else [None] * len(out.attentions)
+        eye = torch.eye(sequence.shape[1], dtype=torch.float64)
+        relevance = eye
+        for attention, grad in list(zip(out.attentions, grads))[first:]:
+            attention = attention[0].detach()
+            if name == "chefer":
+                relevance = relevance + (grad[0] * attention).clamp(min=0).mean(0) @ relevance
+            else:
+                mixed = 0.5 * attention.mean(0) + 0.5 * eye
+                relevance = (mixed / mixed.sum(-1, keepdim=True)) @ relevance
+        row = relevance[start:start + len(answer)].sum(0)[:len(prompt)]
+        cells = row[prompt == image_id]
+        side = int(len(cells) ** 0.5)
+        image = F.interpolate(cells.view(1, 1, side, side), size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        images.append((image - image.min()) / (image.max() - image.min()))
+        text = torch.where(prompt == image_id, 0, row)
+        texts[b, mask[b].bool()] = (text - text.min()) / (text.max() - text.min())
+    return torch.stack(images), texts
+
+
+@pytest.mark.parametrize("family", ["hf_llava", "hf_qwen2_vl"])
+@pytest.mark.parametrize("name", sorted(ATTENTION_METHODS))
+def test_rollout_and_chefer_on_answers_equal_the_formulas_by_hand_on_each_sample_alone(family, name):
+    """Through the language model, where the image tokens meet the prompt and the answer: batched and padded (left
+    padding on LLaVA) as a run gives them, equal to each sample's solo run through the model's own forward."""
+    build, example = FAMILIES[family]
+    model = _with_processor(build())
+    px, ids, mask, answers, answer_mask = example()
+    maps = make_method(name, model).attribute(px, ids, mask, torch.tensor([0, 0]), answers=(answers, answer_mask))
+    image, text = attention_relevance_by_hand(model, name, px, ids, mask, answers, answer_mask)
+    torch.testing.assert_close(maps.image, image, atol=1e-10, rtol=0)
+    torch.testing.assert_close(maps.text, text, atol=1e-10, rtol=0)
+    assert float(maps.image.std()) > 0.05 and bool((maps.text[ids == model.config.image_token_id] == 0).all())
+
+
+def test_chefer_on_answers_from_the_last_layer_folds_that_layer_alone():
+    model = _with_processor(tiny_llava())
+    px, ids, mask, answers, answer_mask = inputs()
+    maps = make_method("chefer", model, start_layer=-1).attribute(px, ids, mask, torch.tensor([0, 0]), answers=(answers, answer_mask))
+    image, text = attention_relevance_by_hand(model, "chefer", px, ids, mask, answers, answer_mask, first=-1)
+    every, _ = attention_relevance_by_hand(model, "chefer", px, ids, mask, answers, answer_mask)
+    torch.testing.assert_close(maps.image, image, atol=1e-10, rtol=0)
+    torch.testing.assert_close(maps.text, text, atol=1e-10, rtol=0)
+    assert float((image - every).abs().max()) > 0.05
 
 
 def test_saliency_on_answers_is_the_gradient_of_log_p_of_the_answer():

@@ -4,6 +4,8 @@ has every member of each (naming the missing ones, before any work), and each co
 - ``towers``: what the M2IB engine needs (:class:`~m2ib_lightning.backbones.base.VisionLanguageBackbone`);
 - ``preprocessing``: what dataset runs need to turn an image and a caption into inputs and to display them;
 - ``attention``: what the attention methods (rollout, Chefer) need to read attention probabilities;
+- ``answer_attention``: what they need to explain an answer of a VLM whose language model reads the image tokens
+  inside its one sequence (LLaVA, Qwen2-VL);
 - ``answers``: what M2IB for answers needs from a VLM that answers questions (BLIP VQA, LLaVA, ...);
 - ``questions``: what VQA attribution runs need besides (pictures and questions to inputs, answers to ids);
 - ``probing``: what activation patching (NOTICE) needs: each layer's sites and the decision a patch is scored by.
@@ -59,6 +61,23 @@ class Attention(Protocol):
 
     def eager_attention(self) -> ContextManager[None]:
         """A context in which attention runs eagerly (probabilities returned); the model's setting comes back after."""
+
+
+@runtime_checkable
+class AnswerAttention(Protocol):
+    """Attention over the one sequence a decoder VLM's language model reads (image tokens, prompt, answer, as
+    ``answer_batch`` lays them out): what rollout and Chefer need to explain log p(answer)."""
+
+    def sequence_attention_modules(self) -> list[nn.Module]:
+        """The language model's self-attention modules in layer order; in eager mode each returns (context,
+        probabilities (B, heads, S, S)) while ``answer_log_likelihood`` runs."""
+
+    def eager_attention(self) -> ContextManager[None]:
+        """A context in which attention runs eagerly (probabilities returned); the model's setting comes back after."""
+
+    def image_token_cells(self, batch: Any) -> tuple[Tensor, tuple[int, int]]:
+        """(B, rows * cols) sequence positions of each sample's image tokens, in raster order of the (rows, cols)
+        grid of image cells the language model reads, and that grid."""
 
 
 @runtime_checkable
@@ -185,7 +204,7 @@ class Probing(Protocol):
 
 CAPABILITIES: dict[str, type] = {
     "towers": VisionLanguageBackbone, "preprocessing": Preprocessing, "attention": Attention, "answers": Answers,
-    "questions": Questions, "probing": Probing,
+    "answer_attention": AnswerAttention, "questions": Questions, "probing": Probing,
 }
 
 

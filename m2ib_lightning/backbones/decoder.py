@@ -389,6 +389,27 @@ class HFDecoderAnswerer(HFAnswerLayout):
         """(rows, cols) of the image tokens the language model reads, in raster order."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ attention over the sequence (rollout, Chefer)
+    def sequence_attention_modules(self) -> list[torch.nn.Module]:
+        """The language model's self-attention modules, in layer order."""
+        return [block.self_attn for block in self.blocks("text")]
+
+    def eager_attention(self) -> Any:
+        """Attention in eager mode (probabilities returned); the model's setting comes back after."""
+        return eager_attention(self.module)
+
+    def image_token_cells(self, batch: AnswerBatch) -> tuple[Tensor, tuple[int, int]]:
+        """(B, rows * cols) positions of each sample's image tokens in the laid-out sequence (raster order of the
+        image's cells, as the processor expands them), and the (rows, cols) grid of cells the language model reads."""
+        ids = batch.inputs["input_ids"]
+        rows, cols = self.language_image_grid(batch.inputs)
+        where = ids == self.image_token_id
+        counts = where.sum(1)
+        if bool((counts != rows * cols).any()):
+            raise ValueError(f"image_token_cells: the prompts hold {counts.tolist()} image tokens, the pictures give "
+                             f"{rows} x {cols} cells each (one picture size per batch, one token per cell)")
+        return where.nonzero()[:, 1].view(len(ids), rows * cols), (rows, cols)
+
     def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
         """Per layer, the self-attention probabilities (1, heads, T, T) of the tower (eager attention meanwhile)."""
         modules = [block.self_attn for block in self.blocks("text" if tower == "language" else "image")]

@@ -42,7 +42,7 @@ class HFLlavaAnswerer(HFQuestions, HFDecoderAnswerer):
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        return (*super().capabilities, "probing")
+        return (*super().capabilities, "answer_attention", "probing")
 
     # ------------------------------------------------------------------ probing
     #: the language model's layers, and the vision tower's blocks (CLIP's or SigLIP's site names)

@@ -114,7 +114,7 @@ class HFQwen2VLAnswerer(HFQuestions, HFDecoderAnswerer):
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        return (*super().capabilities, "probing")
+        return (*super().capabilities, "answer_attention", "probing")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, hub: Any = None) -> "HFQwen2VLAnswerer":

@@ -111,13 +111,16 @@ class AnswerScorer:
             raise RuntimeError("no answers bound: call bind(answer_ids, answer_mask) first (or pass answers=...)")
         return self.answers
 
-    def log_p(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(rows,) log p(bound answer), the answers repeated to the rows of ``input_ids``."""
+    def answer_batch(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Any:
+        """The adapter's layout of the rows of ``input_ids`` with the bound answers (repeated to those rows)."""
         ids, mask = self._bound()
         copies = input_ids.shape[0] // ids.shape[0]
-        batch = self.backbone.answer_batch(pixel_values, input_ids, attention_mask, ids.repeat_interleave(copies, 0),
-                                           mask.repeat_interleave(copies, 0))
-        return self.backbone.answer_log_likelihood(batch)
+        return self.backbone.answer_batch(pixel_values, input_ids, attention_mask, ids.repeat_interleave(copies, 0),
+                                          mask.repeat_interleave(copies, 0))
+
+    def log_p(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(rows,) log p(bound answer), the answers repeated to the rows of ``input_ids``."""
+        return self.backbone.answer_log_likelihood(self.answer_batch(pixel_values, input_ids, attention_mask))
 
     def clean(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.no_grad():
