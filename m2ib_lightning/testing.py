@@ -543,8 +543,59 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
             got = result.image_capacity[0] if m == "image" else result.text_capacity[0, columns]
             _close("naive reference", got, naive[: len(got)], f"{name} at layer {layer}", **tol)
     passed.append("naive reference")
+    if "answer_attention" in claimed(model):
+        _check_answer_attention(model, *alone(0))
+        passed.append("answer attention")
     if "probing" in claimed(model):
         _check_probing(model, args[0], args[1], args[2], **extra)
         passed.append("probing")
     return passed
+
+
+def _check_answer_attention(model: Any, args: list[Tensor], extra: dict[str, Tensor]) -> None:
+    """On one sample: every module of the attention graph runs once in ``answer_log_likelihood`` and returns
+    (1, heads, queries, keys) distributions over its keys, each group of one size wherever it appears; the readout
+    names groups of the graph and positions inside them (one score row per answer token, one image position per
+    cell); the attention setting comes back after ``eager_attention``."""
+    from .backbones.base import attention_probabilities
+
+    module = model.module
+
+    def settings() -> list[Any]:
+        configs = (module.config, getattr(module.config, "vision_config", None), getattr(module.config, "text_config", None))
+        return [getattr(c, "_attn_implementation", None) for c in configs if c is not None]
+
+    before = settings()
+    batch = model.answer_batch(*args, **extra)
+    graph = model.attention_graph()
+    with model.eager_attention(), eval_mode(module), torch.no_grad():
+        probs = attention_probabilities([m for m, _, _ in graph], lambda: model.answer_log_likelihood(batch))
+    if settings() != before:
+        raise BackboneCheckError("answer attention", f"eager_attention left the attention implementation at {settings()}, not {before}")
+    if len(probs) != len(graph):
+        raise BackboneCheckError("answer attention", f"the attention graph's {len(graph)} modules were called {len(probs)} times "
+                                                     "for one sample (each must run once)")
+    sizes: dict[str, int] = {}
+    for index, ((_, queries, keys), p) in enumerate(zip(graph, probs)):
+        if p is None or p.dim() != 4 or p.shape[0] != 1:
+            raise BackboneCheckError("answer attention", f"graph entry {index} gave no (1, heads, queries, keys) probabilities")
+        if not torch.allclose(p.sum(-1).double(), torch.ones((), dtype=torch.float64), atol=1e-4):
+            raise BackboneCheckError("answer attention", f"graph entry {index}'s attention rows do not sum to 1")
+        for group, size in ((queries, p.shape[-2]), (keys, p.shape[-1])):
+            if sizes.setdefault(group, size) != size:
+                raise BackboneCheckError("answer attention", f"group {group!r} has {sizes[group]} tokens in one entry of the "
+                                                             f"graph and {size} in entry {index}")
+    readout = model.attention_readout(batch)
+    answer_tokens = int(batch.score_mask[0].sum())
+    checks = [
+        (readout.score_group in sizes and len(readout.score_rows) == answer_tokens, f"score rows: {answer_tokens} answer tokens"),
+        (readout.image_group in sizes and len(readout.image_cells) == readout.grid[0] * readout.grid[1], "image cells: one per cell"),
+        (readout.text_group in sizes, "text group"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise BackboneCheckError("answer attention", f"attention_readout: {what} in the graph's groups {sorted(sizes)}")
+    for group, positions in ((readout.score_group, readout.score_rows), (readout.image_group, readout.image_cells)):
+        if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= sizes[group]):
+            raise BackboneCheckError("answer attention", f"attention_readout: positions outside group {group!r} of {sizes[group]} tokens")
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from m2ib_lightning.backbones.hf_blip_vqa import HFBlipVQAAnswerer
 from m2ib_lightning.backbones.hf_llava import HFLlavaAnswerer
 from m2ib_lightning.backbones.hf_qwen2_vl import HFQwen2VLAnswerer
-from m2ib_lightning.baselines import METHODS, AnswerScorer, make_method
 from m2ib_lightning.backbones.capabilities import MissingCapabilityError
+from m2ib_lightning.baselines import METHODS, AnswerScorer, make_method
 from test_answers import QWEN_IMAGE, blip_inputs, inputs, qwen_inputs, qwen_patches, tiny_blip_vqa, tiny_llava, tiny_qwen2_vl
 from test_edges_runs import _main
 from test_vqa_runs import SIZE, _save_blip_vqa
@@ -89,8 +89,7 @@ def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouche
     with torch.no_grad():  # transformers places its own output-recording hooks at a model's first forward
         model.answer_log_likelihood(model.answer_batch(px, ids, mask, answers, answer_mask))
     hooks_before = _hooks(model.module)
-    applicable = set(METHODS) - {"m2ib_amortised"} - (ATTENTION_METHODS if family == "hf_blip_vqa" else set())
-    for name in sorted(applicable):
+    for name in sorted(set(METHODS) - {"m2ib_amortised"}):
         method = make_method(name, model, **SETTINGS.get(name, {}))
         assert isinstance(method.scorer, AnswerScorer)
         maps = method.attribute(px, ids, mask, torch.tensor([1, 2]), special, answers=(answers, answer_mask))
@@ -102,10 +101,6 @@ def test_every_method_explains_log_p_of_the_answer_and_leaves_the_model_untouche
     assert all(p.grad is None for p in model.module.parameters())
     assert model.module.config._attn_implementation == attention_before
     assert _hooks(model.module) == hooks_before
-    if family == "hf_blip_vqa":  # its question and answer are two sequences joined by cross-attention
-        for name in ATTENTION_METHODS:
-            with pytest.raises(MissingCapabilityError, match="answer_attention capability"):
-                make_method(name, model)
     with pytest.raises(ValueError, match="m2ib_amortised on a VLM that answers needs settings.explainer"):
         make_method("m2ib_amortised", model)
 
@@ -166,6 +161,77 @@ def test_rollout_and_chefer_on_answers_equal_the_formulas_by_hand_on_each_sample
     assert float(maps.image.std()) > 0.05 and bool((maps.text[ids == model.config.image_token_id] == 0).all())
 
 
+def blip_relevance_by_hand(adapter, name: str, pixels, ids, mask, answers, answer_mask):
+    """Rollout / Chefer on BLIP VQA, each sample alone, written out for its three token groups (image I, question Q,
+    answer A) through the model's own vision tower, text encoder and decoder (a trainable copy, output_attentions).
+    Chefer: self-attention R_sx += A R_sx; cross-attention s -> q: R_sq += norm(R_ss)^T A norm(R_qq) and, on to the
+    image, R_AI += norm(R_AA)^T A R_QI. Rollout: self-attention R_sx = rownorm(A/2 + I/2) R_sx; cross-attention
+    R_sx = R_sx / 2 + A R_qx / 2."""
+    model = copy.deepcopy(adapter.module).requires_grad_(True)
+
+    def norm(r):
+        rest = r - torch.eye(len(r), dtype=r.dtype)
+        return rest / rest.sum(-1, keepdim=True) + torch.eye(len(r), dtype=r.dtype)
+
+    images, texts = [], torch.zeros(ids.shape, dtype=torch.float64)
+    for b in range(len(ids)):
+        question, answer = ids[b][mask[b].bool()][None], answers[b][answer_mask[b].bool()]
+        vision = model.vision_model(pixel_values=pixels[b:b + 1], output_attentions=True)
+        image = vision.last_hidden_state
+        encoded = model.text_encoder(input_ids=question, attention_mask=torch.ones_like(question), encoder_hidden_states=image,
+                                     output_attentions=True)
+        decoder_ids = torch.cat([answer.new_tensor([model.decoder_start_token_id]), answer[:-1]])[None]
+        decoded = model.text_decoder(input_ids=decoder_ids, encoder_hidden_states=encoded.last_hidden_state, output_attentions=True)
+        score = decoded.logits[0].log_softmax(-1).gather(1, answer[:, None]).sum()
+        attentions = [*vision.attentions, *encoded.attentions, *encoded.cross_attentions, *decoded.attentions, *decoded.cross_attentions]
+        grads = torch.autograd.grad(score, attentions) if name == "chefer" else [a * 0 for a in attentions]
+        chefer = {id(a): (g[0] * a[0]).clamp(min=0).mean(0).detach() for a, g in zip(attentions, grads)}
+        mean = {id(a): a[0].mean(0).detach() for a in attentions}
+
+        def rolled(a):
+            mixed = 0.5 * mean[id(a)] + 0.5 * torch.eye(a.shape[-1], dtype=torch.float64)
+            return mixed / mixed.sum(-1, keepdim=True)
+
+        n_i, n_q, n_a = image.shape[1], question.shape[1], decoder_ids.shape[1]
+        eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+        r_ii, r_qq, r_qi, r_aa, r_aq, r_ai = eye(n_i), eye(n_q), torch.zeros(n_q, n_i, dtype=torch.float64), eye(n_a), \
+            torch.zeros(n_a, n_q, dtype=torch.float64), torch.zeros(n_a, n_i, dtype=torch.float64)
+        for a in vision.attentions:
+            r_ii = r_ii + chefer[id(a)] @ r_ii if name == "chefer" else rolled(a) @ r_ii
+        for own, cross in zip(encoded.attentions, encoded.cross_attentions):
+            if name == "chefer":
+                r_qq, r_qi = r_qq + chefer[id(own)] @ r_qq, r_qi + chefer[id(own)] @ r_qi
+                r_qi = r_qi + norm(r_qq).T @ chefer[id(cross)] @ norm(r_ii)
+            else:
+                r_qq, r_qi = rolled(own) @ r_qq, rolled(own) @ r_qi
+                r_qq, r_qi = 0.5 * r_qq, 0.5 * r_qi + 0.5 * mean[id(cross)] @ r_ii
+        for own, cross in zip(decoded.attentions, decoded.cross_attentions):
+            if name == "chefer":
+                r_aa, r_aq, r_ai = (r + chefer[id(own)] @ r for r in (r_aa, r_aq, r_ai))
+                r_aq, r_ai = r_aq + norm(r_aa).T @ chefer[id(cross)] @ norm(r_qq), r_ai + norm(r_aa).T @ chefer[id(cross)] @ r_qi
+            else:
+                r_aa, r_aq, r_ai = (rolled(own) @ r for r in (r_aa, r_aq, r_ai))
+                r_aa, r_aq, r_ai = 0.5 * r_aa, 0.5 * r_aq + 0.5 * mean[id(cross)] @ r_qq, 0.5 * r_ai + 0.5 * mean[id(cross)] @ r_qi
+        side = int((n_i - 1) ** 0.5)
+        cells = r_ai.sum(0)[1:].view(1, 1, side, side)
+        up = F.interpolate(cells, size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        images.append((up - up.min()) / (up.max() - up.min()))
+        text = r_aq.sum(0)
+        texts[b, mask[b].bool()] = (text - text.min()) / (text.max() - text.min())
+    return torch.stack(images), texts
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_METHODS))
+def test_rollout_and_chefer_on_blip_vqa_follow_the_answer_through_both_cross_attentions(name):
+    model = _with_processor(tiny_blip_vqa())
+    px, ids, mask, answers, answer_mask = blip_inputs()  # the second question right-padded
+    maps = make_method(name, model).attribute(px, ids, mask, torch.tensor([0, 0]), answers=(answers, answer_mask))
+    image, text = blip_relevance_by_hand(model, name, px, ids, mask, answers, answer_mask)
+    torch.testing.assert_close(maps.image, image, atol=1e-10, rtol=0)
+    torch.testing.assert_close(maps.text, text, atol=1e-10, rtol=0)
+    assert float(maps.image.std()) > 0.05
+
+
 def test_chefer_on_answers_from_the_last_layer_folds_that_layer_alone():
     model = _with_processor(tiny_llava())
     px, ids, mask, answers, answer_mask = inputs()
@@ -200,13 +266,15 @@ def test_an_evaluation_on_answers_writes_the_table_of_every_method(tmp_path, cap
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     methods = summary["methods"]
-    assert list(methods) == ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "random"]
+    assert list(methods) == ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "rollout",
+                             "chefer", "random"]
     for name, row in methods.items():
         assert row["samples"] == 4
         for column in ("image_deletion_auc", "image_insertion_auc", "pointing_game", "energy"):
             mean = row[column][0]
             assert mean is not None and 0 <= mean <= 1, (name, column)  # the answer's probability, not its log
     assert methods["m2ib"]["text_deletion_auc"] is not None and methods["saliency"]["text_deletion_auc"] is None
+    assert methods["chefer"]["text_deletion_auc"] is not None
     assert "4 questions (the shapes world)" in (out / "results.md").read_text()
     assert (out / "figures" / "methods_grid.png").exists()
     import pandas as pd
@@ -218,6 +286,13 @@ def test_an_evaluation_on_answers_writes_the_table_of_every_method(tmp_path, cap
     assert table["answer_source"].eq("given").all() and table["answer"].notna().all()
     assert table["m2ib/pointing_game"].mean() == pytest.approx(methods["m2ib"]["pointing_game"][0])
     assert len(table["m2ib/image"].iloc[0]) == SIZE * SIZE
-    result = _main(capsys, "configs/evaluate_shapes_vqa.yaml", f"output_dir={tmp_path / 'attention'}",
-                   f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}", "methods=[m2ib,rollout]")
-    assert result.returncode == 2 and "baselines.rollout" in result.stderr and "attention capability" in result.stderr
+
+
+def test_an_answer_adapter_without_an_attention_graph_is_refused_by_the_attention_methods_by_name():
+    class WithoutGraph(HFLlavaAnswerer):
+        capabilities = ("answers",)
+
+    model = WithoutGraph(tiny_llava().module)
+    for name in ATTENTION_METHODS:
+        with pytest.raises(MissingCapabilityError, match=f"the {name} method needs the adapter's answer_attention capability"):
+            make_method(name, model)

@@ -334,7 +334,8 @@ def test_check_backbone_passes_every_answer_adapter_and_names_a_broken_property(
     model = build()
     example = example_inputs()
     probing = ["probing"]  # every answer family declares probe sites
-    assert check_backbone(model, example) == ["no cross-talk", "batch invariance", "model untouched", "naive reference", *probing]
+    assert check_backbone(model, example) == ["no cross-talk", "batch invariance", "model untouched", "naive reference",
+                                              "answer attention", *probing]
 
     class Leaky(type(model)):  # the batch's mean log p leaks into every sample's score
         def answer_log_likelihood(self, batch, copies=1):
@@ -343,6 +344,18 @@ def test_check_backbone_passes_every_answer_adapter_and_names_a_broken_property(
 
     with pytest.raises(BackboneCheckError, match="^no cross-talk"):
         check_backbone(Leaky(model.module), example)
+
+
+def test_check_backbone_names_an_attention_graph_entry_the_answer_never_passes_through():
+    build, example_inputs = ANSWER_FAMILIES["hf_llava"]
+    model = build()
+
+    class Unrun(type(model)):
+        def attention_graph(self):
+            return [*super().attention_graph(), (torch.nn.Identity(), "sequence", "sequence")]
+
+    with pytest.raises(BackboneCheckError, match="^answer attention: the attention graph's 4 modules were called 3 times"):
+        check_backbone(Unrun(model.module), example_inputs())
 
 
 def test_on_the_shipped_blip_vqa_m2ib_points_at_the_object_a_question_is_about():

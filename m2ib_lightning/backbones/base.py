@@ -109,6 +109,22 @@ class AnswerBatch:
         return self.targets.shape[0]
 
 
+@dataclass(frozen=True)
+class AttentionReadout:
+    """Where rollout and Chefer read one sample's relevance, in the token groups of the adapter's
+    ``attention_graph``: the rows ``score_rows`` of group ``score_group`` predict the answer's tokens (their
+    relevance rows are summed); the image's cells are the positions ``image_cells`` of group ``image_group``, in
+    raster order of ``grid``; the prompt's tokens are group ``text_group``'s positions, numbered as the text
+    bottleneck numbers them (``AnswerBatch.prompt_columns``)."""
+
+    score_group: str
+    score_rows: Tensor
+    image_group: str
+    image_cells: Tensor
+    grid: tuple[int, int]
+    text_group: str
+
+
 def square_patch_grid(config: Any, pixel_values: Tensor) -> tuple[int, int]:
     """(rows, cols) of a ViT's patches on (B, C, H, W) pixel values: the vision config's patch size."""
     patch = config.vision_config.patch_size

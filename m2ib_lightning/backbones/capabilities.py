@@ -4,8 +4,8 @@ has every member of each (naming the missing ones, before any work), and each co
 - ``towers``: what the M2IB engine needs (:class:`~m2ib_lightning.backbones.base.VisionLanguageBackbone`);
 - ``preprocessing``: what dataset runs need to turn an image and a caption into inputs and to display them;
 - ``attention``: what the attention methods (rollout, Chefer) need to read attention probabilities;
-- ``answer_attention``: what they need to explain an answer of a VLM whose language model reads the image tokens
-  inside its one sequence (LLaVA, Qwen2-VL);
+- ``answer_attention``: what they need to explain the answer of a VLM that answers (the attention graph of its
+  token groups);
 - ``answers``: what M2IB for answers needs from a VLM that answers questions (BLIP VQA, LLaVA, ...);
 - ``questions``: what VQA attribution runs need besides (pictures and questions to inputs, answers to ids);
 - ``probing``: what activation patching (NOTICE) needs: each layer's sites and the decision a patch is scored by.
@@ -23,7 +23,7 @@ from typing import Any, ContextManager, Literal, Protocol, Sequence, runtime_che
 import numpy as np
 from torch import Tensor, nn
 
-from .base import Modality, TextEncoding, VisionLanguageBackbone
+from .base import AttentionReadout, Modality, TextEncoding, VisionLanguageBackbone
 
 
 @runtime_checkable
@@ -65,19 +65,21 @@ class Attention(Protocol):
 
 @runtime_checkable
 class AnswerAttention(Protocol):
-    """Attention over the one sequence a decoder VLM's language model reads (image tokens, prompt, answer, as
-    ``answer_batch`` lays them out): what rollout and Chefer need to explain log p(answer)."""
+    """The attention log p(answer) flows through, as a graph of token groups: what rollout and Chefer need to explain
+    an answer. A decoder VLM has one group (``sequence``: image tokens, prompt and answer in its language model);
+    BLIP VQA three (``image``, ``question``, ``answer``) joined by cross-attention."""
 
-    def sequence_attention_modules(self) -> list[nn.Module]:
-        """The language model's self-attention modules in layer order; in eager mode each returns (context,
-        probabilities (B, heads, S, S)) while ``answer_log_likelihood`` runs."""
+    def attention_graph(self) -> list[tuple[nn.Module, str, str]]:
+        """Each attention module in the order ``answer_log_likelihood`` calls it, with the groups of its queries and
+        its keys (one group: self-attention); in eager mode each returns (context, probabilities (1, heads,
+        queries, keys)) for a batch of one sample."""
 
     def eager_attention(self) -> ContextManager[None]:
         """A context in which attention runs eagerly (probabilities returned); the model's setting comes back after."""
 
-    def image_token_cells(self, batch: Any) -> tuple[Tensor, tuple[int, int]]:
-        """(B, rows * cols) sequence positions of each sample's image tokens, in raster order of the (rows, cols)
-        grid of image cells the language model reads, and that grid."""
+    def attention_readout(self, batch: Any) -> AttentionReadout:
+        """Where one sample's (a batch of one) relevance is read: the rows that predict its answer, its image's cells
+        and its prompt's tokens."""
 
 
 @runtime_checkable

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from .base import (
-    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, block_output, eager_attention, pad_token_ids,
-    real_tokens, token_log_probs,
+    AnswerBatch, AttentionReadout, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, block_output,
+    eager_attention, pad_token_ids, real_tokens, token_log_probs,
 )
 from .capabilities import Site
 
@@ -390,25 +390,25 @@ class HFDecoderAnswerer(HFAnswerLayout):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ attention over the sequence (rollout, Chefer)
-    def sequence_attention_modules(self) -> list[torch.nn.Module]:
-        """The language model's self-attention modules, in layer order."""
-        return [block.self_attn for block in self.blocks("text")]
+    def attention_graph(self) -> list[tuple[torch.nn.Module, str, str]]:
+        """The language model's self-attention, layer by layer, over its one sequence (image tokens, prompt, answer);
+        the vision tower's attention is not part of it (the image tokens enter as the projector's features)."""
+        return [(block.self_attn, "sequence", "sequence") for block in self.blocks("text")]
 
     def eager_attention(self) -> Any:
         """Attention in eager mode (probabilities returned); the model's setting comes back after."""
         return eager_attention(self.module)
 
-    def image_token_cells(self, batch: AnswerBatch) -> tuple[Tensor, tuple[int, int]]:
-        """(B, rows * cols) positions of each sample's image tokens in the laid-out sequence (raster order of the
-        image's cells, as the processor expands them), and the (rows, cols) grid of cells the language model reads."""
-        ids = batch.inputs["input_ids"]
+    def attention_readout(self, batch: AnswerBatch) -> AttentionReadout:
+        """The positions predicting the answer's tokens, the prompt's image tokens (one per cell of the grid the
+        language model reads, in raster order, as the processor expands them) and the prompt, in the one sequence."""
+        ids = batch.inputs["input_ids"][0]
         rows, cols = self.language_image_grid(batch.inputs)
-        where = ids == self.image_token_id
-        counts = where.sum(1)
-        if bool((counts != rows * cols).any()):
-            raise ValueError(f"image_token_cells: the prompts hold {counts.tolist()} image tokens, the pictures give "
-                             f"{rows} x {cols} cells each (one picture size per batch, one token per cell)")
-        return where.nonzero()[:, 1].view(len(ids), rows * cols), (rows, cols)
+        cells = (ids == self.image_token_id).nonzero()[:, 0]
+        if len(cells) != rows * cols:
+            raise ValueError(f"the prompt holds {len(cells)} image tokens, its picture gives {rows} x {cols} cells")
+        scored = batch.score_positions[batch.score_index[0][batch.score_mask[0]]]
+        return AttentionReadout("sequence", scored, "sequence", cells, (rows, cols), "sequence")
 
     def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
         """Per layer, the self-attention probabilities (1, heads, T, T) of the tower (eager attention meanwhile)."""

@@ -13,15 +13,16 @@ layer at the question's real tokens ([CLS] and [SEP] included).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .base import (
-    AnswerBatch, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, one_image_per_sample, pad_token_ids,
-    real_tokens, resolve_layer, square_patch_grid, token_log_probs,
+    AnswerBatch, AttentionReadout, HFAnswerLayout, ImageLayout, Modality, attention_probabilities, one_image_per_sample,
+    pad_token_ids, real_tokens, resolve_layer, square_patch_grid, token_log_probs,
 )
 from .capabilities import Site
 from .questions import HFQuestions
@@ -77,7 +78,7 @@ class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        return (*super().capabilities, "probing")
+        return (*super().capabilities, "answer_attention", "probing")
 
     def blocks(self, modality: Modality) -> Sequence[nn.Module]:
         """Vision blocks for ``image``; the image-grounded text encoder's layers (not the decoder's) for ``text``."""
@@ -166,6 +167,31 @@ class HFBlipVQAAnswerer(HFQuestions, HFAnswerLayout):
             answers.append(tokens[1:])
         ids, mask = pad_token_ids([list(map(int, answer)) for answer in answers], 0)
         return ids.to(input_ids.device), mask.to(input_ids.device)
+
+    # ---------------------------------------------------------------- attention graph (rollout, Chefer)
+    def attention_graph(self) -> list[tuple[nn.Module, str, str]]:
+        """The vision tower's self-attention over the image tokens (CLS first); per text-encoder layer, the question's
+        self-attention then its cross-attention to the image tokens; per decoder layer, the answer's causal
+        self-attention then its cross-attention to the encoded question."""
+        decoder = self.module.text_decoder.bert.encoder.layer
+        return [
+            *((layer.self_attn, "image", "image") for layer in self.blocks("image")),
+            *(pair for layer in self.blocks("text") for pair in ((layer.attention.self, "question", "question"),
+                                                                 (layer.crossattention.self, "question", "image"))),
+            *(pair for layer in decoder for pair in ((layer.attention.self, "answer", "answer"),
+                                                     (layer.crossattention.self, "answer", "question"))),
+        ]
+
+    def eager_attention(self) -> ContextManager[None]:
+        """Nothing to switch: BLIP's attention modules always return their probabilities."""
+        return contextlib.nullcontext()
+
+    def attention_readout(self, batch: AnswerBatch) -> AttentionReadout:
+        """The decoder's positions (position t predicts answer token t), the vision tokens after CLS, the question."""
+        rows, cols = square_patch_grid(self.config, batch.inputs["pixel_values"])
+        answer = torch.arange(int(batch.score_mask[0].sum()), device=batch.targets.device)
+        return AttentionReadout("answer", answer, "image", torch.arange(1, 1 + rows * cols, device=answer.device),
+                                (rows, cols), "question")
 
     # ---------------------------------------------------------------- probing
     def default_probe_tower(self, modality: Modality) -> str:

@@ -1,14 +1,16 @@
-"""What the attention methods share: each block's attention probabilities (and gradients), read through the
-adapter's ``attention`` capability (dual encoders: each tower's blocks) or ``answer_attention`` capability (a VLM
-whose language model reads image tokens, prompt and answer as one sequence: its layers)."""
+"""What the attention methods share: attention probabilities (and gradients) read through the adapter, folded into
+relevance. Dual encoders (``attention`` capability): each tower's self-attention, from the position it pools. VLMs
+that answer (``answer_attention`` capability): the adapter's attention graph of token groups (one sequence for a
+decoder VLM; image, question and answer joined by cross-attention for BLIP VQA), from the positions that predict
+the answer's tokens."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..backbones.base import tower_inputs
 from ..backbones.capabilities import require
@@ -16,11 +18,13 @@ from ..engine import image_maps_from_capacity, minmax
 from .base import AttributionMethod, Maps, _block_input, _hooked, _replace_hidden
 from .scoring import AnswerScorer
 
+#: relevance between token groups: (group of the rows, group of the columns) -> (rows, columns)
+Relevance = dict[tuple[str, str], Tensor]
+
 
 class _AttentionMethod(AttributionMethod):
-    """Methods that read each block's attention probabilities (eager attention, through the adapter's
-    ``attention_modules`` and ``eager_attention``). Relevance flows from the position each tower pools (CLS, EOS;
-    the mean over tokens for an attention-pooling head) to its tokens."""
+    """Methods that fold attention probabilities into relevance, from R = I (each token relevant to itself): a
+    method says how one self-attention (:meth:`_step`) and one cross-attention (:meth:`_cross`) update it."""
 
     has_text_map = True
     needs_gradients = False
@@ -32,48 +36,89 @@ class _AttentionMethod(AttributionMethod):
 
     def _maps(self, pixel_values, input_ids, attention_mask, seeds) -> Maps:
         if self.answers:
-            return self._answer_maps(pixel_values, input_ids, attention_mask)
+            rows = [self._answer_maps(pixel_values[b:b + 1], input_ids[b:b + 1], attention_mask[b:b + 1], b)
+                    for b in range(len(input_ids))]
+            return Maps(torch.cat([r.image for r in rows]), torch.cat([r.text for r in rows]))
         image = self._relevance("image", pixel_values, input_ids, attention_mask)
         text = self._relevance("text", pixel_values, input_ids, attention_mask)
         return Maps(self.token_map(image, pixel_values), minmax(text, attention_mask.bool()))
 
+    # ------------------------------------------------------------------ dual encoders
     def _relevance(self, modality, pixel_values, input_ids, attention_mask) -> Tensor:
         """(B, T) relevance of each token of one tower for its pooled embedding."""
         inputs = tower_inputs(modality, pixel_values, input_ids, attention_mask)
         score = (self.image_score(input_ids, attention_mask) if modality == "image"
                  else self.text_score(pixel_values, attention_mask))
         argument = pixel_values if modality == "image" else input_ids
-        relevance = self._fold(self.backbone.attention_modules(modality), self.backbone.blocks(modality)[0],
-                               lambda: score(argument), self.first_block(modality))
+        modules = self.backbone.attention_modules(modality)
+        probs, grads = self._attention(modules, lambda: score(argument))
+        tokens = probs[0].shape[-1]
+        relevance = torch.eye(tokens, dtype=probs[0].dtype, device=probs[0].device).expand(probs[0].shape[0], tokens, tokens)
+        for attention, grad in list(zip(probs, grads))[self.first_block(modality, len(modules)):]:
+            relevance = self._step(relevance, attention, grad)
         state = self.backbone.prefix(modality, inputs, 0)
         if state.pool_index is None:  # attention-pooling head: every token feeds the embedding
             return relevance.mean(1)
         return relevance[torch.arange(relevance.shape[0], device=relevance.device), state.pool_index]
 
-    def _answer_maps(self, pixel_values, input_ids, attention_mask) -> Maps:
-        """Relevance over the language model's sequence for log p(answer): the rows of the positions that predict
-        the answer's tokens, summed, read at the image tokens (the image map, through the grid of cells they stand
-        for) and at the prompt's tokens (the text map). The vision tower's own attention does not enter."""
-        batch = self.scorer.answer_batch(pixel_values, input_ids, attention_mask)
-        modules = self.backbone.sequence_attention_modules()
-        relevance = self._fold(modules, modules[0], lambda: self.backbone.answer_log_likelihood(batch),
-                               self.first_block("text"))
-        rows = batch.score_positions[batch.score_index]  # (B, A) the positions whose logits score answer tokens
-        picked = relevance.gather(1, rows[..., None].expand(-1, -1, relevance.shape[-1]))
-        per_position = (picked * batch.score_mask[..., None]).sum(1)  # (B, S)
-        cells, grid = self.backbone.image_token_cells(batch)
-        image = image_maps_from_capacity(per_position.gather(1, cells), grid, tuple(pixel_values.shape[-2:]))
-        text = self.scorer.text_columns(per_position, pixel_values, input_ids, attention_mask)
+    # ------------------------------------------------------------------ answers
+    def _answer_maps(self, pixel_values, input_ids, attention_mask, row: int) -> Maps:
+        """One sample's maps for log p(answer): the relevance rows of the positions that predict the answer's tokens,
+        summed, read at the image's cells (the image map) and at the prompt's tokens (the text map)."""
+        with self.scorer.only(row):
+            batch = self.scorer.answer_batch(pixel_values, input_ids, attention_mask)
+            graph = self.backbone.attention_graph()
+            probs, grads = self._attention([module for module, _, _ in graph],
+                                           lambda: self.backbone.answer_log_likelihood(batch))
+            readout = self.backbone.attention_readout(batch)
+            relevance = self._fold(graph, probs, grads)
+
+            def read(group: str) -> Tensor:
+                block = relevance.get((readout.score_group, group))
+                if block is None:
+                    raise RuntimeError(f"{self.name}: no attention of the adapter's graph leads from group "
+                                       f"{readout.score_group!r} to group {group!r}")
+                return block[readout.score_rows].sum(0)[None]
+
+            cells = read(readout.image_group)[:, readout.image_cells]
+            image = image_maps_from_capacity(cells, readout.grid, tuple(pixel_values.shape[-2:]))
+            text = self.scorer.text_columns(read(readout.text_group), pixel_values, input_ids, attention_mask)
         return Maps(image, minmax(text, attention_mask.bool()))
 
-    def _fold(self, modules: list[torch.nn.Module], first_module: torch.nn.Module, run, first: int) -> Tensor:
-        """(B, T, T) relevance of every token for every token: ``run()`` (the scores) with ``modules``' attention
-        probabilities kept (eager attention), folded by :meth:`_step` from R = I over the blocks from ``first`` on.
-        With gradients, ``first_module``'s input is made a leaf, since a frozen model builds no graph of its own."""
-        probs: list[Tensor] = []
+    def _fold(self, graph: list[tuple[nn.Module, str, str]], probs: list[Tensor], grads: list[Tensor | None]) -> Relevance:
+        """The relevance between the graph's token groups after its attention from entry :meth:`first_block` on, each
+        group relevant to itself alone at the start (R = I) and to no other group."""
+        relevance: Relevance = {}
 
-        def keep(module, args, output):
-            probs.append(output[1])
+        def block(rows: str, columns: str, shape: tuple[int, int], like: Tensor) -> Tensor:
+            if (rows, columns) not in relevance:
+                start = torch.eye(shape[0], dtype=like.dtype, device=like.device) if rows == columns else like.new_zeros(shape)
+                relevance[rows, columns] = start
+            return relevance[rows, columns]
+
+        first = self.first_block("text", len(graph))
+        for index, ((_, queries, keys), attention, grad) in enumerate(zip(graph, probs, grads)):
+            attention, grad = attention[0], None if grad is None else grad[0]
+            block(queries, queries, (attention.shape[-2],) * 2, attention)
+            block(keys, keys, (attention.shape[-1],) * 2, attention)
+            if index < first:
+                continue
+            if queries == keys:
+                for (rows, columns), values in list(relevance.items()):
+                    if rows == queries:
+                        relevance[rows, columns] = self._step(values, attention, grad)
+            else:
+                self._cross(relevance, queries, keys, attention, grad, block)
+        return relevance
+
+    def _attention(self, modules: list[nn.Module], run: Callable[[], Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Each module's attention probabilities while ``run()`` computes the scores (eager attention), and, for
+        methods that need them, the gradients of the scores' sum with respect to them. With gradients, a module
+        whose input carries no graph (a frozen model builds none of its own) gets that input as a leaf."""
+        calls: list[list[Tensor]] = [[] for _ in modules]
+
+        def keeper(index: int):
+            return lambda module, args, output: calls[index].append(output[1])
 
         def into_graph(module, args, kwargs):
             hidden = _block_input(args, kwargs)
@@ -81,24 +126,36 @@ class _AttentionMethod(AttributionMethod):
 
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.backbone.eager_attention())
-            if self.needs_gradients:
-                stack.enter_context(_hooked(first_module, pre=into_graph))
-            for module in modules:
-                stack.enter_context(_hooked(module, post=keep))
+            for index, module in enumerate(modules):
+                stack.enter_context(_hooked(module, pre=into_graph if self.needs_gradients else None, post=keeper(index)))
             with torch.set_grad_enabled(self.needs_gradients):
                 scores = run()
-        if len(probs) != len(modules) or any(p is None for p in probs):
-            raise RuntimeError(f"{self.name}: the model returned no attention probabilities (transformers 5 is needed)")
+        if any(len(c) != 1 or c[0] is None for c in calls):
+            raise RuntimeError(f"{self.name}: each attention module must run once and return its probabilities (eager "
+                               f"attention; transformers 5 is needed); they ran {[len(c) for c in calls]} times")
+        probs = [c[0] for c in calls]
         grads = torch.autograd.grad(scores.sum(), probs) if self.needs_gradients else [None] * len(probs)
-        tokens = probs[0].shape[-1]
-        relevance = torch.eye(tokens, dtype=probs[0].dtype, device=probs[0].device).expand(probs[0].shape[0], tokens, tokens)
-        for attention, grad in list(zip(probs, grads))[first:]:
-            relevance = self._step(relevance, attention.detach(), None if grad is None else grad.detach())
-        return relevance
+        return [p.detach() for p in probs], [None if g is None else g.detach() for g in grads]
 
-    def first_block(self, modality: str) -> int:
-        """The first block whose attention enters the relevance (every block, unless a method says otherwise)."""
+    def first_block(self, modality: str, count: int) -> int:
+        """The first block (on answers: entry of the attention graph) whose attention enters the relevance."""
         return 0
 
     def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
+        """Self-attention of the rows' group: the relevance of those rows to any group, updated."""
         raise NotImplementedError
+
+    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None,
+               block: Callable[..., Tensor]) -> None:
+        """Cross-attention from group ``queries`` to group ``keys``: the queries' relevance to every group, updated in
+        place (``block(rows, columns, shape, like)`` gives a block, made on first use)."""
+        raise NotImplementedError
+
+
+def residual_normalised(relevance: Tensor) -> Tensor:
+    """Chefer et al.'s normalisation of a group's self-relevance before a cross-attention (their eqs. 8-9): the
+    identity taken out, each row scaled to sum 1 (a row with nothing left stays 0), the identity put back."""
+    eye = torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)
+    rest = relevance - eye
+    total = rest.sum(-1, keepdim=True)
+    return torch.where(total > 0, rest / torch.where(total > 0, total, 1), 0) + eye

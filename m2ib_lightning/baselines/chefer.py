@@ -7,16 +7,19 @@ from typing import Any
 from torch import Tensor
 
 from ..backbones.base import resolve_layer
-
-from .attention import _AttentionMethod
+from .attention import Relevance, _AttentionMethod, residual_normalised
 from .base import register_method
 
 
 @register_method
 class CheferRelevance(_AttentionMethod):
-    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021) for dual encoders: per block from
-    ``start_layer`` on, R <- R + E_heads[(dS/dA * A)^+] R, from R = I; the row of the pooled token is the map.
-    ``start_layer=0`` takes every block; the official CLIP explainer of Chefer et al. uses the last block only
+    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021), with A-bar = E_heads[(dS/dA * A)^+]
+    per attention from ``start_layer`` on, from R = I. Self-attention of group s: R_sx <- R_sx + A-bar R_sx for
+    every group x. Cross-attention from s to q (their bi-modal rules, eqs. 10-11): R_sq <- R_sq + norm(R_ss)^T A-bar
+    norm(R_qq), R_ss <- R_ss + A-bar R_qs, and for any third group x (BLIP VQA's answer reaching the image through
+    the question) R_sx <- R_sx + norm(R_ss)^T A-bar R_qx. Dual encoders: the row of the pooled token is the map;
+    answers: the rows predicting the answer. ``start_layer=0`` takes every block (on answers: every entry of the
+    adapter's attention graph); the official CLIP explainer of Chefer et al. uses the last block only
     (``start_layer=-1``)."""
 
     name = "chefer"
@@ -26,9 +29,26 @@ class CheferRelevance(_AttentionMethod):
         super().__init__(backbone)
         self.start_layer = start_layer
 
-    def first_block(self, modality: str) -> int:
-        return resolve_layer(self.start_layer, self.backbone.num_layers(modality), "start_layer", f"the {modality} tower")
+    def first_block(self, modality: str, count: int) -> int:
+        where = "the attention graph" if self.answers else f"the {modality} tower"
+        return resolve_layer(self.start_layer, count, "start_layer", where)
 
     def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
-        weighted = (grad * attention).clamp_min(0).mean(1)
+        weighted = (grad * attention).clamp_min(0).mean(-3)
         return relevance + weighted @ relevance
+
+    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None, block) -> None:
+        weighted = (grad * attention).clamp_min(0).mean(-3)
+        spread = residual_normalised(relevance[queries, queries]).T @ weighted
+        additions = {}
+        for (rows, columns), values in relevance.items():
+            if rows != keys:
+                continue
+            if columns == keys:
+                additions[columns] = spread @ residual_normalised(values)
+            elif columns == queries:
+                additions[columns] = weighted @ values
+            else:
+                additions[columns] = spread @ values
+        for columns, added in additions.items():
+            relevance[queries, columns] = block(queries, columns, added.shape, added) + added

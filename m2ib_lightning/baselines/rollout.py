@@ -5,17 +5,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention import _AttentionMethod
+from .attention import Relevance, _AttentionMethod
 from .base import register_method
 
 
 @register_method
 class AttentionRollout(_AttentionMethod):
-    """Attention rollout (Abnar & Zuidema, 2020): per block the head-mean attention with the residual added,
-    0.5 A + 0.5 I, rows renormalised, multiplied through the tower."""
+    """Attention rollout (Abnar & Zuidema, 2020): per self-attention the head-mean attention with the residual
+    added, 0.5 A + 0.5 I, rows renormalised, multiplied through. A cross-attention (BLIP VQA's question reading the
+    image, its answer reading the question) is rolled out the same way: each query's row is half its residual
+    stream, half the head-mean attention times the keys' rows, so every row stays a distribution over all tokens."""
 
     name = "rollout"
 
     def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
-        mixed = 0.5 * attention.mean(1) + 0.5 * torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)
+        eye = torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)
+        mixed = 0.5 * attention.mean(-3) + 0.5 * eye
         return (mixed / mixed.sum(-1, keepdim=True)) @ relevance
+
+    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None, block) -> None:
+        mean = attention.mean(-3)
+        groups = {columns for rows, columns in relevance if rows in (queries, keys)}
+        rows_of_keys = {columns: relevance.get((keys, columns)) for columns in groups}
+        for columns in groups:
+            width = (rows_of_keys[columns] if rows_of_keys[columns] is not None else relevance[queries, columns]).shape[-1]
+            own = block(queries, columns, (mean.shape[0], width), mean)
+            through = 0 if rows_of_keys[columns] is None else mean @ rows_of_keys[columns]
+            relevance[queries, columns] = 0.5 * own + 0.5 * through

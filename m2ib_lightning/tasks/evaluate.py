@@ -91,10 +91,6 @@ class EvaluateConfig:
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 
-def _answer_methods() -> List[str]:
-    return ["m2ib", "saliency", "integrated_gradients", "grad_x_activation", "grad_cam", "rise", "random"]
-
-
 @dataclass
 class EvaluateVQAData(EvaluateData):
     manifest: Optional[str] = None  # JSONL/CSV: id, image, question, answer (optional), mask or boxes (optional), class
@@ -106,7 +102,6 @@ class EvaluateVQAConfig(EvaluateConfig):
     task: str = "evaluate_vqa"
     output_dir: str = "runs/evaluate_shapes_vqa"
     data: EvaluateVQAData = field(default_factory=EvaluateVQAData)
-    methods: List[str] = field(default_factory=_answer_methods)  # rollout and chefer need attention, which answer adapters do not offer
     answers: AnswerSettings = field(default_factory=AnswerSettings)
 
 
