@@ -465,7 +465,9 @@ def check_answers(model: Any, example_inputs: dict[str, Tensor], *, naive_layers
     ``image_grid_thw``). The properties: ``no cross-talk`` (one
     sample's log p(answer) has exactly zero gradient w.r.t. every other sample's block outputs), ``batch
     invariance`` (each sample alone gives its row's maps), ``model untouched`` (also after an error inside the fit)
-    and ``naive reference`` (the engine equals :func:`naive_answer_m2ib` at ``naive_layers``, both fits).
+    and ``naive reference`` (the engine equals :func:`naive_answer_m2ib` at ``naive_layers``, both fits); then, where
+    claimed, ``answer attention`` (the attention graph runs once per sample with distributions over its keys, and
+    the readout lies inside its groups) and ``probing``.
     """
     from .answers import attribute_answers, replaced_output
 
