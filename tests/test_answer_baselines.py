@@ -139,6 +139,7 @@ def attention_relevance_by_hand(adapter, name: str, pixels, ids, mask, answers, 
         row = relevance[start:start + len(answer)].sum(0)[:len(prompt)]
         cells = row[prompt == image_id]
         side = int(len(cells) ** 0.5)
+        cells = cells[len(cells) - side * side:]  # LLaVA's "full" strategy: the CLS feature first, no cell
         image = F.interpolate(cells.view(1, 1, side, side), size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
         images.append((image - image.min()) / (image.max() - image.min()))
         text = torch.where(prompt == image_id, 0, row)
@@ -230,6 +231,23 @@ def test_rollout_and_chefer_on_blip_vqa_follow_the_answer_through_both_cross_att
     torch.testing.assert_close(maps.image, image, atol=1e-10, rtol=0)
     torch.testing.assert_close(maps.text, text, atol=1e-10, rtol=0)
     assert float(maps.image.std()) > 0.05
+
+
+def test_attention_methods_on_a_llava_that_reads_the_cls_feature_too_read_the_patch_tokens():
+    """vision_feature_select_strategy "full": 1 + 4 image tokens per prompt, the first (CLS) stands for no cell."""
+    model = _with_processor(tiny_llava())
+    model.module.config.vision_feature_select_strategy = "full"
+    px, ids, mask, answers, answer_mask = inputs()
+    image = model.config.image_token_id
+    ids = torch.stack([torch.cat([row[:row.tolist().index(image)], row.new_tensor([image]), row[row.tolist().index(image):]])
+                       for row in ids])
+    mask = (ids != 0).long()  # inputs() pads with 0, which no real token is
+    maps = make_method("chefer", model).attribute(px, ids, mask, torch.tensor([0, 0]), answers=(answers, answer_mask))
+    expected, text = attention_relevance_by_hand(model, "chefer", px, ids, mask, answers, answer_mask)
+    torch.testing.assert_close(maps.image, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(maps.text, text, atol=1e-10, rtol=0)
+    assert model.image_keys("language", {"input_ids": ids[:1], "pixel_values": px[:1]})[0].tolist() == \
+        (ids[0] == image).nonzero()[1:, 0].tolist()
 
 
 def test_chefer_on_answers_from_the_last_layer_folds_that_layer_alone():

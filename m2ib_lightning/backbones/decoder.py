@@ -379,15 +379,26 @@ class HFDecoderAnswerer(HFAnswerLayout):
         the image's token grid, and that grid: the prompt's image tokens for the language model."""
         if tower != "language":
             raise ValueError(f"image_keys: the {tower} tower is not this adapter's language model")
-        positions = (inputs["input_ids"][0] == self.image_token_id).nonzero()[:, 0]
-        rows, cols = self.language_image_grid(inputs)
-        if len(positions) != rows * cols:
-            raise ValueError(f"the prompt holds {len(positions)} image tokens, the image gives {rows} x {cols}")
-        return positions, (rows, cols)
+        grid = self.language_image_grid(inputs)
+        return self.image_cell_positions(inputs["input_ids"][0], grid), grid
 
     def language_image_grid(self, inputs: dict[str, Tensor]) -> tuple[int, int]:
         """(rows, cols) of the image tokens the language model reads, in raster order."""
         raise NotImplementedError
+
+    def language_image_prefix(self) -> int:
+        """How many of the prompt's image tokens come before the cells and stand for none (a CLS feature)."""
+        return 0
+
+    def image_cell_positions(self, ids: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The positions in one prompt ``ids`` of the image tokens that stand for the grid's cells, in raster order;
+        ValueError where the prompt holds another number of image tokens."""
+        positions = (ids == self.image_token_id).nonzero()[:, 0]
+        prefix, (rows, cols) = self.language_image_prefix(), grid
+        if len(positions) != prefix + rows * cols:
+            raise ValueError(f"the prompt holds {len(positions)} image tokens, its picture gives {rows} x {cols} cells"
+                             + (f" after {prefix} feature(s) of no cell" if prefix else ""))
+        return positions[prefix:]
 
     # ------------------------------------------------------------------ attention over the sequence (rollout, Chefer)
     def attention_graph(self) -> list[tuple[torch.nn.Module, str, str]]:
@@ -402,13 +413,10 @@ class HFDecoderAnswerer(HFAnswerLayout):
     def attention_readout(self, batch: AnswerBatch) -> AttentionReadout:
         """The positions predicting the answer's tokens, the prompt's image tokens (one per cell of the grid the
         language model reads, in raster order, as the processor expands them) and the prompt, in the one sequence."""
-        ids = batch.inputs["input_ids"][0]
-        rows, cols = self.language_image_grid(batch.inputs)
-        cells = (ids == self.image_token_id).nonzero()[:, 0]
-        if len(cells) != rows * cols:
-            raise ValueError(f"the prompt holds {len(cells)} image tokens, its picture gives {rows} x {cols} cells")
+        grid = self.language_image_grid(batch.inputs)
+        cells = self.image_cell_positions(batch.inputs["input_ids"][0], grid)
         scored = batch.score_positions[batch.score_index[0][batch.score_mask[0]]]
-        return AttentionReadout("sequence", scored, "sequence", cells, (rows, cols), "sequence")
+        return AttentionReadout("sequence", scored, "sequence", cells, grid, "sequence")
 
     def head_attention(self, tower: str, inputs: dict[str, Tensor]) -> list[Tensor]:
         """Per layer, the self-attention probabilities (1, heads, T, T) of the tower (eager attention meanwhile)."""

@@ -60,8 +60,12 @@ class HFLlavaAnswerer(HFQuestions, HFDecoderAnswerer):
         return max(f % (count + 1) for f in (read if isinstance(read, (list, tuple)) else [read]))
 
     def language_image_grid(self, inputs: dict[str, Tensor]) -> tuple[int, int]:
-        """One image token per patch of the square grid (CLS dropped under the ``default`` strategy)."""
+        """One image token per patch of the square grid (and the CLS feature first under the ``full`` strategy)."""
         return square_patch_grid(self.config, inputs["pixel_values"])
+
+    def language_image_prefix(self) -> int:
+        """Under the ``full`` strategy the language model reads the CLS feature too, before the patches'."""
+        return self.num_prefix_tokens if self.config.vision_feature_select_strategy == "full" else 0
 
     def image_keys(self, tower: str, inputs: dict[str, Tensor]) -> tuple[Tensor, tuple[int, int]]:
         """The prompt's image tokens (language model), or the vision tower's patch tokens after its CLS."""
