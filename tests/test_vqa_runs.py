@@ -216,7 +216,7 @@ def test_an_evaluation_of_qwen2_vl_scores_every_method_on_its_pictures(tmp_path,
     out = tmp_path / "eval"
     result = _main(capsys, "configs/evaluate_shapes_vqa.yaml", f"model.name_or_path={checkpoint}", f"world.image_size={SIZE}",
                    f"output_dir={out}", "data.num_samples=2", "data.batch_size=2", "m2ib.steps=1", "m2ib.num_noise=1",
-                   "methods=[m2ib,saliency,grad_cam,rise,random]", "baselines.rise.masks=8", "baselines.rise.chunk=8",
+                   "methods=[m2ib,saliency,grad_cam,rise,rollout,chefer,random]", "baselines.rise.masks=8", "baselines.rise.chunk=8",
                    "metrics.steps=2", "export.grid_samples=0", "trainer.enable_progress_bar=false")
     assert result.returncode == 0, result.stderr
     methods = json.loads((out / "summary.json").read_text())["methods"]
@@ -224,7 +224,7 @@ def test_an_evaluation_of_qwen2_vl_scores_every_method_on_its_pictures(tmp_path,
         assert row["samples"] == 2, name
         for column in ("image_deletion_auc", "image_insertion_auc", "pointing_game"):
             assert row[column][0] is not None and 0 <= row[column][0] <= 1, (name, column)
-    assert methods["m2ib"]["text_deletion_auc"][0] is not None
+    assert methods["m2ib"]["text_deletion_auc"][0] is not None and methods["chefer"]["text_deletion_auc"][0] is not None
 
 
 def test_qwen2_vl_runs_keep_each_pictures_aspect_ratio_and_maps_go_back_to_the_original(tmp_path, capsys):
