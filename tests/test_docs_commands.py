@@ -123,7 +123,7 @@ SMALL = {  # sizes appended to a command so that it ends in seconds; the command
     "attribute": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "export.overlays=1"],
     "evaluate": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "methods=[m2ib,saliency,random]", "metrics.steps=2"],
     "attribute_vqa": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "export.overlays=1", "answers.max_new_tokens=2"],
-    "evaluate_vqa": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "methods=[m2ib,saliency,random]",
+    "evaluate_vqa": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "methods=[m2ib,saliency,rollout,chefer,random]",
                      "metrics.steps=2", "answers.max_new_tokens=2"],
     "sweep": ["data.num_samples=2", "m2ib.steps=2", "m2ib.num_noise=2", "metrics.steps=2", "sweep.vision_layer=[0]",
               "sweep.text_layer=[1]", "sweep.beta=[0.1]"],
