@@ -250,6 +250,17 @@ def test_attention_methods_on_a_llava_that_reads_the_cls_feature_too_read_the_pa
         (ids[0] == image).nonzero()[1:, 0].tolist()
 
 
+def test_attention_methods_fold_a_half_precision_model_in_float32():
+    model = _with_processor(tiny_llava())
+    px, ids, mask, answers, answer_mask = inputs()
+    exact = make_method("chefer", model).attribute(px, ids, mask, torch.tensor([0, 0]), answers=(answers, answer_mask))
+    model.module.to(torch.bfloat16)
+    half = make_method("chefer", model).attribute(px.bfloat16(), ids, mask, torch.tensor([0, 0]), answers=(answers, answer_mask))
+    assert half.image.dtype == half.text.dtype == torch.float32
+    torch.testing.assert_close(half.image, exact.image.float(), atol=0.1, rtol=0)
+    torch.testing.assert_close(half.text, exact.text.float(), atol=0.1, rtol=0)
+
+
 def test_chefer_on_answers_from_the_last_layer_folds_that_layer_alone():
     model = _with_processor(tiny_llava())
     px, ids, mask, answers, answer_mask = inputs()

@@ -135,7 +135,8 @@ class _AttentionMethod(AttributionMethod):
                                f"attention; transformers 5 is needed); they ran {[len(c) for c in calls]} times")
         probs = [c[0] for c in calls]
         grads = torch.autograd.grad(scores.sum(), probs) if self.needs_gradients else [None] * len(probs)
-        return [p.detach() for p in probs], [None if g is None else g.detach() for g in grads]
+        folded = torch.promote_types(probs[0].dtype, torch.float32)  # relevance of a half-precision model in float32
+        return [p.detach().to(folded) for p in probs], [None if g is None else g.detach().to(folded) for g in grads]
 
     def first_block(self, modality: str, count: int) -> int:
         """The first block (on answers: entry of the attention graph) whose attention enters the relevance."""
