@@ -333,9 +333,17 @@ def _check_preprocessing(backbone: Any, pixels: Tensor) -> None:
         raise BackboneCheckError("preprocessing", f"pad_token_id is {backbone.pad_token_id!r}, not an int")
 
 
+def _attention_settings(module: nn.Module) -> list[Any]:
+    """The attention implementation of a model's config and of its vision and text sub-configs (what
+    ``eager_attention`` must give back)."""
+    config = getattr(module, "config", None)
+    configs = (config, getattr(config, "vision_config", None), getattr(config, "text_config", None))
+    return [getattr(c, "_attn_implementation", None) for c in configs if c is not None]
+
+
 def _check_attention(backbone: Any, inputs: dict[str, dict[str, Tensor]]) -> None:
     module = backbone.module
-    before = [getattr(c, "_attn_implementation", None) for c in (getattr(module, "config", None),) if c is not None]
+    before = _attention_settings(module)
     for m in MODALITIES:
         modules = backbone.attention_modules(m)
         if len(modules) != backbone.num_layers(m):
@@ -353,7 +361,7 @@ def _check_attention(backbone: Any, inputs: dict[str, dict[str, Tensor]]) -> Non
         sums = torch.stack([p.sum(-1) for p in probs]).double()
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
             raise BackboneCheckError("attention", f"{m} attention rows do not sum to 1")
-    after = [getattr(c, "_attn_implementation", None) for c in (getattr(module, "config", None),) if c is not None]
+    after = _attention_settings(module)
     if after != before:
         raise BackboneCheckError("attention", f"eager_attention left the attention implementation at {after}, not {before}")
 
@@ -562,18 +570,14 @@ def _check_answer_attention(model: Any, args: list[Tensor], extra: dict[str, Ten
     from .backbones.base import attention_probabilities
 
     module = model.module
-
-    def settings() -> list[Any]:
-        configs = (module.config, getattr(module.config, "vision_config", None), getattr(module.config, "text_config", None))
-        return [getattr(c, "_attn_implementation", None) for c in configs if c is not None]
-
-    before = settings()
+    before = _attention_settings(module)
     batch = model.answer_batch(*args, **extra)
     graph = model.attention_graph()
     with model.eager_attention(), eval_mode(module), torch.no_grad():
         probs = attention_probabilities([m for m, _, _ in graph], lambda: model.answer_log_likelihood(batch))
-    if settings() != before:
-        raise BackboneCheckError("answer attention", f"eager_attention left the attention implementation at {settings()}, not {before}")
+    after = _attention_settings(module)
+    if after != before:
+        raise BackboneCheckError("answer attention", f"eager_attention left the attention implementation at {after}, not {before}")
     if len(probs) != len(graph):
         raise BackboneCheckError("answer attention", f"the attention graph's {len(graph)} modules were called {len(probs)} times "
                                                      "for one sample (each must run once)")

@@ -89,18 +89,11 @@ class _AttentionMethod(AttributionMethod):
         """The relevance between the graph's token groups after its attention from entry :meth:`first_block` on, each
         group relevant to itself alone at the start (R = I) and to no other group."""
         relevance: Relevance = {}
-
-        def block(rows: str, columns: str, shape: tuple[int, int], like: Tensor) -> Tensor:
-            if (rows, columns) not in relevance:
-                start = torch.eye(shape[0], dtype=like.dtype, device=like.device) if rows == columns else like.new_zeros(shape)
-                relevance[rows, columns] = start
-            return relevance[rows, columns]
-
         first = self.first_block("text", len(graph))
         for index, ((_, queries, keys), attention, grad) in enumerate(zip(graph, probs, grads)):
             attention, grad = attention[0], None if grad is None else grad[0]
-            block(queries, queries, (attention.shape[-2],) * 2, attention)
-            block(keys, keys, (attention.shape[-1],) * 2, attention)
+            for group, size in ((queries, attention.shape[-2]), (keys, attention.shape[-1])):
+                relevance.setdefault((group, group), torch.eye(size, dtype=attention.dtype, device=attention.device))
             if index < first:
                 continue
             if queries == keys:
@@ -108,7 +101,7 @@ class _AttentionMethod(AttributionMethod):
                     if rows == queries:
                         relevance[rows, columns] = self._step(values, attention, grad)
             else:
-                self._cross(relevance, queries, keys, attention, grad, block)
+                self._cross(relevance, queries, keys, attention, grad)
         return relevance
 
     def _attention(self, modules: list[nn.Module], run: Callable[[], Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
@@ -146,10 +139,9 @@ class _AttentionMethod(AttributionMethod):
         """Self-attention of the rows' group: the relevance of those rows to any group, updated."""
         raise NotImplementedError
 
-    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None,
-               block: Callable[..., Tensor]) -> None:
+    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None) -> None:
         """Cross-attention from group ``queries`` to group ``keys``: the queries' relevance to every group, updated in
-        place (``block(rows, columns, shape, like)`` gives a block, made on first use)."""
+        place (a block not there yet is zero)."""
         raise NotImplementedError
 
 

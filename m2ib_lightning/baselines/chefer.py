@@ -34,12 +34,11 @@ class CheferRelevance(_AttentionMethod):
         return resolve_layer(self.start_layer, count, "start_layer", where)
 
     def _step(self, relevance: Tensor, attention: Tensor, grad: Tensor | None) -> Tensor:
-        weighted = (grad * attention).clamp_min(0).mean(-3)
-        return relevance + weighted @ relevance
+        return relevance + gradient_weighted(attention, grad) @ relevance
 
-    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None, block) -> None:
-        weighted = (grad * attention).clamp_min(0).mean(-3)
-        spread = residual_normalised(relevance[queries, queries]).T @ weighted
+    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None) -> None:
+        a_bar = gradient_weighted(attention, grad)
+        spread = residual_normalised(relevance[queries, queries]).T @ a_bar
         additions = {}
         for (rows, columns), values in relevance.items():
             if rows != keys:
@@ -47,8 +46,13 @@ class CheferRelevance(_AttentionMethod):
             if columns == keys:
                 additions[columns] = spread @ residual_normalised(values)
             elif columns == queries:
-                additions[columns] = weighted @ values
+                additions[columns] = a_bar @ values
             else:
                 additions[columns] = spread @ values
         for columns, added in additions.items():
-            relevance[queries, columns] = block(queries, columns, added.shape, added) + added
+            relevance[queries, columns] = relevance.get((queries, columns), 0) + added
+
+
+def gradient_weighted(attention: Tensor, grad: Tensor) -> Tensor:
+    """A-bar: the head mean of the positive part of gradient x attention (heads at dim -3)."""
+    return (grad * attention).clamp_min(0).mean(-3)

@@ -23,12 +23,10 @@ class AttentionRollout(_AttentionMethod):
         mixed = 0.5 * attention.mean(-3) + 0.5 * eye
         return (mixed / mixed.sum(-1, keepdim=True)) @ relevance
 
-    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None, block) -> None:
+    def _cross(self, relevance: Relevance, queries: str, keys: str, attention: Tensor, grad: Tensor | None) -> None:
         mean = attention.mean(-3)
-        groups = {columns for rows, columns in relevance if rows in (queries, keys)}
-        rows_of_keys = {columns: relevance.get((keys, columns)) for columns in groups}
-        for columns in groups:
-            width = (rows_of_keys[columns] if rows_of_keys[columns] is not None else relevance[queries, columns]).shape[-1]
-            own = block(queries, columns, (mean.shape[0], width), mean)
-            through = 0 if rows_of_keys[columns] is None else mean @ rows_of_keys[columns]
-            relevance[queries, columns] = 0.5 * own + 0.5 * through
+        own = {columns: values for (rows, columns), values in relevance.items() if rows == queries}
+        reached = {columns: values for (rows, columns), values in relevance.items() if rows == keys}
+        for columns in own.keys() | reached.keys():
+            through = mean @ reached[columns] if columns in reached else 0
+            relevance[queries, columns] = 0.5 * own.get(columns, 0) + 0.5 * through
