@@ -1,6 +1,6 @@
 """The baselines and the evaluation on answers: every method that applies explains log p(answer) on every answer
-adapter with question preprocessing, rollout and Chefer equal a by-hand reference on the decoder VLMs and are refused
-by name on BLIP VQA, and evaluate_vqa writes the table."""
+adapter with question preprocessing, rollout and Chefer equal the formulas by hand on all three families (and are
+refused by name where an adapter describes no attention graph), and evaluate_vqa writes the table."""
 
 from __future__ import annotations
 
